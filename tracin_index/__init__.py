@@ -1,0 +1,1 @@
+"""TracIn proponents and opponents for PyKEEN models."""

@@ -23,3 +23,30 @@ def nations():
     from pykeen.datasets import Nations
 
     return Nations()
+
+
+def _randomise_batch_norm(model: torch.nn.Module) -> None:
+    """Give batch norm layers non-trivial running statistics and affine parameters (fresh ones are 0/1)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+
+
+def make_model(name: str, training, dtype=torch.float64, seed: int = 1, **kwargs):
+    """A small PyKEEN model in float64 (so that exactness checks can use tight tolerances)."""
+    from pykeen.models import model_resolver
+
+    defaults = {"ConvE": dict(embedding_dim=32, output_channels=4)}.get(name, dict(embedding_dim=16))
+    model = model_resolver.make(name, {**defaults, **kwargs}, triples_factory=training, random_seed=seed)
+    model = model.to(dtype)
+    _randomise_batch_norm(model)
+    return model.eval()
+
+
+@pytest.fixture
+def small_conve(nations):
+    return make_model("ConvE", nations.training)

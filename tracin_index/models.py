@@ -1,0 +1,750 @@
+"""PyKEEN models, run directories, checkpoints (with their learning rates) and the training callback.
+
+A run directory is what ``tracin-index train`` and :class:`TracInCheckpointCallback` write: enough to
+rebuild the model without unpickling anything (``config.json`` + plain tensors), the label maps, the
+training triples in training-index order, and one checkpoint file per saved epoch with the learning
+rate used during that epoch (TracIn weighs each checkpoint by it)::
+
+    run/
+      config.json                 {"format": "tracin-index-run", "format_version": 1, "model": ..., ...}
+      model.pt                    {"model_state_dict": ...}
+      checkpoints/epoch-0005.pt   {"model_state_dict": ..., "learning_rate": float, "epoch": int}
+      entity_to_id.tsv.gz, relation_to_id.tsv.gz
+      train.tsv, valid.tsv, test.tsv
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+import json
+import math
+import os
+import pickle
+import random
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from pykeen.models import Model
+from pykeen.training.callbacks import TrainingCallback
+from pykeen.triples import CoreTriplesFactory, TriplesFactory
+
+from .errors import InputError, ModelLoadError, PickleRefusedError
+from .triples import IdMaps, LabeledTriples, write_id_map, write_labeled_triples
+
+__all__ = [
+    "RUN_FORMAT",
+    "RUN_FORMAT_VERSION",
+    "Checkpoint",
+    "LoadedRun",
+    "ModelConfig",
+    "TracInCheckpointCallback",
+    "TracInWarning",
+    "build_model",
+    "find_checkpoints",
+    "load_model",
+    "load_state_dict_into",
+    "model_class",
+    "save_run_directory",
+]
+
+RUN_FORMAT = "tracin-index-run"
+RUN_FORMAT_VERSION = 1
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.pt"
+CHECKPOINT_DIR = "checkpoints"
+ENTITY_MAP_FILE = "entity_to_id.tsv.gz"
+RELATION_MAP_FILE = "relation_to_id.tsv.gz"
+TRAIN_FILE = "train.tsv"
+VALID_FILE = "valid.tsv"
+TEST_FILE = "test.tsv"
+PYKEEN_PICKLE_FILE = "trained_model.pkl"  # PipelineResult.save_to_directory
+PYKEEN_TRAINING_DIR = "training_triples"  # ... and its training factory, with the label maps
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+_PICKLE_REFUSED = (
+    "{path}: is a pickled PyKEEN model; unpickling runs arbitrary code. Pass --allow-pickle if you trust "
+    "this file, or use a run directory written by `tracin-index train`"
+)
+
+
+class TracInWarning(UserWarning):
+    """Something was assumed that the user may want to know about (e.g. a missing learning rate)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration and model construction
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild an untrained PyKEEN model of the right shape (``config.json``).
+
+    ``num_relations`` counts the base relations; PyKEEN doubles it when ``create_inverse_triples``.
+    ``extra`` holds the other top-level keys of ``config.json`` (``pykeen_version``, ``dataset``,
+    ``training``, ...), kept as they are.
+    """
+
+    model: str
+    model_kwargs: dict = field(default_factory=dict)
+    num_entities: int = 0
+    num_relations: int = 0
+    create_inverse_triples: bool = False
+    random_seed: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "format": RUN_FORMAT,
+            "format_version": RUN_FORMAT_VERSION,
+            "model": self.model,
+            "model_kwargs": dict(self.model_kwargs),
+            "num_entities": self.num_entities,
+            "num_relations": self.num_relations,
+            "create_inverse_triples": self.create_inverse_triples,
+            "random_seed": self.random_seed,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], source: str) -> ModelConfig:
+        if not isinstance(d, Mapping):
+            raise ModelLoadError(f"{source}: expected a JSON object, found {type(d).__name__}")
+        fmt = d.get("format", RUN_FORMAT)
+        if fmt != RUN_FORMAT:
+            raise ModelLoadError(f"{source}: format is {fmt!r}, expected {RUN_FORMAT!r}")
+        version = d.get("format_version", RUN_FORMAT_VERSION)
+        if not isinstance(version, int) or version > RUN_FORMAT_VERSION:
+            raise ModelLoadError(
+                f"{source}: format_version {version!r} is newer than this tracin-index reads "
+                f"({RUN_FORMAT_VERSION}); upgrade tracin-index"
+            )
+
+        def get(key: str, types: type | tuple[type, ...], type_name: str) -> Any:
+            if key not in d:
+                raise ModelLoadError(f"{source}: missing key {key!r}")
+            value = d[key]
+            # bool is an int in Python; a count must not be true/false
+            if not isinstance(value, types) or (type_name == "an integer" and isinstance(value, bool)):
+                raise ModelLoadError(f"{source}: key {key!r} must be {type_name}, found {value!r}")
+            return value
+
+        seed = d.get("random_seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ModelLoadError(f"{source}: key 'random_seed' must be an integer or null, found {seed!r}")
+        core = {
+            "format", "format_version", "model", "model_kwargs", "num_entities", "num_relations",
+            "create_inverse_triples", "random_seed",
+        }  # fmt: skip
+        return cls(
+            model=get("model", str, "a string"),
+            model_kwargs=dict(get("model_kwargs", dict, "an object")),
+            num_entities=get("num_entities", int, "an integer"),
+            num_relations=get("num_relations", int, "an integer"),
+            create_inverse_triples=get("create_inverse_triples", bool, "true or false"),
+            random_seed=seed,
+            extra={k: v for k, v in d.items() if k not in core},
+        )
+
+
+def model_class(name: str) -> type[Model]:
+    """The PyKEEN model class called ``name`` (any spelling PyKEEN's resolver accepts)."""
+    from pykeen.models import model_resolver
+
+    try:
+        return model_resolver.lookup(name)
+    except (KeyError, ValueError, TypeError):
+        pass
+    names = sorted(cls.__name__ for cls in model_resolver)
+    by_lower = {n.lower(): n for n in names}
+    close = [by_lower[c] for c in difflib.get_close_matches(str(name).lower(), list(by_lower), n=5, cutoff=0.5)]
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ModelLoadError(f"unknown PyKEEN model {name!r}; {hint}known models: {', '.join(names)}")
+
+
+@contextlib.contextmanager
+def _preserved_random_state() -> Iterator[None]:
+    """PyKEEN seeds the global RNGs when a model is built; loading a model should not reseed the caller."""
+    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.random.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def build_model(config: ModelConfig) -> Model:
+    """An untrained model of the configured class and shape, on CPU, in eval mode.
+
+    PyKEEN models need a triples factory only for its sizes (and, for message-passing models such
+    as R-GCN, its graph; those are not supported here); a factory with one dummy triple stands in.
+    """
+    from pykeen.models import model_resolver
+
+    cls = model_class(config.model)
+    factory = CoreTriplesFactory.create(
+        mapped_triples=torch.zeros((1, 3), dtype=torch.long),
+        num_entities=config.num_entities,
+        num_relations=config.num_relations,
+        create_inverse_triples=config.create_inverse_triples,
+    )
+    # the weights are overwritten by a state dict; a fixed seed only keeps PyKEEN from warning
+    seed = config.random_seed if config.random_seed is not None else 0
+    try:
+        with _preserved_random_state():
+            model = model_resolver.make(cls, config.model_kwargs, triples_factory=factory, random_seed=seed)
+    except Exception as error:  # PyKEEN raises whatever the constructor raises
+        raise ModelLoadError(
+            f"cannot build {cls.__name__} with model_kwargs {config.model_kwargs}: {type(error).__name__}: {error}"
+        ) from error
+    return model.cpu().eval()
+
+
+def load_state_dict_into(model: torch.nn.Module, state_dict: Mapping[str, Any], source: str) -> None:
+    """Load ``state_dict`` strictly, with an error that names the first parameter that does not fit."""
+    expected = model.state_dict()
+    for name, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise ModelLoadError(f"{source}: entry {name!r} of the state dict is a {type(value).__name__}, not a tensor")
+    missing = [name for name in expected if name not in state_dict]
+    unexpected = [name for name in state_dict if name not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {_first_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_first_few(unexpected)}")
+        raise ModelLoadError(
+            f"{source}: the parameters do not match the model {type(model).__name__} "
+            f"({'; '.join(parts)}); was the file written for another model class?"
+        )
+    for name, value in state_dict.items():
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise ModelLoadError(
+                f"{source}: parameter {name!r} has shape {tuple(value.shape)} in the file but "
+                f"{tuple(expected[name].shape)} in the model {type(model).__name__}; the model_kwargs or the "
+                f"number of entities/relations differ from those the file was written with"
+            )
+    model.load_state_dict(dict(state_dict), strict=True)
+
+
+def _first_few(names: Sequence[str], n: int = 3) -> str:
+    shown = ", ".join(repr(x) for x in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading torch files without running code
+
+
+class _NeedsPickle(Exception):
+    """The file holds Python objects that only a full (code-running) unpickle can restore."""
+
+
+def _load_plain(path: Path) -> Any:
+    """``torch.load`` restricted to plain tensors, numbers, strings, lists and dicts (runs no code)."""
+    try:
+        with warnings.catch_warnings():
+            # torch's notice about pickle protocols is noise when the probe is expected to fail
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise _NeedsPickle(str(error)) from error
+    except Exception as error:  # torch raises KeyError, EOFError, RuntimeError ... for non-torch files
+        raise ModelLoadError(
+            f"{path}: is not a PyTorch file that can be read with weights_only=True ({type(error).__name__}: "
+            f"{error}); only torch.save files of plain tensors and numbers are accepted"
+        ) from error
+
+
+def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in ("model_state_dict", "state_dict"):
+            if key in obj and isinstance(obj[key], Mapping):
+                return dict(obj[key])
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return dict(obj)  # a bare state dict, as torch.save(model.state_dict()) writes it
+        found = ", ".join(repr(k) for k in list(obj)[:10]) or "none"
+    else:
+        found = f"none (it holds a {type(obj).__name__})"
+    raise ModelLoadError(f"{path}: no 'model_state_dict' or 'state_dict' in the file; keys found: {found}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One set of weights TracIn visits, and the learning rate that weighs it.
+
+    ``path`` None stands for the model as loaded (no checkpoint files given).
+    """
+
+    path: Path | None
+    epoch: int | None
+    learning_rate: float
+
+    def load_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.path is None:
+            raise ValueError("this checkpoint stands for the loaded model itself; it has no file to load")
+        try:
+            obj = _load_plain(self.path)
+        except _NeedsPickle as error:
+            raise ModelLoadError(_not_plain_message(self.path)) from error
+        return _state_dict_of(obj, self.path)
+
+
+def _not_plain_message(path: Path) -> str:
+    return (
+        f"{path}: holds Python objects that cannot be loaded with weights_only=True; checkpoint files may "
+        f"hold only plain tensors and numbers, e.g. {{'model_state_dict': model.state_dict(), "
+        f"'learning_rate': 0.001, 'epoch': 5}}"
+    )
+
+
+def find_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
+    """The checkpoint files in ``paths`` (files, or folders of ``*.pt``/``*.pth``/``*.ckpt``), by epoch.
+
+    Files that record no epoch come after those that do, by name. A file without a learning rate
+    counts with 1.0 (and a :class:`TracInWarning`).
+    """
+    files: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if not path.exists():
+            raise ModelLoadError(f"{path}: no such checkpoint file or folder")
+        if path.is_dir():
+            found = sorted(
+                p for p in path.iterdir()
+                # hidden files are the callback's half-written temporaries
+                if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES and not p.name.startswith(".")
+            )  # fmt: skip
+            if not found:
+                raise ModelLoadError(
+                    f"{path}: no checkpoint files (*{', *'.join(CHECKPOINT_SUFFIXES)}) directly in this folder"
+                )
+            files.extend(found)
+        else:
+            files.append(path)
+
+    checkpoints = []
+    seen: set[Path] = set()
+    for path in files:
+        if path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        checkpoints.append(_read_checkpoint(path))
+    return sorted(checkpoints, key=lambda c: (c.epoch is None, c.epoch or 0, c.path.name, str(c.path)))
+
+
+def _read_checkpoint(path: Path) -> Checkpoint:
+    try:
+        obj = _load_plain(path)
+    except _NeedsPickle as error:
+        raise ModelLoadError(_not_plain_message(path)) from error
+    _state_dict_of(obj, path)  # fail here, not in the middle of a build, when there are no weights
+    epoch = obj.get("epoch")
+    if isinstance(epoch, torch.Tensor) and epoch.numel() == 1:
+        epoch = epoch.item()
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+        raise ModelLoadError(f"{path}: 'epoch' must be an integer, found {epoch!r}")
+    learning_rate = obj.get("learning_rate")
+    if learning_rate is None:
+        warnings.warn(f"{path}: no learning_rate recorded; using 1.0", TracInWarning, stacklevel=3)
+        learning_rate = 1.0
+    if isinstance(learning_rate, torch.Tensor) and learning_rate.numel() == 1:
+        learning_rate = learning_rate.item()
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not math.isfinite(learning_rate):
+        raise ModelLoadError(f"{path}: 'learning_rate' must be a finite number, found {learning_rate!r}")
+    return Checkpoint(path=path, epoch=epoch, learning_rate=float(learning_rate))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a model for the CLI
+
+
+@dataclass
+class LoadedRun:
+    """What ``--model-path`` gives: the model (CPU, eval mode) and whatever its directory holds."""
+
+    model: Model
+    config: ModelConfig | None
+    source: Path
+    id_maps: IdMaps | None = None
+    training_path: Path | None = None
+    test_path: Path | None = None
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+
+
+def load_model(path: str | Path, *, allow_pickle: bool = False) -> LoadedRun:
+    """Load a run directory (``config.json`` + ``model.pt``), or a pickled PyKEEN model if allowed.
+
+    Pickled models (``torch.save(model)``, or a ``save_to_directory`` folder with
+    ``trained_model.pkl``) are recognised without unpickling them: a weights-only load refuses them.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or directory")
+    if path.is_file() and path.name == CONFIG_FILE:
+        path = path.parent
+    if path.is_dir():
+        if (path / CONFIG_FILE).is_file():
+            return _load_run_directory(path)
+        if (path / PYKEEN_PICKLE_FILE).is_file():
+            return _load_pickled(path / PYKEEN_PICKLE_FILE, allow_pickle=allow_pickle, maps_dir=path / PYKEEN_TRAINING_DIR)
+        raise ModelLoadError(
+            f"{path}: neither a run directory (no {CONFIG_FILE}) nor a PyKEEN results directory "
+            f"(no {PYKEEN_PICKLE_FILE}); train one with `tracin-index train`"
+        )
+    return _load_pickled(path, allow_pickle=allow_pickle, maps_dir=None)
+
+
+def _load_run_directory(directory: Path) -> LoadedRun:
+    config_path = directory / CONFIG_FILE
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"{config_path}: not readable JSON ({error})") from error
+    config = ModelConfig.from_json(data, source=str(config_path))
+    model = build_model(config)
+
+    checkpoint_dir = directory / CHECKPOINT_DIR
+    has_checkpoints = checkpoint_dir.is_dir() and any(
+        p.suffix in CHECKPOINT_SUFFIXES and not p.name.startswith(".") for p in checkpoint_dir.iterdir()
+    )
+    checkpoints = find_checkpoints([checkpoint_dir]) if has_checkpoints else []
+
+    model_path = directory / MODEL_FILE
+    if model_path.is_file():
+        try:
+            state_dict = _state_dict_of(_load_plain(model_path), model_path)
+        except _NeedsPickle as error:
+            raise ModelLoadError(_not_plain_message(model_path)) from error
+        load_state_dict_into(model, state_dict, str(model_path))
+    elif checkpoints:
+        # an interrupted training leaves checkpoints but no final model
+        last = checkpoints[-1]
+        warnings.warn(f"{model_path}: missing (training interrupted?); using the weights of {last.path}", TracInWarning, stacklevel=3)
+        load_state_dict_into(model, last.load_state_dict(), str(last.path))
+    else:
+        raise ModelLoadError(f"{model_path}: missing, and no checkpoints in {checkpoint_dir}; the training did not finish")
+    model.eval()
+
+    id_maps = None
+    entity_path, relation_path = directory / ENTITY_MAP_FILE, directory / RELATION_MAP_FILE
+    if entity_path.is_file() and relation_path.is_file():
+        id_maps = IdMaps.from_files(entity_path, relation_path)
+        _check_map_sizes(id_maps, config.num_entities, config.num_relations, str(directory))
+
+    def present(name: str) -> Path | None:
+        return directory / name if (directory / name).is_file() else None
+
+    return LoadedRun(
+        model=model,
+        config=config,
+        source=directory,
+        id_maps=id_maps,
+        training_path=present(TRAIN_FILE),
+        test_path=present(TEST_FILE),
+        checkpoints=checkpoints,
+    )
+
+
+def _check_map_sizes(id_maps: IdMaps, num_entities: int, num_relations: int, source: str) -> None:
+    if len(id_maps.entity_to_id) != num_entities or len(id_maps.relation_to_id) != num_relations:
+        raise ModelLoadError(
+            f"{source}: the id maps hold {len(id_maps.entity_to_id)} entities and {len(id_maps.relation_to_id)} "
+            f"relations but the model has {num_entities} and {num_relations}; the maps belong to another dataset"
+        )
+
+
+def _load_pickled(path: Path, *, allow_pickle: bool, maps_dir: Path | None) -> LoadedRun:
+    try:
+        obj = _load_plain(path)
+    except _NeedsPickle:
+        obj = None
+    else:
+        what = "a state dict" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+        raise ModelLoadError(
+            f"{path}: holds {what}, not a model; to rebuild the model tracin-index needs its configuration: "
+            f"give the run directory written by `tracin-index train` (config.json + model.pt)"
+        )
+    if not allow_pickle:
+        raise PickleRefusedError(_PICKLE_REFUSED.format(path=path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise ModelLoadError(f"{path}: unpickling failed ({type(error).__name__}: {error})") from error
+    if not isinstance(obj, Model):
+        raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a PyKEEN model")
+    model = obj.cpu().eval()
+
+    id_maps = None
+    if maps_dir is not None:
+        entity_path = maps_dir / f"{TriplesFactory.file_name_entity_to_id}.tsv.gz"
+        relation_path = maps_dir / f"{TriplesFactory.file_name_relation_to_id}.tsv.gz"
+        if entity_path.is_file() and relation_path.is_file():
+            id_maps = IdMaps.from_files(entity_path, relation_path)
+            _check_map_sizes(id_maps, model.num_entities, model.num_real_relations, str(maps_dir))
+    return LoadedRun(model=model, config=None, source=path, id_maps=id_maps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing run directories
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a hidden temporary file in the same folder, then rename: never a half-written ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # keep the suffixes: writers choose compression by them (.tsv.gz)
+    temporary = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def _write_json(data: Mapping[str, Any], path: Path) -> None:
+    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8"))
+
+
+def _write_torch(obj: Any, path: Path) -> None:
+    _atomic_write(path, lambda p: torch.save(obj, p))
+
+
+def _cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
+
+
+def _label_rows(triples: LabeledTriples | np.ndarray | torch.Tensor, id_maps: IdMaps | None, name: str):
+    """Labels to write: LabeledTriples, an (n, 3) array of labels, or ids mapped back through ``id_maps``."""
+    if isinstance(triples, LabeledTriples):
+        return triples
+    array = triples.cpu().numpy() if isinstance(triples, torch.Tensor) else np.asarray(triples)
+    if array.ndim != 2 or array.shape[1] != 3:
+        raise InputError(f"{name}: expected an (n, 3) array of triples, found shape {array.shape}")
+    if np.issubdtype(array.dtype, np.integer):
+        if id_maps is None:
+            raise InputError(f"{name}: id triples need id maps to be written as labels")
+        return id_maps.to_labels(array)
+    return array
+
+
+def save_run_directory(
+    directory: str | Path,
+    *,
+    model: Model,
+    config: ModelConfig,
+    id_maps: IdMaps | None,
+    training: LabeledTriples | np.ndarray | None,
+    validation: LabeledTriples | np.ndarray | None = None,
+    testing: LabeledTriples | np.ndarray | None = None,
+) -> None:
+    """Write (or complete) a run directory; every file is written atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_json(config.to_json(), directory / CONFIG_FILE)
+    _write_torch({"model_state_dict": _cpu_state_dict(model)}, directory / MODEL_FILE)
+    if id_maps is not None:
+        _atomic_write(directory / ENTITY_MAP_FILE, lambda p: write_id_map(id_maps.entity_to_id, p))
+        _atomic_write(directory / RELATION_MAP_FILE, lambda p: write_id_map(id_maps.relation_to_id, p))
+    for triples, name in ((training, TRAIN_FILE), (validation, VALID_FILE), (testing, TEST_FILE)):
+        if triples is not None:
+            rows = _label_rows(triples, id_maps, name)
+            _atomic_write(directory / name, lambda p, t=rows: write_labeled_triples(t, p))
+
+
+def _pykeen_version() -> str:
+    from pykeen.version import get_version
+
+    return get_version()
+
+
+# --------------------------------------------------------------------------------------------------
+# The training callback
+
+
+class TracInCheckpointCallback(TrainingCallback):
+    """Write a run directory while PyKEEN trains: config and maps first, a checkpoint every few epochs.
+
+    Usage::
+
+        pipeline(..., training_kwargs=dict(callbacks=TracInCheckpointCallback("run/", frequency=5)))
+
+    Every ``frequency`` epochs (1-based) it writes ``checkpoints/epoch-0005.pt`` with the learning
+    rate the optimizer used during that epoch (read before each optimizer step, so a scheduler
+    stepping after the epoch does not shift it), and the final epoch always gets one. Pass the
+    ``model_kwargs`` the model was built with so that ``config.json`` rebuilds it (it is checked).
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        frequency: int = 1,
+        model_kwargs: dict | None = None,
+        random_seed: int | None = None,
+        *,
+        triples_factory: CoreTriplesFactory | None = None,
+        final_checkpoint: bool = True,
+    ):
+        super().__init__()
+        if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
+            raise InputError(f"checkpoint frequency must be a positive number of epochs, got {frequency!r}")
+        self.model_kwargs = dict(model_kwargs or {})
+        try:
+            json.dumps(self.model_kwargs)
+        except (TypeError, ValueError) as error:
+            raise InputError(
+                f"model_kwargs must be plain JSON values (numbers, strings, lists, dicts) so that config.json "
+                f"can rebuild the model: {error}"
+            ) from error
+        self.directory = Path(directory)
+        if (self.directory / CONFIG_FILE).exists():
+            raise InputError(
+                f"{self.directory}: already holds a run ({CONFIG_FILE}); choose another directory so that the "
+                f"checkpoints of two trainings do not mix"
+            )
+        self.frequency = frequency
+        self.random_seed = random_seed
+        self.final_checkpoint = final_checkpoint
+        self.triples_factory = triples_factory
+        self._epoch_learning_rate: float | None = None  # of the last optimizer step in this epoch
+        self._last_learning_rate = 1.0
+        self._config_written = False
+        self._last_epoch: int | None = None
+        self._last_checkpoint_epoch: int | None = None
+
+    def register_training_loop(self, training_loop) -> None:  # noqa: D102
+        super().register_training_loop(training_loop)
+        if self.triples_factory is None:
+            self.triples_factory = _training_factory_of(training_loop)
+
+    def pre_step(self, **kwargs: Any) -> None:  # noqa: D102
+        self._epoch_learning_rate = float(self.optimizer.param_groups[0]["lr"])
+
+    def post_epoch(self, epoch: int, epoch_loss: float, **kwargs: Any) -> None:  # noqa: D102
+        if not self._config_written:
+            self._write_config()
+        learning_rate = self._epoch_learning_rate
+        if learning_rate is None:  # no optimizer step this epoch
+            learning_rate = float(self.optimizer.param_groups[0]["lr"])
+        self._epoch_learning_rate = None
+        self._last_epoch = epoch
+        self._last_learning_rate = learning_rate
+        if epoch % self.frequency == 0:
+            self._write_checkpoint(epoch, learning_rate)
+
+    def post_train(self, losses: list[float], **kwargs: Any) -> None:  # noqa: D102
+        if not self._config_written:
+            self._write_config()
+        if self.final_checkpoint and self._last_epoch is not None and self._last_checkpoint_epoch != self._last_epoch:
+            self._write_checkpoint(self._last_epoch, self._last_learning_rate)
+        _write_torch({"model_state_dict": _cpu_state_dict(self.model)}, self.directory / MODEL_FILE)
+
+    def _write_checkpoint(self, epoch: int, learning_rate: float) -> None:
+        state = {"model_state_dict": _cpu_state_dict(self.model), "learning_rate": learning_rate, "epoch": int(epoch)}
+        _write_torch(state, self.directory / CHECKPOINT_DIR / f"epoch-{epoch:04d}.pt")
+        self._last_checkpoint_epoch = epoch
+
+    def _config(self) -> ModelConfig:
+        model = self.model
+        factory = self.triples_factory
+        if factory is not None:
+            sizes = dict(
+                num_entities=factory.num_entities,
+                num_relations=factory.real_num_relations,
+                create_inverse_triples=factory.create_inverse_triples,
+            )
+        else:
+            sizes = dict(
+                num_entities=model.num_entities,
+                num_relations=model.num_real_relations,
+                create_inverse_triples=model.use_inverse_triples,
+            )
+        optimizer = self.optimizer
+        scheduler = getattr(self.training_loop, "lr_scheduler", None)
+        training = {
+            "loop": type(self.training_loop).__name__,
+            "optimizer": type(optimizer).__name__,
+            "learning_rate": float(optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])),
+            "lr_scheduler": type(scheduler).__name__ if scheduler is not None else None,
+            "loss": type(model.loss).__name__,
+            "checkpoint_every": self.frequency,
+        }
+        seed = self.random_seed if self.random_seed is not None else getattr(model, "_random_seed", None)
+        return ModelConfig(
+            model=type(model).__name__,
+            model_kwargs=self.model_kwargs,
+            random_seed=seed if isinstance(seed, int) else None,
+            extra={"pykeen_version": _pykeen_version(), "dataset": None, "training": training},
+            **sizes,
+        )
+
+    def _write_config(self) -> None:
+        config = self._config()
+        _check_rebuilds(config, self.model)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        factory = self.triples_factory
+        if isinstance(factory, TriplesFactory):
+            id_maps = IdMaps.from_triples_factory(factory)
+            labels = factory.label_triples(factory.mapped_triples)
+            _atomic_write(self.directory / ENTITY_MAP_FILE, lambda p: write_id_map(id_maps.entity_to_id, p))
+            _atomic_write(self.directory / RELATION_MAP_FILE, lambda p: write_id_map(id_maps.relation_to_id, p))
+            _atomic_write(self.directory / TRAIN_FILE, lambda p: write_labeled_triples(labels, p))
+        else:
+            warnings.warn(
+                f"{self.directory}: the training triples have no labels (or PyKEEN did not pass them); no id maps "
+                f"or {TRAIN_FILE} written. Pass triples_factory= to the callback to record them",
+                TracInWarning,
+                stacklevel=3,
+            )
+        # config.json last: its presence marks a directory that load_model can read
+        _write_json(config.to_json(), self.directory / CONFIG_FILE)
+        self._config_written = True
+
+
+def _training_factory_of(training_loop) -> CoreTriplesFactory | None:
+    """The factory ``training_loop`` is training on, read from the ``_train`` call on the stack.
+
+    PyKEEN 1.11 hands callbacks the training loop but not the triples it trains on (the loop does not
+    keep them); ``register_training_loop`` is called from inside ``TrainingLoop._train``, whose
+    ``triples_factory`` argument is the one.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code.co_name == "_train" and frame.f_locals.get("self") is training_loop:
+                factory = frame.f_locals.get("triples_factory")
+                return factory if isinstance(factory, CoreTriplesFactory) else None
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def _check_rebuilds(config: ModelConfig, model: Model) -> None:
+    """Warn now, not when loading, if config.json would build a model of other shapes."""
+    try:
+        rebuilt = build_model(config)
+        load_state_dict_into(rebuilt, _cpu_state_dict(model), "the trained model")
+    except ModelLoadError as error:
+        warnings.warn(
+            f"config.json will not rebuild this model ({error}); pass the model_kwargs the model was built "
+            f"with to TracInCheckpointCallback",
+            TracInWarning,
+            stacklevel=4,
+        )

@@ -50,3 +50,31 @@ def make_model(name: str, training, dtype=torch.float64, seed: int = 1, **kwargs
 @pytest.fixture
 def small_conve(nations):
     return make_model("ConvE", nations.training)
+
+
+TINY_CONVE = {"embedding_dim": 32, "output_channels": 4}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A run directory of `tracin-index train`: small ConvE on Nations, checkpoints after epochs 1 and 2."""
+    from tracin_index.train import train_run
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    return train_run(
+        out, dataset="nations", model="ConvE", model_kwargs=TINY_CONVE, epochs=2, checkpoint_every=1,
+        learning_rate=0.01, progress=False,
+    )  # fmt: skip
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run ``tracin-index ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    from tracin_index.cli import main
+
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

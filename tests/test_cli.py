@@ -1,0 +1,145 @@
+"""The command line: `train` then `exact` end to end, original flag forms, one-line errors for bad input."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from tracin_index.cli import expand_multi_value_options
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code != 0
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_several_values_after_one_flag_become_repeated_flags():
+    argv = ["exact", "--test-indices", "0", "1", "2", "--top-k", "3", "--last-layer-names", "a", "b"]
+    assert expand_multi_value_options(argv) == [
+        "exact", "--test-indices", "0", "--test-indices", "1", "--test-indices", "2", "--top-k", "3",
+        "--last-layer-names", "a", "--last-layer-names", "b",
+    ]  # fmt: skip
+
+
+def test_exact_on_a_train_run_prints_labelled_proponents_and_opponents(capsys, tiny_run):
+    code, out, err = run_cli(capsys, "exact", "--model-path", tiny_run, "--use-last-layers-only", "--top-k", "3")
+    assert code == 0, err
+    assert "Proponents of test triple 0" in out and "Opponents of test triple 0" in out
+    head, relation, tail = (tiny_run / "test.tsv").read_text().splitlines()[0].split("\t")
+    assert f"({head}, {relation}, {tail})" in out
+
+
+def test_exact_writes_the_result_json_schema(capsys, tiny_run, tmp_path):
+    output = tmp_path / "out.json"
+    code, _, err = run_cli(
+        capsys, "exact", "--model-path", tiny_run, "--use-last-layers-only", "--test-indices", "0", "2",
+        "--top-k", "4", "--output", output,
+    )  # fmt: skip
+    assert code == 0, err
+    data = json.loads(output.read_text())
+    assert [r["test_index"] for r in data["results"]] == [0, 2]
+    train_rows = (tiny_run / "train.tsv").read_text().splitlines()
+    for result in data["results"]:
+        assert set(result["test_triple"]) == {"head", "relation", "tail"}
+        influences = [p["influence"] for p in result["proponents"]]
+        assert influences == sorted(influences, reverse=True) and len(influences) == 4
+        opp = [o["influence"] for o in result["opponents"]]
+        assert opp == sorted(opp)
+        for item in result["proponents"] + result["opponents"]:
+            assert train_rows[item["train_index"]] == "\t".join((item["head"], item["relation"], item["tail"]))
+    assert len(data["config"]["checkpoints"]) == 2
+
+
+def test_exact_accepts_old_layer_names_and_several_checkpoints_after_one_flag(capsys, tiny_run, tmp_path):
+    output = tmp_path / "out.json"
+    c1, c2 = sorted((tiny_run / "checkpoints").iterdir())
+    code, _, err = run_cli(
+        capsys, "exact", "--model-path", tiny_run, "--last-layer-names", "interaction.linear", "interaction.bn2",
+        "--checkpoints", c1, c2, "--output", output,
+    )  # fmt: skip
+    assert code == 0, err
+    config = json.loads(output.read_text())["config"]
+    assert config["parameters"]["parameters"] == [
+        "interaction.hr1d.0.weight", "interaction.hr1d.0.bias", "interaction.hr1d.2.weight", "interaction.hr1d.2.bias",
+    ]  # fmt: skip
+    assert [c["epoch"] for c in config["checkpoints"]] == [1, 2]
+
+
+def test_exact_without_last_layers_flag_uses_all_parameters(capsys, tiny_run, tmp_path):
+    output = tmp_path / "out.json"
+    code, _, err = run_cli(capsys, "exact", "--model-path", tiny_run, "--output", output, "--top-k", "2")
+    assert code == 0, err
+    assert json.loads(output.read_text())["config"]["parameters"]["mode"] == "all"
+
+
+# -- bad input: one line, non-zero exit, no traceback -------------------------------------------
+
+
+def test_missing_model_path(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "exact", "--model-path", tmp_path / "nope")
+    assert_one_line_error(code, err, "nope")
+
+
+def test_pickled_model_needs_allow_pickle(capsys, tiny_run, tmp_path, nations):
+    from tracin_index.models import load_model
+
+    path = tmp_path / "model.pkl"
+    torch.save(load_model(tiny_run).model, path)
+    code, _, err = run_cli(capsys, "exact", "--model-path", path, "--train", tiny_run / "train.tsv")
+    assert_one_line_error(code, err, "--allow-pickle", "arbitrary code")
+
+
+def test_malformed_training_line_names_file_and_line(capsys, tiny_run, tmp_path):
+    bad = tmp_path / "train.tsv"
+    lines = (tiny_run / "train.tsv").read_text().splitlines()
+    lines[4] = "brazil\tembassy"
+    bad.write_text("\n".join(lines) + "\n")
+    code, _, err = run_cli(capsys, "exact", "--model-path", tiny_run, "--train", bad, "--use-last-layers-only")
+    assert_one_line_error(code, err, f"{bad}:5")
+
+
+def test_unknown_label_in_test_file_suggests_close_labels(capsys, tiny_run, tmp_path):
+    test = tmp_path / "test.tsv"
+    test.write_text("brazi\tembassy\tuk\n")
+    code, _, err = run_cli(capsys, "exact", "--model-path", tiny_run, "--test", test, "--use-last-layers-only")
+    assert_one_line_error(code, err, "'brazi'", "'brazil'", f"{test}:1")
+
+
+def test_test_index_out_of_range(capsys, tiny_run):
+    code, _, err = run_cli(capsys, "exact", "--model-path", tiny_run, "--test-indices", "100000")
+    assert_one_line_error(code, err, "100000", "out of range")
+
+
+def test_unknown_layer_name_lists_valid_ones(capsys, tiny_run):
+    code, _, err = run_cli(capsys, "exact", "--model-path", tiny_run, "--last-layer-names", "interaction.fc2")
+    assert_one_line_error(code, err, "interaction.fc2", "interaction.hr1d.0")
+
+
+def test_checkpoint_of_another_shape_names_the_parameter(capsys, tiny_run, tmp_path):
+    state = torch.load(tiny_run / "model.pt", weights_only=True)["model_state_dict"]
+    state["interaction.hr1d.2.weight"] = torch.zeros(3)
+    path = tmp_path / "bad.pt"
+    torch.save({"model_state_dict": state, "learning_rate": 0.1, "epoch": 1}, path)
+    code, _, err = run_cli(capsys, "exact", "--model-path", tiny_run, "--checkpoints", path, "--use-last-layers-only")
+    assert_one_line_error(code, err, "interaction.hr1d.2.weight")
+
+
+def test_only_one_id_map_given(capsys, tiny_run):
+    code, _, err = run_cli(capsys, "exact", "--model-path", tiny_run, "--entity-to-id", tiny_run / "entity_to_id.tsv.gz")
+    assert_one_line_error(code, err, "--relation-to-id")
+
+
+def test_train_refuses_unknown_dataset(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--dataset", "fb15k", "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "fb15k", "nations")
+
+
+@pytest.mark.parametrize("loss", ["mse"])
+def test_unknown_loss_is_a_usage_error(capsys, tiny_run, loss):
+    code, _, err = run_cli(capsys, "exact", "--model-path", tiny_run, "--loss", loss)
+    assert code != 0 and "Traceback" not in err and "mse" in err

@@ -1,0 +1,255 @@
+"""The ``tracin-index`` command line: parses arguments, calls the library, prints results.
+
+Errors of our own (:class:`~tracin_index.errors.TracInError`) end the program with a one-line
+message on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import typer
+from rich.console import Console
+
+from .errors import InputError, TracInError
+
+app = typer.Typer(
+    name="tracin-index",
+    help="TracIn proponents and opponents for PyKEEN knowledge-graph models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+#: Options that, as in the original argparse script, take several values after one flag.
+MULTI_VALUE_OPTIONS = frozenset({"--test-indices", "--last-layer-names", "--checkpoints"})
+
+
+class Loss(str, Enum):
+    bce = "bce"
+    ce = "ce"
+
+
+class Mode(str, Enum):
+    single = "single"
+    all = "all"
+
+
+def expand_multi_value_options(argv: Sequence[str]) -> list[str]:
+    """Rewrite ``--opt a b c`` as ``--opt a --opt b --opt c`` for :data:`MULTI_VALUE_OPTIONS`.
+
+    Values run until the next token that starts with ``-`` (negative numbers are not valid values
+    of these options). ``--opt=a`` and repeated flags pass through unchanged.
+    """
+    result: list[str] = []
+    current: str | None = None
+    for token in argv:
+        if token.startswith("-"):
+            current = token if token in MULTI_VALUE_OPTIONS else None
+            result.append(token)
+            continue
+        if current is not None and result[-1] != current:
+            result.append(current)
+        result.append(token)
+    return result
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point."""
+    args = expand_multi_value_options(list(sys.argv[1:] if argv is None else argv))
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            app(args=args, prog_name="tracin-index")
+    except TracInError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]")
+        raise SystemExit(130) from None
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def train(
+    out_dir: Path = typer.Option(..., "--out", help="Run directory to create (must not exist or be empty)."),
+    dataset: Optional[str] = typer.Option(
+        None, help="Bundled PyKEEN dataset: nations, umls or kinships (default nations unless --train is given)."
+    ),
+    train_path: Optional[Path] = typer.Option(None, "--train", help="Training triples TSV (head, relation, tail)."),
+    valid_path: Optional[Path] = typer.Option(None, "--valid", help="Validation triples TSV."),
+    test_path: Optional[Path] = typer.Option(None, "--test", help="Test triples TSV."),
+    model: str = typer.Option("ConvE", help="Any PyKEEN model name (ConvE, TransE, DistMult, ComplEx, RotatE...)."),
+    embedding_dim: Optional[int] = typer.Option(None, help="Embedding dimension (model default when omitted)."),
+    epochs: int = typer.Option(20, min=1),
+    checkpoint_every: int = typer.Option(5, min=1, help="Save a checkpoint every N epochs (and after the last)."),
+    learning_rate: float = typer.Option(0.001, min=0.0),
+    batch_size: int = typer.Option(256, min=1),
+    training_loop: str = typer.Option("slcwa", help="slcwa (negative sampling) or lcwa (1-N)."),
+    seed: int = typer.Option(42),
+    device: str = typer.Option("cpu"),
+):
+    """Train a PyKEEN model with TracIn-ready checkpoints, writing a run directory."""
+    from .train import train_run
+
+    if train_path is None and dataset is None:
+        dataset = "nations"
+    if train_path is not None and dataset is not None:
+        raise InputError("give either --dataset or --train/--valid/--test, not both")
+    model_kwargs = {"embedding_dim": embedding_dim} if embedding_dim else None
+    run = train_run(
+        out_dir,
+        dataset=dataset,
+        train_path=train_path,
+        valid_path=valid_path,
+        test_path=test_path,
+        model=model,
+        model_kwargs=model_kwargs,
+        epochs=epochs,
+        checkpoint_every=checkpoint_every,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        training_loop=training_loop,
+        random_seed=seed,
+        device=device,
+    )
+    console.print(f"run directory written: {run}")
+
+
+@app.command()
+def exact(
+    model_path: Path = typer.Option(..., help="Run directory, or a pickled PyKEEN model with --allow-pickle."),
+    train_path: Optional[Path] = typer.Option(None, "--train", help="Training triples TSV [run dir's train.tsv]."),
+    test_path: Optional[Path] = typer.Option(None, "--test", help="Test triples TSV [run dir's test.tsv]."),
+    entity_to_id: Optional[Path] = typer.Option(None, help="entity_to_id.tsv(.gz) [run dir's]."),
+    relation_to_id: Optional[Path] = typer.Option(None, help="relation_to_id.tsv(.gz) [run dir's]."),
+    output: Optional[Path] = typer.Option(None, help="Write results as JSON (.json) or TSV (.tsv)."),
+    use_last_layers_only: bool = typer.Option(
+        False, "--use-last-layers-only", help="Differentiate the last layers only (default: all parameters)."
+    ),
+    num_last_layers: int = typer.Option(2, min=1),
+    last_layer_names: Optional[List[str]] = typer.Option(None, help="Layer or parameter names (several allowed)."),
+    mode: Mode = typer.Option(Mode.single, help="single: the --test-indices triples; all: every test triple."),
+    test_indices: Optional[List[int]] = typer.Option(None, help="0-based rows of the test file [0]."),
+    checkpoints: Optional[List[Path]] = typer.Option(None, help="Checkpoint files or folders [run dir's]."),
+    top_k: int = typer.Option(10, min=1),
+    loss: Loss = typer.Option(Loss.bce),
+    batch_size: int = typer.Option(256, min=1),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... [cuda when available]."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
+):
+    """Exact TracIn proponents and opponents of test triples (ground truth; one pass over the training set)."""
+    from .analyzer import TracInAnalyzer
+    from .models import find_checkpoints, load_model
+    from .results import render, write_results
+    from .triples import IdMaps, read_labeled_triples
+
+    run = load_model(model_path, allow_pickle=allow_pickle)
+    id_maps = _id_maps(run, entity_to_id, relation_to_id)
+    train_file = _required_path(train_path, run.training_path, "--train", "training triples")
+    test_file = _required_path(test_path, run.test_path, "--test", "test triples")
+    training = read_labeled_triples(train_file)
+    test = read_labeled_triples(test_file)
+    if mode is Mode.all:
+        indices = list(range(len(test)))
+    else:
+        indices = list(test_indices or [0])
+        bad = [i for i in indices if not 0 <= i < len(test)]
+        if bad:
+            raise InputError(f"--test-indices {bad[0]} is out of range: {test_file} has {len(test)} triples (0..{len(test) - 1})")
+    ckpts = find_checkpoints(checkpoints) if checkpoints else run.checkpoints
+    device = device or ("cuda" if _cuda_available() else "cpu")
+    analyzer = TracInAnalyzer(
+        run.model,
+        use_last_layers_only=use_last_layers_only,
+        num_last_layers=num_last_layers,
+        last_layer_names=_split(last_layer_names),
+        device=device,
+        checkpoints=ckpts,
+        loss=loss.value,
+        batch_size=batch_size,
+        id_maps=id_maps,
+        progress=True,
+    )
+    console.print(f"parameters: {analyzer.selection.describe()}", highlight=False)
+    console.print(
+        f"checkpoints: {len(ckpts) or 'the model itself'}; training triples: {len(training):,}; "
+        f"test triples: {len(indices)}",
+        highlight=False,
+    )
+    train_ids = id_maps.to_ids(training)
+    test_ids = id_maps.to_ids(test)[indices]
+    results = analyzer.compute_influences(test_ids, train_ids, top_k=top_k, test_indices=indices)
+    config = {
+        "command": "exact",
+        "model_path": str(model_path),
+        "train": str(train_file),
+        "test": str(test_file),
+        "checkpoints": [{"path": str(c.path), "epoch": c.epoch, "learning_rate": c.learning_rate} for c in ckpts],
+        "parameters": analyzer.selection.to_json(),
+        "loss": loss.value,
+        "top_k": top_k,
+    }
+    if output:
+        write_results(output, results, config)
+        console.print(f"results written to {output}")
+    else:
+        render(results, out)
+
+
+def _split(values: Optional[List[str]]) -> list[str] | None:
+    from .layers import split_names
+
+    return split_names(values) or None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _required_path(given: Optional[Path], default: Optional[Path], flag: str, what: str) -> Path:
+    path = given or default
+    if path is None:
+        raise InputError(f"no {what}: pass {flag} (the model directory has none)")
+    return path
+
+
+def _id_maps(run, entity_to_id: Optional[Path], relation_to_id: Optional[Path]):
+    from .triples import IdMaps
+
+    if entity_to_id or relation_to_id:
+        if not (entity_to_id and relation_to_id):
+            raise InputError("give both --entity-to-id and --relation-to-id, or neither to use the run directory's")
+        maps = IdMaps.from_files(entity_to_id, relation_to_id)
+    elif run.id_maps is not None:
+        maps = run.id_maps
+    else:
+        raise InputError(
+            f"{run.source}: no id maps found; pass --entity-to-id and --relation-to-id (PyKEEN's entity_to_id.tsv.gz "
+            "and relation_to_id.tsv.gz)"
+        )
+    model = run.model
+    if maps.num_entities != model.num_entities:
+        raise InputError(
+            f"id maps have {maps.num_entities} entities but the model has {model.num_entities}: "
+            "pass the maps the model was trained with"
+        )
+    return maps
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

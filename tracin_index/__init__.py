@@ -1,1 +1,3 @@
 """TracIn proponents and opponents for PyKEEN models."""
+
+__version__ = "0.1.0"

@@ -28,7 +28,7 @@ console = Console(stderr=True)
 out = Console()
 
 #: Options that, as in the original argparse script, take several values after one flag.
-MULTI_VALUE_OPTIONS = frozenset({"--test-indices", "--last-layer-names", "--checkpoints"})
+MULTI_VALUE_OPTIONS = frozenset({"--test-indices", "--last-layer-names", "--checkpoints", "--triple"})
 
 
 class Loss(str, Enum):
@@ -207,6 +207,221 @@ def exact(
         console.print(f"results written to {output}")
     else:
         render(results, out)
+
+
+class IndexType(str, Enum):
+    flat = "flat"
+    flat_fp16 = "flat-fp16"
+    ivf = "ivf"
+    hnsw = "hnsw"
+
+
+class Dtype(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+class ProjectionKind(str, Enum):
+    gaussian = "gaussian"
+    rademacher = "rademacher"
+
+
+class Selection(str, Enum):
+    last = "last"
+    all = "all"
+
+
+@app.command()
+def build(
+    out_dir: Path = typer.Option(..., "--out", help="Index directory to write (or to resume)."),
+    model_path: Path = typer.Option(..., help="Run directory, or a pickled PyKEEN model with --allow-pickle."),
+    train_path: Optional[Path] = typer.Option(None, "--train", help="Training triples TSV [run dir's train.tsv]."),
+    checkpoints: Optional[List[Path]] = typer.Option(None, help="Checkpoint files or folders [run dir's]."),
+    entity_to_id: Optional[Path] = typer.Option(None, help="entity_to_id.tsv(.gz) [run dir's]."),
+    relation_to_id: Optional[Path] = typer.Option(None, help="relation_to_id.tsv(.gz) [run dir's]."),
+    parameters: Selection = typer.Option(Selection.last, help="last: the last N layers; all: every parameter."),
+    num_last_layers: int = typer.Option(2, min=1),
+    last_layer_names: Optional[List[str]] = typer.Option(None, help="Layer or parameter names (overrides --parameters)."),
+    loss: Loss = typer.Option(Loss.bce),
+    projection_dim: int = typer.Option(
+        None, min=0, help="Numbers per layer and checkpoint after random projection; 0 = exact vectors."
+    ),
+    projection_kind: ProjectionKind = typer.Option(ProjectionKind.gaussian),
+    seed: int = typer.Option(0, help="Seed of the projection matrices."),
+    dtype: Dtype = typer.Option(Dtype.float16, help="Storage type of the shards."),
+    index: IndexType = typer.Option(IndexType.flat, help="FAISS index type."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda ... [cuda when available]."),
+    batch_size: int = typer.Option(256, min=1),
+    shard_size: int = typer.Option(None, min=1, help="Training rows per shard."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
+):
+    """Build a gradient index of the training triples (resumes an interrupted build)."""
+    from .index import DEFAULT_PROJECTION_DIM, DEFAULT_SHARD_SIZE, GradientIndex
+
+    names = _split(last_layer_names)
+    index_ = GradientIndex.build(
+        out_dir,
+        model_path=model_path,
+        allow_pickle=allow_pickle,
+        training_path=train_path,
+        checkpoint_paths=checkpoints,
+        entity_to_id=entity_to_id,
+        relation_to_id=relation_to_id,
+        selection="names" if names else parameters.value,
+        num_last_layers=num_last_layers,
+        layer_names=names,
+        loss=loss.value,
+        projection_dim=DEFAULT_PROJECTION_DIM if projection_dim is None else projection_dim,
+        projection_kind=projection_kind.value,
+        seed=seed,
+        dtype=dtype.value,
+        index_type=index.value,
+        device=device,
+        batch_size=batch_size,
+        shard_size=shard_size or DEFAULT_SHARD_SIZE,
+        log=lambda message: console.print(message, highlight=False),
+    )
+    console.print(f"index written: {index_.directory} ({index_.search_index.ntotal:,} training triples)")
+
+
+@app.command()
+def query(
+    index_dir: Path = typer.Argument(..., help="Index directory written by `tracin-index build`."),
+    triple: Optional[List[str]] = typer.Option(None, help="HEAD RELATION TAIL (labels, or ids with --ids).", show_default=False),
+    by_id: bool = typer.Option(False, "--ids", help="--triple gives ids, not labels."),
+    test_path: Optional[Path] = typer.Option(None, "--test", help="TSV of test triples (labels)."),
+    test_indices: Optional[List[int]] = typer.Option(None, help="0-based rows of --test [all]."),
+    top_k: int = typer.Option(10, min=1),
+    rerank: Optional[int] = typer.Option(None, min=1, help="Rescore K candidates each way exactly."),
+    output: Optional[Path] = typer.Option(None, help="Write results as JSON (.json) or TSV (.tsv)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda ... [cuda when available]."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
+):
+    """Proponents and opponents of test triples, looked up in a gradient index."""
+    import torch
+
+    from .index import GradientIndex
+    from .results import render, write_results
+    from .triples import read_labeled_triples
+
+    if (triple is None) == (test_path is None):
+        raise InputError("give either --triple HEAD RELATION TAIL or --test FILE")
+    index_ = GradientIndex.open(index_dir, device=device, allow_pickle=allow_pickle or None)
+    maps = index_.id_maps()
+    if triple is not None:
+        if len(triple) != 3:
+            raise InputError(f"--triple takes HEAD RELATION TAIL, got {len(triple)} value(s): {' '.join(triple)}")
+        hrt = torch.tensor([maps.resolve_triple(*triple, by_id=by_id)])
+        indices: list = [None]
+    else:
+        test = read_labeled_triples(test_path)
+        indices = list(test_indices) if test_indices else list(range(len(test)))
+        bad = [i for i in indices if not 0 <= i < len(test)]
+        if bad:
+            raise InputError(f"--test-indices {bad[0]} is out of range: {test_path} has {len(test)} triples (0..{len(test) - 1})")
+        hrt = maps.to_ids(test)[indices]
+    results = index_.query(hrt, top_k=top_k, rerank=rerank, test_indices=indices)
+    config = {
+        "command": "query",
+        "index": str(index_dir),
+        "top_k": top_k,
+        "rerank": rerank,
+        "loss": index_.loss,
+        "projection": index_.manifest["projection"],
+        "parameters": index_.manifest["settings"]["selection"],
+        "checkpoints": index_.manifest["inputs"]["checkpoints"],
+    }
+    if output:
+        write_results(output, results, config)
+        console.print(f"results written to {output}")
+    else:
+        render(results, out)
+
+
+@app.command("self-influence")
+def self_influence(
+    index_dir: Path = typer.Argument(..., help="Index directory written by `tracin-index build`."),
+    top_k: int = typer.Option(20, min=1),
+    output: Optional[Path] = typer.Option(None, help="Write all rows as TSV (.tsv) or the top-k as JSON (.json)."),
+):
+    """Training triples ranked by self-influence (sum over checkpoints of lr x squared gradient norm)."""
+    from rich.table import Table
+
+    from .index import GradientIndex
+    from .results import write_self_influence
+
+    index_ = GradientIndex.open(index_dir)
+    ranked = index_.self_influence(top_k=None if output and output.suffix == ".tsv" else top_k)
+    if output:
+        write_self_influence(output, ranked)
+        console.print(f"self-influence written to {output}")
+        return
+    table = Table(title="Training triples by self-influence", title_justify="left")
+    for column in ("#", "train row", "head", "relation", "tail", "self-influence"):
+        table.add_column(column, justify="right" if column in {"#", "train row", "self-influence"} else "left")
+    for rank, item in enumerate(ranked, start=1):
+        table.add_row(str(rank), str(item.train_index), item.head, item.relation, item.tail, f"{item.self_influence:.4g}")
+    out.print(table)
+
+
+@app.command()
+def verify(index_dir: Path = typer.Argument(..., help="Index directory.")):
+    """Check every shard against the checksums in the manifest."""
+    from .index import GradientIndex
+
+    problems = GradientIndex.open(index_dir).verify()
+    for problem in problems:
+        console.print(f"[red]corrupted:[/red] {problem}", highlight=False)
+    if problems:
+        raise InputError(f"{index_dir}: {len(problems)} shard(s) damaged; run the same `tracin-index build` again to rebuild them")
+    console.print("all shards match their checksums")
+
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("tracin-demo"), "--out", help="Working directory (run and index)."),
+    epochs: int = typer.Option(12, min=1),
+    checkpoint_every: int = typer.Option(4, min=1),
+    top_k: int = typer.Option(5, min=1),
+):
+    """Train a small ConvE on the bundled UMLS, build its gradient index and explain a test triple."""
+    import time
+
+    import torch
+
+    from .index import GradientIndex
+    from .results import render
+    from .train import train_run
+    from .triples import read_labeled_triples
+
+    run_dir, index_dir = out_dir / "run", out_dir / "index"
+    started = time.perf_counter()
+    if (run_dir / "model.pt").is_file():
+        console.print(f"1/3 reusing the trained model in {run_dir}")
+    else:
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)  # an unfinished demo run: start it again
+        console.print(f"1/3 training ConvE on UMLS for {epochs} epochs, a checkpoint every {checkpoint_every} -> {run_dir}")
+        train_run(run_dir, dataset="umls", model="ConvE", epochs=epochs, checkpoint_every=checkpoint_every,
+                  learning_rate=0.001, batch_size=256, random_seed=42)  # fmt: skip
+    console.print(f"2/3 building the gradient index -> {index_dir}")
+    index_ = GradientIndex.build(index_dir, model_path=run_dir, log=lambda m: console.print(f"    {m}", highlight=False))
+    test = read_labeled_triples(run_dir / "test.tsv")
+    maps = index_.id_maps()
+    hrt = torch.tensor([maps.resolve_triple(*test.labels[0])])
+    query_started = time.perf_counter()
+    results = index_.query(hrt, top_k=top_k, test_indices=[0])
+    query_ms = (time.perf_counter() - query_started) * 1000
+    console.print(f"3/3 proponents and opponents of the first test triple ({query_ms:.0f} ms from the index):")
+    render(results, out)
+    h, r, t = test.labels[0]
+    console.print(
+        f"done in {time.perf_counter() - started:.0f} s. Next: tracin-index query {index_dir} --triple "
+        f"{h} {r} {t} --rerank 100   |   tracin-index exact --model-path {run_dir} --use-last-layers-only",
+        highlight=False,
+    )
 
 
 def _split(values: Optional[List[str]]) -> list[str] | None:

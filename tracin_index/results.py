@@ -129,3 +129,18 @@ def render(results: Sequence[InfluenceResult], console=None) -> None:
             for rank, i in enumerate(items, start=1):
                 table.add_row(str(rank), str(i.train_index), i.head, i.relation, i.tail, f"{i.influence:.4g}")
             console.print(table)
+
+
+def write_self_influence(path: str | os.PathLike, ranked: Sequence[Any]) -> None:
+    """Self-influence ranking as TSV (``.tsv``) or JSON, written whole or not at all."""
+    path = Path(path)
+    fields = ("train_index", "head", "relation", "tail", "self_influence")
+    if path.suffix.lower() == ".tsv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
+        writer.writerow(("rank",) + fields)
+        for rank, item in enumerate(ranked, start=1):
+            writer.writerow([rank] + [getattr(item, f) for f in fields])
+        _atomic_write_text(path, buffer.getvalue())
+    else:
+        _atomic_write_text(path, json.dumps([asdict(item) for item in ranked], indent=2) + "\n")

@@ -1,0 +1,613 @@
+r"""GradientIndex: TracIn as a lookup.
+
+Build: for every checkpoint c and every shard of training rows, per-example gradients (one
+batched pass), projected and scaled by :math:`\sqrt{\eta_c}`, go to an HDF5 shard; then a FAISS
+inner-product index is built over the per-row concatenation of the C checkpoint vectors, so that
+
+.. math:: \langle v(z), v(z') \rangle = \sum_c \eta_c \langle P_c g(z; \theta_c), P_c g(z'; \theta_c) \rangle
+
+is the whole TracInCP score in one inner product. Query: the test triple's vector the same way,
+then maximum inner-product search for proponents and, with the negated query, opponents.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import InputError, ModelLoadError
+from .gradients import GradientComputer, LOSSES
+from .layers import ParameterSelection, select_parameters
+from .projection import GradientProjector, ProjectionSpec
+from .results import Influence, InfluenceResult, Triple, top_influences
+from .search import INDEX_TYPES, InnerProductIndex, gpu_available
+from .store import (
+    FAISS_INDEX,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    TRIPLES,
+    ShardTask,
+    exclusive_lock,
+    plan_shards,
+    read_manifest,
+    read_shard,
+    read_triples,
+    sha256_file,
+    sha256_json,
+    write_json_atomic,
+    write_shard,
+    write_triples,
+)
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+DEFAULT_PROJECTION_DIM = 1024
+DEFAULT_SHARD_SIZE = 16384
+#: Exact (unprojected) vectors above this many bytes in all are refused with advice to project.
+MAX_EXACT_BYTES = 4 * 2**30
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class SelfInfluence:
+    """A training triple and its self-influence sum_c lr_c ||g(z; theta_c)||^2."""
+
+    train_index: int
+    head: str
+    relation: str
+    tail: str
+    self_influence: float
+
+
+def _model_files(source: Path) -> list[Path]:
+    """The files whose bytes define the model as loaded from ``source``."""
+    if source.is_dir():
+        return [p for p in (source / "config.json", source / "model.pt", source / "trained_model.pkl") if p.is_file()]
+    return [source]
+
+
+def _fingerprint_ids(hrt: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(hrt, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _first_difference(recorded: Any, wanted: Any, path: str = "") -> str | None:
+    """The first key path where two JSON values differ, e.g. ``projection.dim``."""
+    if isinstance(recorded, dict) and isinstance(wanted, dict):
+        for key in sorted(set(recorded) | set(wanted)):
+            found = _first_difference(recorded.get(key), wanted.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    if isinstance(recorded, list) and isinstance(wanted, list) and len(recorded) == len(wanted):
+        for i, (a, b) in enumerate(zip(recorded, wanted)):
+            found = _first_difference(a, b, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    return None if recorded == wanted else f"{path} (index: {recorded!r}, now: {wanted!r})"
+
+
+class _ShardWorker:
+    """Computes shards; keeps the model at one checkpoint at a time (tasks come checkpoint by checkpoint)."""
+
+    def __init__(self, directory: Path, model, selection, loss, checkpoints, projection, dtype, batch_size, hrt, device):
+        self.directory = directory
+        self.model = model
+        self.computer = GradientComputer(model, selection, loss)
+        self.selection = selection
+        self.checkpoints = checkpoints
+        self.projection = projection
+        self.dtype = DTYPES[dtype]
+        self.batch_size = batch_size
+        self.hrt = hrt
+        self.device = device
+        self._loaded: int | None = None
+        self._projector: GradientProjector | None = None
+
+    def _at_checkpoint(self, index: int) -> None:
+        if self._loaded == index:
+            return
+        checkpoint = self.checkpoints[index]
+        if checkpoint.path is not None:
+            from .models import load_state_dict_into
+
+            load_state_dict_into(self.model, checkpoint.load_state_dict(), str(checkpoint.path))
+            self.model.eval()
+        self._projector = GradientProjector(self.selection, self.projection, index, device=self.device)
+        self._loaded = index
+
+    def __call__(self, task: ShardTask) -> tuple[ShardTask, str]:
+        self._at_checkpoint(task.checkpoint)
+        lr = self.checkpoints[task.checkpoint].learning_rate
+        scale = math.sqrt(lr)
+        rows = task.row_stop - task.row_start
+        vectors = np.empty((rows, self._projector.size), dtype=self.dtype)
+        norms = np.empty(rows, dtype=np.float64)
+        for start in range(task.row_start, task.row_stop, self.batch_size):
+            stop = min(start + self.batch_size, task.row_stop)
+            grads = self.computer.compute(self.hrt[start:stop])
+            with torch.no_grad():
+                v = self._projector.project(grads) * scale
+            vectors[start - task.row_start : stop - task.row_start] = v.cpu().numpy().astype(self.dtype, copy=False)
+            norms[start - task.row_start : stop - task.row_start] = grads.squared_norms().double().cpu().numpy()
+        attrs = {"checkpoint": task.checkpoint, "row_start": task.row_start, "row_stop": task.row_stop,
+                 "learning_rate": lr}  # fmt: skip
+        digest = write_shard(self.directory / task.relative_path, vectors, norms, attrs)
+        return task, digest
+
+
+class GradientIndex:
+    """An index directory opened for queries. Make one with :meth:`build`, open one with :meth:`open`."""
+
+    def __init__(self, directory: Path, manifest: dict, run, selection: ParameterSelection, checkpoints,
+                 hrt: np.ndarray, entity_labels: list[str], relation_labels: list[str], search_index, device: str):  # fmt: skip
+        self.directory = directory
+        self.manifest = manifest
+        self.run = run
+        self.selection = selection
+        self.checkpoints = checkpoints
+        self.hrt = hrt
+        self.entity_labels = entity_labels
+        self.relation_labels = relation_labels
+        self.search_index = search_index
+        self.device = device
+        self.loss = manifest["loss"]
+        self.projection = ProjectionSpec(**manifest["projection"]["spec"])
+        self._models: list | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # build
+
+    @classmethod
+    def build(
+        cls,
+        out: str | os.PathLike,
+        *,
+        model_path: str | os.PathLike,
+        allow_pickle: bool = False,
+        training_path: str | os.PathLike | None = None,
+        checkpoint_paths: Sequence[str | os.PathLike] | None = None,
+        entity_to_id: str | os.PathLike | None = None,
+        relation_to_id: str | os.PathLike | None = None,
+        selection: str = "last",
+        num_last_layers: int = 2,
+        layer_names: Sequence[str] | None = None,
+        loss: str = "bce",
+        projection_dim: int = DEFAULT_PROJECTION_DIM,
+        projection_kind: str = "gaussian",
+        seed: int = 0,
+        dtype: str = "float16",
+        index_type: str = "flat",
+        device: str | None = None,
+        batch_size: int = 256,
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        executor: Callable[[Callable, Iterable], Iterator] | None = None,
+        progress: bool = True,
+        log: Callable[[str], None] | None = None,
+    ) -> "GradientIndex":
+        """Build (or resume building) the index directory ``out``; returns it opened.
+
+        ``executor`` maps the shard function over shard tasks (``map`` by default, in process; a
+        ``concurrent.futures`` executor's ``map`` fits). Complete shards whose checksum matches are
+        skipped, so a killed build resumes with the same call.
+        """
+        from .models import Checkpoint, find_checkpoints, load_model
+        from .triples import IdMaps, read_labeled_triples
+
+        log = log or (lambda message: None)
+        out = Path(out)
+        if loss not in LOSSES:
+            raise InputError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
+        if dtype not in DTYPES:
+            raise InputError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+        if index_type not in INDEX_TYPES:
+            raise InputError(f"unknown index type {index_type!r}; valid: {', '.join(INDEX_TYPES)}")
+        if batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        spec = ProjectionSpec(projection_dim, projection_kind, seed)
+        device = device or default_device()
+
+        run = load_model(model_path, allow_pickle=allow_pickle)
+        model = run.model.to(device).eval()
+        if entity_to_id or relation_to_id:
+            if not (entity_to_id and relation_to_id):
+                raise InputError("give both --entity-to-id and --relation-to-id, or neither to use the run directory's")
+            id_maps = IdMaps.from_files(entity_to_id, relation_to_id)
+        elif run.id_maps is not None:
+            id_maps = run.id_maps
+        else:
+            raise InputError(f"{model_path}: no id maps found; pass --entity-to-id and --relation-to-id")
+        training_file = training_path or run.training_path
+        if training_file is None:
+            raise InputError(f"{model_path}: no training triples found; pass --train")
+        training = read_labeled_triples(training_file)
+        hrt = id_maps.to_ids(training)
+        checkpoints = find_checkpoints(checkpoint_paths) if checkpoint_paths else run.checkpoints
+        if not checkpoints:
+            checkpoints = [Checkpoint(path=None, epoch=None, learning_rate=1.0)]
+            log("no checkpoints: the model itself is the only checkpoint (learning rate 1.0)")
+
+        if selection == "names":
+            chosen = select_parameters(model, mode="names", names=list(layer_names or ()))
+        else:
+            chosen = select_parameters(model, mode=selection, num_last_layers=num_last_layers)
+        GradientComputer(model, chosen, loss)  # refuses impossible loss/selection pairs now, before any writing
+        dim_per_checkpoint = GradientProjector(chosen, spec, 0).size
+        total_dim = dim_per_checkpoint * len(checkpoints)
+        num_rows = len(training)
+        shard_bytes = num_rows * total_dim * np.dtype(DTYPES[dtype]).itemsize
+        index_bytes = num_rows * total_dim * (2 if index_type == "flat-fp16" else 4)
+        if projection_dim == 0 and shard_bytes > MAX_EXACT_BYTES:
+            raise InputError(
+                f"exact vectors would take {shard_bytes / 2**30:.1f} GiB ({num_rows:,} rows x {total_dim:,} numbers); "
+                f"pass --projection-dim (e.g. {DEFAULT_PROJECTION_DIM}) to project them"
+            )
+        log(f"parameters: {chosen.describe()}")
+        log(
+            f"{num_rows:,} training triples x {len(checkpoints)} checkpoint(s) x {dim_per_checkpoint:,} numbers: "
+            f"about {shard_bytes / 2**20:,.1f} MiB of shards ({dtype}) and {index_bytes / 2**20:,.1f} MiB of "
+            f"{index_type} index"
+        )
+
+        inputs = {
+            "model": {
+                "source": str(Path(model_path).resolve()),
+                "allow_pickle": allow_pickle,
+                "files": {p.name: sha256_file(p) for p in _model_files(Path(model_path).resolve())},
+            },
+            "checkpoints": [
+                {
+                    "path": None if c.path is None else str(Path(c.path).resolve()),
+                    "sha256": None if c.path is None else sha256_file(c.path),
+                    "learning_rate": c.learning_rate,
+                    "epoch": c.epoch,
+                }
+                for c in checkpoints
+            ],
+            "training": {"source": str(Path(training_file).resolve()), "num_triples": num_rows,
+                         "fingerprint": _fingerprint_ids(hrt.numpy())},  # fmt: skip
+        }
+        settings = {
+            "selection": chosen.to_json(),
+            "loss": loss,
+            "projection": {"spec": spec.to_json(), "dim_per_checkpoint": dim_per_checkpoint,
+                           "blocks": [layout.to_json() for layout in GradientProjector(chosen, spec, 0).layouts]},  # fmt: skip
+            "dtype": dtype,
+            "batch_size": batch_size,
+            "shard_size": shard_size,
+        }
+
+        with exclusive_lock(out):
+            manifest = cls._start_manifest(out, inputs, settings, index_type, log)
+            if not (out / TRIPLES).is_file():
+                write_triples(out / TRIPLES, hrt.numpy(), id_maps.id_to_entity, id_maps.id_to_relation, str(training_file))
+            tasks = plan_shards(num_rows, shard_size, len(checkpoints))
+            done = {(s["checkpoint"], s["shard"]): s for s in manifest["shards"]}
+            todo = []
+            for task in tasks:
+                record = done.get((task.checkpoint, task.shard))
+                path = out / task.relative_path
+                if record is not None and path.is_file() and sha256_file(path) == record["sha256"]:
+                    continue
+                if record is not None:
+                    log(f"{task.relative_path}: missing or its checksum does not match; rebuilding it")
+                    manifest["shards"].remove(record)
+                todo.append(task)
+            if tasks and not todo:
+                log("all shards complete")
+            elif len(todo) < len(tasks):
+                log(f"resuming: {len(tasks) - len(todo)} of {len(tasks)} shards already complete")
+
+            if todo:
+                hrt_device = hrt.to(device)
+                worker = _ShardWorker(out, model, chosen, loss, checkpoints, spec, dtype, batch_size, hrt_device, device)
+                cls._run_tasks(out, manifest, todo, worker, executor or map, progress, len(checkpoints))
+            manifest["index"] = cls._build_search_index(out, manifest, tasks, len(checkpoints), index_type, progress)
+            manifest["complete"] = True
+            write_json_atomic(out / MANIFEST, manifest)
+        return cls.open(out, device=device, allow_pickle=allow_pickle)
+
+    @staticmethod
+    def _start_manifest(out: Path, inputs: dict, settings: dict, index_type: str, log) -> dict:
+        path = out / MANIFEST
+        if path.is_file():
+            manifest = read_manifest(out)
+            for key, wanted in (("inputs", inputs), ("settings", settings)):
+                difference = _first_difference(manifest.get(key), wanted)
+                if difference:
+                    raise InputError(
+                        f"{out} holds an index built differently: {key}.{difference}; use another --out, or delete it"
+                    )
+            manifest["complete"] = False
+            manifest["index"] = None
+            write_json_atomic(path, manifest)
+            return manifest
+        if any(p.name not in {".lock"} for p in out.iterdir()):
+            raise InputError(f"{out}: exists and is not an index directory; choose an empty or new --out")
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "tracin_index_version": __version__,
+            "inputs": inputs,
+            "settings": settings,
+            "loss": settings["loss"],
+            "projection": settings["projection"],
+            "index": None,
+            "requested_index_type": index_type,
+            "shards": [],
+            "complete": False,
+        }
+        write_json_atomic(path, manifest)
+        return manifest
+
+    @staticmethod
+    def _run_tasks(out: Path, manifest: dict, todo: list[ShardTask], worker, executor, progress: bool, num_checkpoints: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       disable=not progress, transient=False)  # fmt: skip
+        with bar:
+            tasks_by_checkpoint: dict[int, Any] = {}
+            for c in sorted({t.checkpoint for t in todo}):
+                total = sum(t.row_stop - t.row_start for t in todo if t.checkpoint == c)
+                tasks_by_checkpoint[c] = bar.add_task(f"checkpoint {c + 1}/{num_checkpoints}", total=total)
+            for task, digest in executor(worker, todo):
+                manifest["shards"].append({
+                    "checkpoint": task.checkpoint, "shard": task.shard, "file": task.relative_path,
+                    "row_start": task.row_start, "row_stop": task.row_stop, "sha256": digest,
+                })  # fmt: skip
+                manifest["shards"].sort(key=lambda s: (s["checkpoint"], s["shard"]))
+                write_json_atomic(out / MANIFEST, manifest)
+                bar.advance(tasks_by_checkpoint[task.checkpoint], task.row_stop - task.row_start)
+
+    @staticmethod
+    def _build_search_index(out: Path, manifest: dict, tasks: list[ShardTask], num_checkpoints: int,
+                            index_type: str, progress: bool) -> dict:  # fmt: skip
+        """Stream the shards, shard by shard, into a FAISS index (the only thing held whole in memory)."""
+        shards = sorted({(t.shard, t.row_start, t.row_stop) for t in tasks})
+        dim = manifest["projection"]["dim_per_checkpoint"] * num_checkpoints
+
+        def rows(shard: int) -> np.ndarray:
+            parts = [read_shard(out / ShardTask(c, shard, 0, 0).relative_path)[0] for c in range(num_checkpoints)]
+            return np.ascontiguousarray(np.hstack(parts), dtype=np.float32)
+
+        index = InnerProductIndex.create(dim, index_type)
+        if index.needs_training:
+            rng = np.random.default_rng(0)
+            sample = np.concatenate([rows(s) for s, _, _ in shards[: max(1, min(len(shards), 4))]])
+            sample = sample[rng.permutation(len(sample))[:100_000]]
+            index.train(sample)
+        for shard, _, _ in shards:
+            index.add(rows(shard))
+        index.save(out / FAISS_INDEX)
+        return {"type": index_type, "file": FAISS_INDEX, "dim": dim, "ntotal": index.ntotal,
+                "sha256": sha256_file(out / FAISS_INDEX)}  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------
+    # open
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, device: str | None = None, allow_pickle: bool | None = None,
+             use_gpu: bool | None = None) -> "GradientIndex":  # fmt: skip
+        """Open a complete index; refuses one whose model or checkpoint files changed since the build."""
+        from .models import Checkpoint, load_model
+
+        directory = Path(path)
+        manifest = read_manifest(directory)
+        if not manifest.get("complete"):
+            raise InputError(f"{directory}: the build did not finish; run the same `tracin-index build` again to resume it")
+        inputs = manifest["inputs"]
+        source = Path(inputs["model"]["source"])
+        for name, digest in inputs["model"]["files"].items():
+            file = source / name if source.is_dir() else source
+            cls._check_unchanged(file, digest, "model file")
+        for record in inputs["checkpoints"]:
+            if record["path"] is not None:
+                cls._check_unchanged(Path(record["path"]), record["sha256"], "checkpoint")
+        run = load_model(source, allow_pickle=inputs["model"]["allow_pickle"] if allow_pickle is None else allow_pickle)
+        device = device or default_device()
+        model = run.model.to(device).eval()
+        checkpoints = [
+            Checkpoint(path=None if r["path"] is None else Path(r["path"]), epoch=r["epoch"], learning_rate=r["learning_rate"])
+            for r in inputs["checkpoints"]
+        ]
+        sel = manifest["settings"]["selection"]
+        if sel["mode"] == "names":
+            selection = select_parameters(model, mode="names", names=sel["requested_names"])
+        else:
+            selection = select_parameters(model, mode=sel["mode"], num_last_layers=sel["num_last_layers"] or 2)
+        if selection.parameter_names != sel["parameters"]:
+            raise InputError(f"{directory}: the model's selected parameters differ from the index's; rebuild the index")
+        hrt, entities, relations = read_triples(directory / TRIPLES) if (directory / TRIPLES).is_file() else (None,) * 3
+        if hrt is None:
+            raise InputError(f"{directory}: no {TRIPLES}; rebuild the index")
+        index_file = directory / manifest["index"]["file"]
+        search_index = InnerProductIndex.open(index_file, use_gpu=use_gpu)
+        return cls(directory, manifest, run, selection, checkpoints, hrt, entities, relations, search_index, device)
+
+    @staticmethod
+    def _check_unchanged(path: Path, digest: str, what: str) -> None:
+        if not path.is_file():
+            raise InputError(f"{path}: {what} recorded in the index is missing; rebuild the index")
+        if sha256_file(path) != digest:
+            raise InputError(f"{path}: {what} changed since the index was built (sha256 differs); rebuild the index")
+
+    # ------------------------------------------------------------------------------------------
+    # query
+
+    @property
+    def num_checkpoints(self) -> int:
+        return len(self.checkpoints)
+
+    def _at_checkpoints(self) -> list[tuple[GradientComputer, GradientProjector, float]]:
+        """One model copy per checkpoint, loaded once per opened index (queries then load nothing)."""
+        if self._models is None:
+            from .models import load_state_dict_into
+
+            self._models = []
+            for c, checkpoint in enumerate(self.checkpoints):
+                model = self.run.model if checkpoint.path is None else copy.deepcopy(self.run.model)
+                if checkpoint.path is not None:
+                    load_state_dict_into(model, checkpoint.load_state_dict(), str(checkpoint.path))
+                model = model.to(self.device).eval()
+                selection = self._selection_of(model)
+                self._models.append(
+                    (GradientComputer(model, selection, self.loss), GradientProjector(selection, self.projection, c, self.device),
+                     checkpoint.learning_rate)
+                )  # fmt: skip
+        return self._models
+
+    def _selection_of(self, model) -> ParameterSelection:
+        sel = self.manifest["settings"]["selection"]
+        if sel["mode"] == "names":
+            return select_parameters(model, mode="names", names=sel["requested_names"])
+        return select_parameters(model, mode=sel["mode"], num_last_layers=sel["num_last_layers"] or 2)
+
+    def id_maps(self):
+        from .triples import IdMaps
+
+        return IdMaps(
+            entity_to_id={label: i for i, label in enumerate(self.entity_labels)},
+            relation_to_id={label: i for i, label in enumerate(self.relation_labels)},
+        )
+
+    def query_vectors(self, hrt: torch.Tensor) -> np.ndarray:
+        """The concatenated sqrt(lr_c)-scaled projected gradients of test triples, (T, index dim), float32."""
+        hrt = torch.as_tensor(hrt, dtype=torch.long).view(-1, 3).to(self.device)
+        parts = []
+        for computer, projector, lr in self._at_checkpoints():
+            grads = computer.compute(hrt)
+            with torch.no_grad():
+                parts.append((projector.project(grads) * math.sqrt(lr)).float().cpu())
+        return torch.cat(parts, dim=1).numpy()
+
+    def exact_scores(self, test_hrt: torch.Tensor, train_rows: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+        """Exact TracIn (unprojected) of the given training rows on the test triples, (T, len(rows))."""
+        test_hrt = torch.as_tensor(test_hrt, dtype=torch.long).view(-1, 3).to(self.device)
+        train = torch.as_tensor(self.hrt[np.asarray(train_rows, dtype=np.int64)], dtype=torch.long).to(self.device)
+        scores = torch.zeros(test_hrt.shape[0], train.shape[0], dtype=torch.float64)
+        for computer, _, lr in self._at_checkpoints():
+            g_test = computer.compute(test_hrt)
+            for start in range(0, train.shape[0], batch_size):
+                g = computer.compute(train[start : start + batch_size])
+                scores[:, start : start + batch_size] += lr * g_test.dot(g).double().cpu()
+        return scores
+
+    def _row_labels(self) -> "_RowLabels":
+        return _RowLabels(self.hrt, self.entity_labels, self.relation_labels)
+
+    def query(
+        self,
+        triples,
+        top_k: int = 10,
+        *,
+        rerank: int | None = None,
+        test_indices: Sequence[int | None] | None = None,
+    ) -> list[InfluenceResult]:
+        """Top-k proponents and opponents of test triples ((T, 3) ids), from the index.
+
+        ``rerank=K``: take K candidates each way from the index, rescore them exactly at every
+        checkpoint and return the exact top-k among them.
+        """
+        hrt = torch.as_tensor(triples, dtype=torch.long).view(-1, 3)
+        if top_k < 1:
+            raise InputError(f"top-k must be at least 1, got {top_k}")
+        if rerank is not None and rerank < top_k:
+            raise InputError(f"--rerank {rerank} must be at least --top-k {top_k}")
+        self._check_ids(hrt)
+        vectors = self.query_vectors(hrt)
+        labels = self._row_labels()
+        test_labels = [labels.of(row) for row in hrt.tolist()]
+        indices = list(test_indices) if test_indices is not None else [None] * len(hrt)
+        results = []
+        if rerank:
+            proponents = self.search_index.search(vectors, rerank)
+            opponents = self.search_index.search_opponents(vectors, rerank)
+            for t in range(len(hrt)):
+                rows = np.unique(np.concatenate([proponents.rows[t], opponents.rows[t]]))
+                rows = rows[rows >= 0]
+                exact = self.exact_scores(hrt[t : t + 1], rows)[0]
+                pro, opp = top_influences(exact, top_k, labels, torch.as_tensor(rows))
+                results.append(InfluenceResult(indices[t], Triple(*test_labels[t]), pro, opp))
+            return results
+        proponents = self.search_index.search(vectors, top_k)
+        opponents = self.search_index.search_opponents(vectors, top_k)
+        for t in range(len(hrt)):
+            results.append(
+                InfluenceResult(
+                    indices[t],
+                    Triple(*test_labels[t]),
+                    _influences(proponents.rows[t], proponents.scores[t], labels),
+                    _influences(opponents.rows[t], opponents.scores[t], labels),
+                )
+            )
+        return results
+
+    def _check_ids(self, hrt: torch.Tensor) -> None:
+        for column, (name, size) in enumerate(
+            (("head", len(self.entity_labels)), ("relation", len(self.relation_labels)), ("tail", len(self.entity_labels)))
+        ):
+            bad = hrt[:, column][(hrt[:, column] < 0) | (hrt[:, column] >= size)]
+            if len(bad):
+                raise InputError(f"{name} id {int(bad[0])} out of range; valid ids are 0..{size - 1}")
+
+    def self_influences(self) -> np.ndarray:
+        """sum_c lr_c ||g(z; theta_c)||^2 for every training row (exact: stored at build time)."""
+        total = np.zeros(len(self.hrt), dtype=np.float64)
+        for shard in self.manifest["shards"]:
+            _, norms = read_shard(self.directory / shard["file"], vectors=False)
+            lr = self.checkpoints[shard["checkpoint"]].learning_rate
+            total[shard["row_start"] : shard["row_stop"]] += lr * norms
+        return total
+
+    def self_influence(self, top_k: int | None = 10) -> list[SelfInfluence]:
+        """Training triples by descending self-influence (mislabelled or odd facts tend to rank high)."""
+        scores = self.self_influences()
+        order = np.argsort(-scores, kind="stable")[: top_k or len(scores)]
+        labels = self._row_labels()
+        return [SelfInfluence(int(r), *labels[int(r)], float(scores[r])) for r in order]
+
+    def verify(self) -> list[str]:
+        """Problems found: shards missing or whose checksum does not match the manifest (empty: all good)."""
+        problems = []
+        for shard in self.manifest["shards"]:
+            path = self.directory / shard["file"]
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif sha256_file(path) != shard["sha256"]:
+                problems.append(f"{path}: checksum does not match the manifest (corrupted)")
+        return problems
+
+
+class _RowLabels:
+    """Labels of training rows, computed on access (an index may have millions of rows)."""
+
+    def __init__(self, hrt: np.ndarray, entities: list[str], relations: list[str]):
+        self.hrt, self.entities, self.relations = hrt, entities, relations
+
+    def of(self, ids: Sequence[int]) -> tuple[str, str, str]:
+        h, r, t = ids
+        return self.entities[h], self.relations[r], self.entities[t]
+
+    def __getitem__(self, row: int) -> tuple[str, str, str]:
+        return self.of(self.hrt[row])
+
+
+def _influences(rows: np.ndarray, scores: np.ndarray, labels: _RowLabels) -> tuple[Influence, ...]:
+    return tuple(
+        Influence(int(row), *labels[int(row)], influence=float(score)) for row, score in zip(rows, scores) if row >= 0
+    )

@@ -8,7 +8,7 @@ from reference import flat, per_triple_gradients
 from tracin_index.errors import InputError
 from tracin_index.gradients import GradientComputer
 from tracin_index.layers import select_parameters
-from tracin_index.projection import GradientProjector, ProjectionSpec, random_matrix
+from tracin_index.projection import GradientProjector, ProjectionSpec, fit_principal_bases, random_matrix
 
 
 @pytest.fixture
@@ -46,13 +46,50 @@ def test_matrix_entries_have_variance_one_over_rows(kind):
     assert m.var().item() == pytest.approx(1 / 64, rel=0.05)
 
 
-def test_linear_layer_projection_is_two_sided_with_the_requested_size(conve_grads):
-    model, selection, _, grads = conve_grads
-    projector = GradientProjector(selection, ProjectionSpec(dim=256), checkpoint=0)
+def test_linear_layer_keeps_a_small_output_side_exact_and_projects_the_input_side(conve_grads):
+    model, selection, triples, grads = conve_grads
+    projector = GradientProjector(selection, ProjectionSpec(dim=512), checkpoint=0)
     linear, batch_norm = projector.layouts
-    assert linear.projected[0] * linear.projected[1] <= 256 and linear.projected == (16, 16)
+    assert linear.projected == (32, 16)  # 32 outputs kept, 145 inputs -> 16
+    assert linear.principal == 12  # three quarters of the input side on exact principal directions
     assert batch_norm.projected == (1, 64)  # 64 batch-norm parameters: kept exact
-    assert projector.project(grads).shape == (12, 256 + 64)
+    bases = fit_principal_bases(selection, ProjectionSpec(dim=512), GradientComputer(model, selection, "bce"), triples)
+    assert bases["interaction.hr1d.0"].shape == (12, 145)
+    projector = GradientProjector(selection, ProjectionSpec(dim=512), checkpoint=0, bases=bases)
+    assert projector.project(grads).shape == (12, 512 + 64)
+
+
+def test_a_large_output_side_is_projected_too(conve_grads):
+    _, selection, _, _ = conve_grads
+    linear = GradientProjector(selection, ProjectionSpec(dim=256), checkpoint=0).layouts[0]
+    assert linear.projected == (16, 16) and linear.principal == 12
+
+
+def test_principal_directions_are_orthonormal_and_reproducible(conve_grads):
+    model, selection, triples, _ = conve_grads
+    computer = GradientComputer(model, selection, "bce")
+    first = fit_principal_bases(selection, ProjectionSpec(dim=512), computer, triples)["interaction.hr1d.0"]
+    again = fit_principal_bases(selection, ProjectionSpec(dim=512), computer, triples)["interaction.hr1d.0"]
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first @ first.T, torch.eye(12), atol=1e-5, rtol=0)
+
+
+def test_inputs_inside_the_principal_subspace_are_projected_exactly(nations):
+    model = make_model("ConvE", nations.training)
+    selection = select_parameters(model, mode="names", names=["interaction.hr1d.0"])
+    spec = ProjectionSpec(dim=32 * 40, principal_fraction=0.9)  # 32 x 40: 40 input dims, 36 of them principal
+    triples = nations.training.mapped_triples[:4]  # at most 4 distinct inputs: rank <= 4 < 36
+    computer = GradientComputer(model, selection, "bce")
+    bases = fit_principal_bases(selection, spec, computer, triples)
+    grads = computer.compute(triples)
+    v = GradientProjector(selection, spec, checkpoint=0, bases=bases).project(grads)
+    torch.testing.assert_close((v @ v.T).double(), grads.dot(grads), rtol=1e-4, atol=1e-8)
+
+
+def test_missing_principal_directions_are_an_error(conve_grads):
+    _, selection, _, grads = conve_grads
+    with pytest.raises(InputError, match="principal directions"):
+        GradientProjector(selection, ProjectionSpec(dim=256), checkpoint=0, bases={})
 
 
 @pytest.mark.parametrize("model_name,mode,loss,dim", [("ConvE", "last", "bce", 64), ("DistMult", "all", "ce", 32)])
@@ -62,11 +99,15 @@ def test_projected_inner_products_are_unbiased(nations, model_name, mode, loss, 
     triples = nations.training.mapped_triples[:4]
     grads = GradientComputer(model, selection, loss).compute(triples)
     exact = grads.dot(grads)
-    # average over independent seeds: the mean converges to the exact inner products
+    computer = GradientComputer(model, selection, loss)
+    bases = fit_principal_bases(selection, ProjectionSpec(dim), computer, nations.training.mapped_triples[100:110])
+    # average over independent seeds (fixed principal directions): the mean converges to the exact inner products
     estimates = torch.stack(
         [
-            (lambda v: v @ v.T)(GradientProjector(selection, ProjectionSpec(dim, seed=s), checkpoint=0).project(grads))
-            for s in range(300)
+            (lambda v: v @ v.T)(
+                GradientProjector(selection, ProjectionSpec(dim, seed=s), checkpoint=0, bases=bases).project(grads)
+            )
+            for s in range(200)
         ]
     )
     error_of_mean = (estimates.mean(0) - exact).abs().max() / exact.abs().max()

@@ -28,7 +28,7 @@ from . import __version__
 from .errors import InputError, ModelLoadError
 from .gradients import GradientComputer, LOSSES
 from .layers import ParameterSelection, select_parameters
-from .projection import GradientProjector, ProjectionSpec
+from .projection import GradientProjector, ProjectionSpec, fit_principal_bases
 from .results import Influence, InfluenceResult, Triple, top_influences
 from .search import INDEX_TYPES, InnerProductIndex, gpu_available
 from .store import (
@@ -38,20 +38,25 @@ from .store import (
     MANIFEST,
     TRIPLES,
     ShardTask,
+    bases_path,
     exclusive_lock,
     plan_shards,
+    read_bases,
     read_manifest,
     read_shard,
     read_triples,
     sha256_file,
     sha256_json,
+    write_bases,
     write_json_atomic,
     write_shard,
     write_triples,
 )
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
-DEFAULT_PROJECTION_DIM = 1024
+DEFAULT_PROJECTION_DIM = 4096
+#: Training triples whose layer inputs define the principal directions of a checkpoint.
+PRINCIPAL_SAMPLE = 2048
 DEFAULT_SHARD_SIZE = 16384
 #: Exact (unprojected) vectors above this many bytes in all are refused with advice to project.
 MAX_EXACT_BYTES = 4 * 2**30
@@ -104,6 +109,7 @@ class _ShardWorker:
     """Computes shards; keeps the model at one checkpoint at a time (tasks come checkpoint by checkpoint)."""
 
     def __init__(self, directory: Path, model, selection, loss, checkpoints, projection, dtype, batch_size, hrt, device):
+        # everything a task needs is here or on disk (checkpoints, bases), so tasks could run elsewhere
         self.directory = directory
         self.model = model
         self.computer = GradientComputer(model, selection, loss)
@@ -126,7 +132,8 @@ class _ShardWorker:
 
             load_state_dict_into(self.model, checkpoint.load_state_dict(), str(checkpoint.path))
             self.model.eval()
-        self._projector = GradientProjector(self.selection, self.projection, index, device=self.device)
+        bases = read_bases(self.directory, index) if self.projection.dim else None
+        self._projector = GradientProjector(self.selection, self.projection, index, device=self.device, bases=bases)
         self._loaded = index
 
     def __call__(self, task: ShardTask) -> tuple[ShardTask, str]:
@@ -296,6 +303,11 @@ class GradientIndex:
                 write_triples(out / TRIPLES, hrt.numpy(), id_maps.id_to_entity, id_maps.id_to_relation, str(training_file))
             tasks = plan_shards(num_rows, shard_size, len(checkpoints))
             done = {(s["checkpoint"], s["shard"]): s for s in manifest["shards"]}
+            stale = cls._stale_bases(out, manifest, len(checkpoints))
+            if stale:
+                log(f"principal directions of checkpoint(s) {', '.join(str(c + 1) for c in stale)} missing or changed; "
+                    "rebuilding their shards")
+                manifest["shards"] = [s for s in manifest["shards"] if s["checkpoint"] not in stale]
             todo = []
             for task in tasks:
                 record = done.get((task.checkpoint, task.shard))
@@ -311,6 +323,7 @@ class GradientIndex:
             elif len(todo) < len(tasks):
                 log(f"resuming: {len(tasks) - len(todo)} of {len(tasks)} shards already complete")
 
+            cls._prepare_bases(out, manifest, model, chosen, loss, checkpoints, spec, hrt, batch_size, device, todo, log)
             if todo:
                 hrt_device = hrt.to(device)
                 worker = _ShardWorker(out, model, chosen, loss, checkpoints, spec, dtype, batch_size, hrt_device, device)
@@ -353,6 +366,43 @@ class GradientIndex:
         }
         write_json_atomic(path, manifest)
         return manifest
+
+    @staticmethod
+    def _stale_bases(out: Path, manifest: dict, num_checkpoints: int) -> list[int]:
+        recorded = manifest.setdefault("bases", {})
+        stale = []
+        for c in range(num_checkpoints):
+            digest = recorded.get(str(c))
+            if digest is None:
+                continue
+            path = bases_path(out, c)
+            if not path.is_file() or sha256_file(path) != digest:
+                stale.append(c)
+                del recorded[str(c)]
+        return stale
+
+    @staticmethod
+    def _prepare_bases(out, manifest, model, selection, loss, checkpoints, spec, hrt, batch_size, device, todo, log):
+        """Fit each checkpoint's principal directions once, before its shards (they must all use the same)."""
+        if not GradientProjector(selection, spec, 0).needs_bases:
+            return
+        from .models import load_state_dict_into
+
+        rng = np.random.default_rng(spec.seed)
+        sample_rows = np.sort(rng.choice(len(hrt), size=min(len(hrt), PRINCIPAL_SAMPLE), replace=False))
+        sample = hrt[torch.as_tensor(sample_rows)].to(device)
+        computer = GradientComputer(model, selection, loss)
+        for c in sorted({t.checkpoint for t in todo}):
+            if str(c) in manifest["bases"] and bases_path(out, c).is_file():
+                continue
+            checkpoint = checkpoints[c]
+            if checkpoint.path is not None:
+                load_state_dict_into(model, checkpoint.load_state_dict(), str(checkpoint.path))
+                model.eval()
+            log(f"checkpoint {c + 1}: fitting principal directions of the layer inputs on {len(sample):,} triples")
+            bases = fit_principal_bases(selection, spec, computer, sample, batch_size)
+            manifest["bases"][str(c)] = write_bases(out, c, bases)
+            write_json_atomic(out / MANIFEST, manifest)
 
     @staticmethod
     def _run_tasks(out: Path, manifest: dict, todo: list[ShardTask], worker, executor, progress: bool, num_checkpoints: int):
@@ -465,10 +515,9 @@ class GradientIndex:
                     load_state_dict_into(model, checkpoint.load_state_dict(), str(checkpoint.path))
                 model = model.to(self.device).eval()
                 selection = self._selection_of(model)
-                self._models.append(
-                    (GradientComputer(model, selection, self.loss), GradientProjector(selection, self.projection, c, self.device),
-                     checkpoint.learning_rate)
-                )  # fmt: skip
+                bases = read_bases(self.directory, c) if self.projection.dim else None
+                projector = GradientProjector(selection, self.projection, c, self.device, bases=bases)
+                self._models.append((GradientComputer(model, selection, self.loss), projector, checkpoint.learning_rate))
         return self._models
 
     def _selection_of(self, model) -> ParameterSelection:

@@ -6,6 +6,11 @@ Johnson-Lindenstrauss: for P with i.i.d. entries of mean 0 and variance 1/k,
 - Linear layer (gradient :math:`\delta a^\top`): two-sided (Kronecker) projection
   :math:`(P_{out}\delta) \otimes (P_{in} a)`, k_out * k_in numbers, never the out x in matrix;
   :math:`E\langle\cdot,\cdot\rangle = \langle\delta_1,\delta_2\rangle\langle a_1,a_2\rangle` as the sides are independent.
+  A small output side (at most 256, ConvE's 200) is kept exact. The input side spends most of its
+  k_in on an exact *principal subspace* V (r orthonormal directions fitted on a sample of the
+  training activations at that checkpoint) and the rest on a JL projection of the residual:
+  :math:`P_{in} a = [V a;\ M (a - V^\top V a)]`, still unbiased, and far more accurate because
+  layer inputs (ReLU features of a few (head, relation) pairs) are close to low-rank.
 - dense block: one matrix P (k x p).
 - embedding table (rows and the rank-one tail term): a random vector R[j] per row j (k_rows) times
   a projection of the row gradient, :math:`\sum_k R[id_k] \otimes (P_D\, row_k) + (R^\top c) \otimes (P_D\, q)`.
@@ -20,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Mapping
 
 import torch
 
@@ -39,15 +44,19 @@ class ProjectionSpec:
     dim: int = 0
     kind: ProjectionKind = "gaussian"
     seed: int = 0
+    #: share of a Linear layer's projected input side spent on its exact principal subspace
+    principal_fraction: float = 0.75
 
     def __post_init__(self):
+        if not 0.0 <= self.principal_fraction < 1.0:
+            raise InputError(f"principal fraction must be in [0, 1), got {self.principal_fraction}")
         if self.dim < 0:
             raise InputError(f"projection dim must be 0 (exact) or positive, got {self.dim}")
         if self.kind not in PROJECTION_KINDS:
             raise InputError(f"unknown projection kind {self.kind!r}; valid: {', '.join(PROJECTION_KINDS)}")
 
     def to_json(self) -> dict:
-        return {"dim": self.dim, "kind": self.kind, "seed": self.seed}
+        return {"dim": self.dim, "kind": self.kind, "seed": self.seed, "principal_fraction": self.principal_fraction}
 
 
 def _stable_seed(*parts) -> int:
@@ -78,6 +87,7 @@ class BlockLayout:
     kind: str  # linear | dense | embedding
     shape: tuple[int, int]  # linear: (out, in [+1]); dense: (1, p); embedding: (num_rows, dim)
     projected: tuple[int, int]  # the same sides after projection (equal to shape where kept exact)
+    principal: int = 0  # linear: exact principal directions within projected[1]
 
     @property
     def size(self) -> int:
@@ -88,7 +98,8 @@ class BlockLayout:
         return self.projected == self.shape
 
     def to_json(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "shape": list(self.shape), "projected": list(self.projected)}
+        return {"name": self.name, "kind": self.kind, "shape": list(self.shape), "projected": list(self.projected),
+                "principal": self.principal}  # fmt: skip
 
 
 def _split_sides(first: int, second: int, dim: int) -> tuple[int, int]:
@@ -102,31 +113,54 @@ def _split_sides(first: int, second: int, dim: int) -> tuple[int, int]:
     return k1, k2
 
 
-def block_layout(selected: SelectedModule, dim: int) -> BlockLayout:
-    module = selected.module
+#: An output side up to this size is kept exact (its inner products decide the sign of the score).
+MAX_EXACT_OUT = 256
+
+
+def _linear_sides(out: int, m: int, dim: int) -> tuple[int, int]:
+    if out * m <= dim:
+        return out, m
+    if out <= MAX_EXACT_OUT and dim // out >= 16:
+        return out, min(m, dim // out)
+    return _split_sides(out, m, dim)
+
+
+def block_layout(selected: SelectedModule, spec: ProjectionSpec) -> BlockLayout:
+    module, dim = selected.module, spec.dim
     if selected.kind == "embedding":
         shape = (module.num_embeddings, module.embedding_dim)
-        projected = shape if dim == 0 else _split_sides(shape[0], shape[1], dim)
-        if dim and projected[0] == shape[0] and projected != shape:
-            projected = shape
-        return BlockLayout(selected.name, "embedding", shape, projected)
+        return BlockLayout(selected.name, "embedding", shape, shape if dim == 0 else _split_sides(*shape, dim))
     if selected.kind == "linear" and "weight" in selected.parameter_names:
         shape = (module.out_features, module.in_features + ("bias" in selected.parameter_names))
-        projected = shape if dim == 0 else _split_sides(shape[0], shape[1], dim)
-        return BlockLayout(selected.name, "linear", shape, projected)
+        projected = shape if dim == 0 else _linear_sides(*shape, dim)
+        principal = int(spec.principal_fraction * projected[1]) if projected[1] < shape[1] else 0
+        return BlockLayout(selected.name, "linear", shape, projected, principal)
     p = selected.num_parameters
     return BlockLayout(selected.name, "dense", (1, p), (1, p if dim == 0 else min(p, dim)))
 
 
 class GradientProjector:
-    """Flattens (and projects) :class:`PerExampleGradients` for one checkpoint into (B, size) vectors."""
+    """Flattens (and projects) :class:`PerExampleGradients` for one checkpoint into (B, size) vectors.
 
-    def __init__(self, selection: ParameterSelection, spec: ProjectionSpec, checkpoint: int, device=None):
+    ``bases``: the principal directions (r x in) of each Linear layer whose layout has
+    ``principal > 0``, see :func:`fit_principal_bases`.
+    """
+
+    def __init__(self, selection: ParameterSelection, spec: ProjectionSpec, checkpoint: int, device=None,
+                 bases: Mapping[str, torch.Tensor] | None = None):  # fmt: skip
         self.spec = spec
         self.checkpoint = checkpoint
-        self.layouts = [block_layout(m, spec.dim) for m in selection.modules]
+        self.layouts = [block_layout(m, spec) for m in selection.modules]
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._matrices: dict[tuple[str, str], torch.Tensor] = {}
+        self.bases = {name: b.to(self.device) for name, b in (bases or {}).items()}
+        missing = [n for n in self.needs_bases if n not in self.bases]
+        if bases is not None and missing:
+            raise InputError(f"principal directions missing for layer(s) {', '.join(missing)}; rebuild the index")
+
+    @property
+    def needs_bases(self) -> list[str]:
+        return [layout.name for layout in self.layouts if layout.principal]
 
     @property
     def size(self) -> int:
@@ -143,6 +177,16 @@ class GradientProjector:
         """Project the last dimension of x for one side (0 = out/rows, 1 = in/dim); identity when kept exact."""
         if layout.projected[side] == layout.shape[side]:
             return x
+        if side == 1 and layout.principal:
+            basis = self.bases.get(layout.name)
+            if basis is None:
+                raise InputError(f"layer {layout.name!r} needs its principal directions (fit_principal_bases) first")
+            basis = basis.to(x.dtype)
+            exact = x @ basis.T
+            residual = x - exact @ basis
+            rest = layout.projected[1] - layout.principal
+            m = self._matrix(layout, "in", rest, layout.shape[1])
+            return torch.cat([exact, residual @ m.to(x.dtype).T], dim=-1)
         m = self._matrix(layout, "out" if side == 0 else "in", layout.projected[side], layout.shape[side])
         return x @ m.to(x.dtype).T
 
@@ -165,12 +209,52 @@ class GradientProjector:
         raise TypeError(f"unknown gradient block {type(block).__name__}")
 
     def _project_rows(self, layout: BlockLayout, block: RowsBlock) -> torch.Tensor:
-        if layout.exact:
-            return block.to_dense()[0]
         rows = self._side(layout, 1, block.rows)  # (B, K, kD)
-        # R: one random vector per table row, i.e. the "out" side matrix transposed (num_rows x k_rows)
+        vec = None if block.vec is None else self._side(layout, 1, block.vec)  # (B, kD)
+        B, K, kD = rows.shape
+        if layout.projected[0] == layout.shape[0]:  # every table row kept: scatter, no row projection
+            out = rows.new_zeros(B, layout.shape[0], kD)
+            out.scatter_add_(1, block.ids[:, :, None].expand(B, K, kD), rows)
+            if block.coef is not None:
+                out = out + block.coef[:, :, None] * vec[:, None, :]
+            return out
+        # one random vector R[j] per table row j: the "out" side matrix's columns
         table = self._matrix(layout, "out", layout.projected[0], layout.shape[0]).to(rows.dtype)
         out = torch.einsum("rbk,bkd->brd", table[:, block.ids], rows)
         if block.coef is not None:
-            out = out + torch.einsum("bn,rn->br", block.coef, table)[:, :, None] * self._side(layout, 1, block.vec)[:, None, :]
+            out = out + torch.einsum("bn,rn->br", block.coef, table)[:, :, None] * vec[:, None, :]
         return out
+
+
+def fit_principal_bases(
+    selection: ParameterSelection,
+    spec: ProjectionSpec,
+    computer,
+    sample: torch.Tensor,
+    batch_size: int = 256,
+) -> dict[str, torch.Tensor]:
+    """Top principal directions (uncentred) of each projected Linear layer's inputs on ``sample`` triples.
+
+    Randomised SVD under a fixed seed, so the same model and sample give the same directions.
+    """
+    layouts = [block_layout(m, spec) for m in selection.modules]
+    wanted = {layout.name: layout for layout in layouts if layout.principal}
+    if not wanted:
+        return {}
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
+    for start in range(0, sample.shape[0], batch_size):
+        grads = computer.compute(sample[start : start + batch_size])
+        for name in wanted:
+            a = grads.blocks[name].a
+            inputs[name].append(a.reshape(-1, a.shape[-1]).float())
+    bases = {}
+    for name, layout in wanted.items():
+        a = torch.cat(inputs[name])
+        r = min(layout.principal, a.shape[0], a.shape[1])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_stable_seed(spec.seed, "principal", name) % (2**31))
+            _, _, v = torch.svd_lowrank(a, q=min(r + 10, min(a.shape)), niter=4)
+        basis = torch.zeros(layout.principal, a.shape[1], dtype=torch.float32, device=a.device)
+        basis[:r] = v[:, :r].T  # fewer sample rows than directions: the rest stay zero (no exact part)
+        bases[name] = basis.cpu()
+    return bases

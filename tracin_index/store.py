@@ -136,6 +136,37 @@ def read_shard(path: Path, *, vectors: bool = True) -> tuple[np.ndarray | None, 
         raise InputError(f"{path}: unreadable shard ({error}); run `tracin-index build` again to rebuild it") from None
 
 
+# -- principal directions of the projection ------------------------------------------------------
+
+
+def bases_path(directory: Path, checkpoint: int) -> Path:
+    return directory / "bases" / f"ckpt-{checkpoint:03d}.pt"
+
+
+def write_bases(directory: Path, checkpoint: int, bases: dict[str, "torch.Tensor"]) -> str:
+    """Save one checkpoint's principal directions (plain tensors) atomically; returns the sha256."""
+    import torch
+
+    path = bases_path(directory, checkpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    torch.save({name: b.contiguous() for name, b in bases.items()}, tmp)
+    os.replace(tmp, path)
+    return sha256_file(path)
+
+
+def read_bases(directory: Path, checkpoint: int) -> dict[str, "torch.Tensor"]:
+    import torch
+
+    path = bases_path(directory, checkpoint)
+    if not path.is_file():
+        return {}
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is the same problem for the user
+        raise InputError(f"{path}: unreadable principal directions ({error}); rebuild the index") from None
+
+
 # -- triples ------------------------------------------------------------------------------------
 
 

@@ -78,3 +78,21 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
         code = exit_.code if isinstance(exit_.code, int) else 1
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="session")
+def conve_run(tmp_path_factory):
+    """`tracin-index train` defaults on Nations (ConvE, embedding dim 200), 4 epochs, checkpoints after 2 and 4."""
+    from tracin_index.train import train_run
+
+    out = tmp_path_factory.mktemp("conve-run") / "run"
+    return train_run(out, dataset="nations", model="ConvE", epochs=4, checkpoint_every=2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_exact_index(tiny_run, tmp_path_factory):
+    """An index of the tiny run with exact (unprojected) float32 vectors."""
+    from tracin_index.index import GradientIndex
+
+    out = tmp_path_factory.mktemp("tiny-exact") / "index"
+    return GradientIndex.build(out, model_path=tiny_run, projection_dim=0, dtype="float32", progress=False)

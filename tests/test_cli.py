@@ -143,3 +143,84 @@ def test_train_refuses_unknown_dataset(capsys, tmp_path):
 def test_unknown_loss_is_a_usage_error(capsys, tiny_run, loss):
     code, _, err = run_cli(capsys, "exact", "--model-path", tiny_run, "--loss", loss)
     assert code != 0 and "Traceback" not in err and "mse" in err
+
+
+# -- build, query, self-influence ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built_index(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli-index") / "index"
+    from tracin_index.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["build", "--model-path", str(tiny_run), "--out", str(out), "--projection-dim", "512", "--shard-size", "500"])
+    assert exit_.value.code in (0, None)
+    return out
+
+
+def test_build_then_query_a_labelled_triple(capsys, built_index):
+    code, out, err = run_cli(capsys, "query", built_index, "--triple", "brazil", "embassy", "uk", "--top-k", "3")
+    assert code == 0, err
+    assert "Proponents of (brazil, embassy, uk)" in out and "Opponents of (brazil, embassy, uk)" in out
+
+
+def test_query_by_ids_equals_query_by_labels(capsys, built_index, tmp_path):
+    from tracin_index.index import GradientIndex
+
+    ids = GradientIndex.open(built_index).id_maps().resolve_triple("brazil", "embassy", "uk")
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert run_cli(capsys, "query", built_index, "--triple", "brazil", "embassy", "uk", "--output", a)[0] == 0
+    assert run_cli(capsys, "query", built_index, "--ids", "--triple", *map(str, ids), "--output", b)[0] == 0
+    assert json.loads(a.read_text())["results"] == json.loads(b.read_text())["results"]
+
+
+def test_query_a_test_file_writes_json_and_tsv(capsys, built_index, tiny_run, tmp_path):
+    for output in (tmp_path / "q.json", tmp_path / "q.tsv"):
+        code, _, err = run_cli(
+            capsys, "query", built_index, "--test", tiny_run / "test.tsv", "--test-indices", "1", "3",
+            "--top-k", "4", "--rerank", "20", "--output", output,
+        )  # fmt: skip
+        assert code == 0, err
+    results = json.loads((tmp_path / "q.json").read_text())["results"]
+    assert [r["test_index"] for r in results] == [1, 3]
+    assert all(len(r["proponents"]) == 4 and len(r["opponents"]) == 4 for r in results)
+    lines = (tmp_path / "q.tsv").read_text().splitlines()
+    assert lines[0].split("\t")[:5] == ["test_index", "test_head", "test_relation", "test_tail", "kind"]
+    assert len(lines) == 1 + 2 * 2 * 4
+
+
+def test_self_influence_lists_the_top_triples(capsys, built_index, tmp_path):
+    code, out, err = run_cli(capsys, "self-influence", built_index, "--top-k", "5")
+    assert code == 0, err
+    assert "self-influence" in out
+    code, _, err = run_cli(capsys, "self-influence", built_index, "--output", tmp_path / "s.tsv")
+    assert code == 0, err
+    assert len((tmp_path / "s.tsv").read_text().splitlines()) == 1 + 1592
+
+
+def test_query_with_an_unknown_label(capsys, built_index):
+    code, _, err = run_cli(capsys, "query", built_index, "--triple", "brazil", "embasy", "uk")
+    assert_one_line_error(code, err, "'embasy'", "'embassy'")
+
+
+def test_query_of_a_wrong_index_path(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "query", tmp_path / "nope", "--triple", "a", "b", "c")
+    assert_one_line_error(code, err, "nope", "no such index directory")
+
+
+def test_query_needs_a_triple_or_a_test_file(capsys, built_index):
+    code, _, err = run_cli(capsys, "query", built_index)
+    assert_one_line_error(code, err, "--triple", "--test")
+
+
+def test_query_refuses_rerank_below_top_k(capsys, built_index):
+    code, _, err = run_cli(capsys, "query", built_index, "--triple", "brazil", "embassy", "uk", "--top-k", "10",
+                           "--rerank", "5")  # fmt: skip
+    assert_one_line_error(code, err, "--rerank")
+
+
+def test_build_with_a_missing_training_file(capsys, tiny_run, tmp_path):
+    code, _, err = run_cli(capsys, "build", "--model-path", tiny_run, "--train", tmp_path / "none.tsv",
+                           "--out", tmp_path / "index")  # fmt: skip
+    assert_one_line_error(code, err, "none.tsv")

@@ -157,7 +157,7 @@ def exact(
     from .triples import IdMaps, read_labeled_triples
 
     run = load_model(model_path, allow_pickle=allow_pickle)
-    id_maps = _id_maps(run, entity_to_id, relation_to_id)
+    id_maps = run.resolve_id_maps(entity_to_id, relation_to_id)
     train_file = _required_path(train_path, run.training_path, "--train", "training triples")
     test_file = _required_path(test_path, run.test_path, "--test", "test triples")
     training = read_labeled_triples(train_file)
@@ -165,10 +165,7 @@ def exact(
     if mode is Mode.all:
         indices = list(range(len(test)))
     else:
-        indices = list(test_indices or [0])
-        bad = [i for i in indices if not 0 <= i < len(test)]
-        if bad:
-            raise InputError(f"--test-indices {bad[0]} is out of range: {test_file} has {len(test)} triples (0..{len(test) - 1})")
+        indices = _checked_indices(list(test_indices or [0]), test_file, len(test))
     ckpts = find_checkpoints(checkpoints) if checkpoints else run.checkpoints
     device = device or ("cuda" if _cuda_available() else "cpu")
     analyzer = TracInAnalyzer(
@@ -315,10 +312,7 @@ def query(
         indices: list = [None]
     else:
         test = read_labeled_triples(test_path)
-        indices = list(test_indices) if test_indices else list(range(len(test)))
-        bad = [i for i in indices if not 0 <= i < len(test)]
-        if bad:
-            raise InputError(f"--test-indices {bad[0]} is out of range: {test_path} has {len(test)} triples (0..{len(test) - 1})")
+        indices = _checked_indices(list(test_indices) if test_indices else list(range(len(test))), test_path, len(test))
         hrt = maps.to_ids(test)[indices]
     results = index_.query(hrt, top_k=top_k, rerank=rerank, test_indices=indices)
     config = {
@@ -443,27 +437,11 @@ def _required_path(given: Optional[Path], default: Optional[Path], flag: str, wh
     return path
 
 
-def _id_maps(run, entity_to_id: Optional[Path], relation_to_id: Optional[Path]):
-    from .triples import IdMaps
-
-    if entity_to_id or relation_to_id:
-        if not (entity_to_id and relation_to_id):
-            raise InputError("give both --entity-to-id and --relation-to-id, or neither to use the run directory's")
-        maps = IdMaps.from_files(entity_to_id, relation_to_id)
-    elif run.id_maps is not None:
-        maps = run.id_maps
-    else:
-        raise InputError(
-            f"{run.source}: no id maps found; pass --entity-to-id and --relation-to-id (PyKEEN's entity_to_id.tsv.gz "
-            "and relation_to_id.tsv.gz)"
-        )
-    model = run.model
-    if maps.num_entities != model.num_entities:
-        raise InputError(
-            f"id maps have {maps.num_entities} entities but the model has {model.num_entities}: "
-            "pass the maps the model was trained with"
-        )
-    return maps
+def _checked_indices(indices: list[int], test_file: Path, num_test: int) -> list[int]:
+    bad = [i for i in indices if not 0 <= i < num_test]
+    if bad:
+        raise InputError(f"--test-indices {bad[0]} is out of range: {test_file} has {num_test} triples (0..{num_test - 1})")
+    return indices
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -212,7 +212,7 @@ class GradientIndex:
         skipped, so a killed build resumes with the same call.
         """
         from .models import Checkpoint, find_checkpoints, load_model
-        from .triples import IdMaps, read_labeled_triples
+        from .triples import read_labeled_triples
 
         log = log or (lambda message: None)
         out = Path(out)
@@ -229,14 +229,7 @@ class GradientIndex:
 
         run = load_model(model_path, allow_pickle=allow_pickle)
         model = run.model.to(device).eval()
-        if entity_to_id or relation_to_id:
-            if not (entity_to_id and relation_to_id):
-                raise InputError("give both --entity-to-id and --relation-to-id, or neither to use the run directory's")
-            id_maps = IdMaps.from_files(entity_to_id, relation_to_id)
-        elif run.id_maps is not None:
-            id_maps = run.id_maps
-        else:
-            raise InputError(f"{model_path}: no id maps found; pass --entity-to-id and --relation-to-id")
+        id_maps = run.resolve_id_maps(entity_to_id, relation_to_id)
         training_file = training_path or run.training_path
         if training_file is None:
             raise InputError(f"{model_path}: no training triples found; pass --train")

@@ -387,6 +387,26 @@ class LoadedRun:
     test_path: Path | None = None
     checkpoints: list[Checkpoint] = field(default_factory=list)
 
+    def resolve_id_maps(self, entity_to_id: str | Path | None = None, relation_to_id: str | Path | None = None) -> IdMaps:
+        """The id maps given on the command line, else the run directory's; they must fit the model."""
+        if entity_to_id or relation_to_id:
+            if not (entity_to_id and relation_to_id):
+                raise InputError("give both --entity-to-id and --relation-to-id, or neither to use the run directory's")
+            maps = IdMaps.from_files(entity_to_id, relation_to_id)
+        elif self.id_maps is not None:
+            maps = self.id_maps
+        else:
+            raise InputError(
+                f"{self.source}: no id maps found; pass --entity-to-id and --relation-to-id (PyKEEN's "
+                "entity_to_id.tsv.gz and relation_to_id.tsv.gz)"
+            )
+        if maps.num_entities != self.model.num_entities:
+            raise InputError(
+                f"id maps have {maps.num_entities} entities but the model has {self.model.num_entities}: "
+                "pass the maps the model was trained with"
+            )
+        return maps
+
 
 def load_model(path: str | Path, *, allow_pickle: bool = False) -> LoadedRun:
     """Load a run directory (``config.json`` + ``model.pt``), or a pickled PyKEEN model if allowed.

@@ -168,3 +168,18 @@ def test_opening_something_that_is_not_an_index(tmp_path):
         GradientIndex.open(tmp_path / "missing")
     with pytest.raises(InputError, match="not an index directory"):
         GradientIndex.open(tmp_path)
+
+
+def test_rebuilding_a_complete_index_recomputes_nothing_and_another_index_type_reuses_the_shards(tiny_run, tmp_path):
+    out = tmp_path / "index"
+    first = GradientIndex.build(out, model_path=tiny_run, projection_dim=256, progress=False)
+    messages = []
+    again = GradientIndex.build(out, model_path=tiny_run, projection_dim=256, progress=False, log=messages.append)
+    assert "all shards complete" in messages and "the flat index is up to date" in messages
+    assert again.manifest["index"] == first.manifest["index"]
+
+    messages.clear()
+    hnsw = GradientIndex.build(out, model_path=tiny_run, projection_dim=256, index_type="hnsw", progress=False,
+                               log=messages.append)  # fmt: skip
+    assert "all shards complete" in messages and hnsw.manifest["index"]["type"] == "hnsw"
+    assert hnsw.search_index.index_type == "hnsw"

@@ -321,7 +321,18 @@ class GradientIndex:
                 hrt_device = hrt.to(device)
                 worker = _ShardWorker(out, model, chosen, loss, checkpoints, spec, dtype, batch_size, hrt_device, device)
                 cls._run_tasks(out, manifest, todo, worker, executor or map, progress, len(checkpoints))
-            manifest["index"] = cls._build_search_index(out, manifest, tasks, len(checkpoints), index_type, progress)
+            previous = manifest.pop("reusable_index", None)
+            if (
+                not todo
+                and previous is not None
+                and previous["type"] == index_type
+                and (out / previous["file"]).is_file()
+                and sha256_file(out / previous["file"]) == previous["sha256"]
+            ):
+                log(f"the {index_type} index is up to date")
+                manifest["index"] = previous
+            else:
+                manifest["index"] = cls._build_search_index(out, manifest, tasks, len(checkpoints), index_type, progress)
             manifest["complete"] = True
             write_json_atomic(out / MANIFEST, manifest)
         return cls.open(out, device=device, allow_pickle=allow_pickle)
@@ -337,6 +348,9 @@ class GradientIndex:
                     raise InputError(
                         f"{out} holds an index built differently: {key}.{difference}; use another --out, or delete it"
                     )
+            # an index from a finished build may be kept if no shard changes; "complete" is cleared on
+            # disk first, so a build killed after changing shards never keeps a stale index
+            manifest["reusable_index"] = manifest.get("index") if manifest.get("complete") else None
             manifest["complete"] = False
             manifest["index"] = None
             write_json_atomic(path, manifest)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -32,6 +33,7 @@ import resource
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,7 +348,9 @@ def update_summary(keys: dict[str, Any], *, path: str | os.PathLike | None = Non
     """Merge ``keys`` into ``summary.json`` (other keys kept) under an exclusive lock; returns the new summary."""
     path = Path(path or SUMMARY)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a+") as lock:
+    # the lock file lives outside the repository (no untracked file in benchmarks/results/), one per summary path
+    lock_path = Path(tempfile.gettempdir()) / f"tracin-bench-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]}.lock"
+    with open(lock_path, "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

@@ -382,3 +382,30 @@ def test_make_id_maps_sorts_inverse_relations_after_their_base_as_pykeen_does():
     maps = make_id_maps(LabeledTriples.from_rows(rows.tolist(), "rows"))
 
     assert dict(maps.relation_to_id) == dict(factory.relation_to_id)
+
+
+def test_read_ids_streams_in_chunks_with_the_same_ids_and_line_numbers(tmp_path):
+    from tracin_index.triples import IdMaps, iter_labeled_triples, read_labeled_triples
+
+    path = tmp_path / "t.tsv.gz"
+    import gzip as _gzip
+
+    rows = [f"e{i % 7}\tr{i % 3}\te{(i * 5) % 7}" for i in range(25)]
+    text = "\n".join(rows[:10]) + "\n\n" + "\r\n".join(rows[10:]) + "\n"
+    path.write_bytes(_gzip.compress(text.encode()))
+    maps = IdMaps({f"e{i}": i for i in range(7)}, {f"r{i}": i for i in range(3)})
+    whole = read_labeled_triples(path)
+    chunks = list(iter_labeled_triples(path, chunk_rows=4))
+    assert [len(c) for c in chunks] == [4, 4, 3, 4, 4, 4, 2]  # chunks of 4 lines; the blank line 11 is in the third
+    assert np.concatenate([c.line_numbers for c in chunks]).tolist() == whole.line_numbers.tolist()
+    assert maps.read_ids(path, chunk_rows=4).tolist() == maps.to_ids(whole).tolist()
+
+
+def test_read_ids_names_the_line_of_an_unknown_label_in_a_later_chunk(tmp_path):
+    from tracin_index.triples import IdMaps
+
+    path = tmp_path / "t.tsv"
+    path.write_text("a\tr\tb\n" * 5 + "a\tr\tzz\n")
+    maps = IdMaps({"a": 0, "b": 1}, {"r": 0})
+    with pytest.raises(LabelError, match=rf"{path}:6: unknown tail entity 'zz'"):
+        maps.read_ids(path, chunk_rows=2)

@@ -212,8 +212,6 @@ class GradientIndex:
         skipped, so a killed build resumes with the same call.
         """
         from .models import Checkpoint, find_checkpoints, load_model
-        from .triples import read_labeled_triples
-
         log = log or (lambda message: None)
         out = Path(out)
         if loss not in LOSSES:
@@ -233,8 +231,7 @@ class GradientIndex:
         training_file = training_path or run.training_path
         if training_file is None:
             raise InputError(f"{model_path}: no training triples found; pass --train")
-        training = read_labeled_triples(training_file)
-        hrt = id_maps.to_ids(training)
+        hrt = id_maps.read_ids(training_file)  # streamed: the labels of millions of rows are never held at once
         checkpoints = find_checkpoints(checkpoint_paths) if checkpoint_paths else run.checkpoints
         if not checkpoints:
             checkpoints = [Checkpoint(path=None, epoch=None, learning_rate=1.0)]
@@ -247,7 +244,7 @@ class GradientIndex:
         GradientComputer(model, chosen, loss)  # refuses impossible loss/selection pairs now, before any writing
         dim_per_checkpoint = GradientProjector(chosen, spec, 0).size
         total_dim = dim_per_checkpoint * len(checkpoints)
-        num_rows = len(training)
+        num_rows = hrt.shape[0]
         shard_bytes = num_rows * total_dim * np.dtype(DTYPES[dtype]).itemsize
         index_bytes = num_rows * total_dim * (2 if index_type == "flat-fp16" else 4)
         if projection_dim == 0 and shard_bytes > MAX_EXACT_BYTES:

@@ -13,10 +13,11 @@ import difflib
 import gc
 import gzip
 import io
+import itertools
 import os
 import re
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -90,10 +91,47 @@ def read_labeled_triples(path: PathLike) -> LabeledTriples:
     """Read ``head<TAB>relation<TAB>tail`` lines (utf-8, plain or gzip); blank lines are skipped."""
     source = os.fspath(path)
     text = _read_text(path, TRIPLES_FORMAT)
+    triples = _parse_triples(enumerate(text.split("\n"), start=1), source)
+    if not len(triples):
+        raise InputError(f"{source}: no triples (the file is empty or blank; expected {TRIPLES_FORMAT})")
+    return triples
+
+
+def iter_labeled_triples(path: PathLike, chunk_rows: int = 100_000) -> Iterator[LabeledTriples]:
+    """The triples of a file in chunks of ``chunk_rows`` lines, streamed: memory of one chunk, not the file."""
+    source = os.fspath(path)
+    if os.path.isdir(path):
+        raise InputError(f"{source}: is a directory (expected {TRIPLES_FORMAT})")
+    try:
+        with open(path, "rb") as probe:
+            gzipped = probe.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
+    except FileNotFoundError:
+        raise InputError(f"{source}: no such file (expected {TRIPLES_FORMAT})") from None
+    except OSError as error:
+        raise InputError(f"{source}: cannot read the file: {error.strerror or error}") from None
+    opener = gzip.open if gzipped else open
+    number = 0
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as file:
+            while True:
+                lines = [(number + i, line.rstrip("\n")) for i, line in enumerate(itertools.islice(file, chunk_rows), 1)]
+                if not lines:
+                    return
+                number = lines[-1][0]
+                chunk = _parse_triples(lines, source)
+                if len(chunk):
+                    yield chunk
+    except UnicodeDecodeError:
+        raise InputError(f"{source}:{number + 1}: not valid UTF-8; save it as UTF-8") from None
+    except (OSError, EOFError, zlib.error) as error:
+        raise InputError(f"{source}: not readable ({error}); is it truncated?") from None
+
+
+def _parse_triples(numbered_lines: Iterable[tuple[int, str]], source: str) -> LabeledTriples:
     rows: list[list[str]] = []
     numbers: list[int] = []
     with _gc_paused():
-        for number, line in enumerate(text.split("\n"), start=1):
+        for number, line in numbered_lines:
             if line.endswith("\r"):
                 line = line[:-1]
             fields = line.split("\t")
@@ -102,8 +140,6 @@ def read_labeled_triples(path: PathLike) -> LabeledTriples:
                 numbers.append(number)
             elif line.strip():
                 raise _malformed_triple(source, number, line, fields)
-    if not rows:
-        raise InputError(f"{source}: no triples (the file is empty or blank; expected {TRIPLES_FORMAT})")
     return LabeledTriples(_label_array(rows), source, np.asarray(numbers, dtype=np.int64))
 
 
@@ -232,6 +268,13 @@ class IdMaps:
             where = f"{triples.source}:{int(triples.line_numbers[row])}"
             raise self._unknown_label(where, column, triples.labels[row, column])
         return torch.from_numpy(ids)
+
+    def read_ids(self, path: PathLike, chunk_rows: int = 100_000) -> torch.LongTensor:
+        """Ids of a triples file, shape (n, 3), read in chunks: memory of the ids, not of the labels."""
+        chunks = [self.to_ids(chunk) for chunk in iter_labeled_triples(path, chunk_rows)]
+        if not chunks:
+            raise InputError(f"{os.fspath(path)}: no triples (the file is empty or blank; expected {TRIPLES_FORMAT})")
+        return torch.cat(chunks)
 
     def to_labels(self, ids: torch.Tensor | np.ndarray) -> np.ndarray:
         """Map ids of shape (n, 3) to labels, an object array of str; ids out of range are a LabelError."""

@@ -72,6 +72,22 @@ TARGET_P50_MS = {100_000: 50.0, 1_000_000: 200.0}
 TARGET_SPEEDUP_1M = 1000.0
 TARGET_BUILD_RSS_RATIO = 1.2
 LEARNING_RATES = (1e-3, 5e-4, 2.5e-4)
+NOTES = [
+    "Shared 2-core machine: other benchmark processes ran during parts of these runs; each measurement records the "
+    "cores others used (foreign_cores, per block of 20 single queries). With 2 torch threads on 2 cores, one other "
+    "busy process slows small torch calls by up to ~40x (one ConvE test gradient: 1.7 ms with 1 thread vs 76 ms with "
+    "2 threads, both under contention); query['also_threads'] repeats the latency measurements with 1 thread.",
+    "Each size's entry carries its own 'measured' date: builds and queries were (re)measured in separate runs of this "
+    "script over the same work folder (--reuse-builds/--reuse-queries/--merge), with identical data, model, "
+    "checkpoints and index settings. The 1M queries ran against an index built by the same settings before commit "
+    "8f016ac (streamed training ids), which changes build memory, not the stored vectors.",
+    "The exact analyzer at 1M is EXTRAPOLATED (see sizes.1000000.query.exact): measured over the first 100k rows "
+    "under contention (1.1 other cores) and x10, and separately 10x the quiet full pass at 100k (the same 100k rows, "
+    "model, checkpoints and test triple); the speedup uses the smaller (conservative) estimate.",
+    "Influence values are meaningless here (random weights); the recall figures compare the index type (ivf) with "
+    "exact search over the same stored vectors, and the top-10 overlaps with the exact analyzer show the cost of "
+    "--projection-dim 256 on this model (not a tuned setting for accuracy).",
+]
 
 
 def _size_name(n: int) -> str:
@@ -480,7 +496,8 @@ def plot(results: dict, path: Path) -> None:
     ax = axes[0]
     p50 = [results["sizes"][s]["query"]["single_query"]["p50_ms"] for s in sizes]
     p95 = [results["sizes"][s]["query"]["single_query"]["p95_ms"] for s in sizes]
-    exact = [results["sizes"][s]["query"].get("exact", {}).get("seconds", float("nan")) * 1000 for s in sizes]
+    exact = [(lambda e: e.get("seconds_conservative", e.get("seconds", float("nan"))))(results["sizes"][s]["query"].get("exact", {})) * 1000
+             for s in sizes]  # fmt: skip
     x = range(len(sizes))
     ax.bar([i - 0.27 for i in x], p50, 0.27, label="index p50")
     ax.bar(list(x), p95, 0.27, label="index p95")
@@ -498,10 +515,10 @@ def plot(results: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax = axes[1]
     rss = [results["sizes"][s]["build"]["peak_rss_mb"] for s in sizes]
-    apart = [results["sizes"][s]["build"]["peak_rss_mb_apart_from_faiss_index"] for s in sizes]
+    apart = [results["sizes"][s]["build"].get("peak_rss_mb_before_faiss_stage") or float("nan") for s in sizes]
     qrss = [results["sizes"][s]["query"]["query_peak_rss_mb"] for s in sizes]
     ax.bar([i - 0.27 for i in x], rss, 0.27, label="build peak RSS")
-    ax.bar(list(x), apart, 0.27, label="build, apart from FAISS index")
+    ax.bar(list(x), apart, 0.27, label="build, peak before its FAISS stage")
     ax.bar([i + 0.27 for i in x], qrss, 0.27, label="query process peak RSS")
     ax.set_xticks(list(x), [f"{l} triples" for l in labels])
     ax.set_ylabel("MiB")
@@ -666,10 +683,21 @@ def main(argv: list[str] | None = None) -> dict | None:
     if speedup is not None:
         targets["query_speedup_vs_exact_1m"] = {"value": speedup, "target_at_least": TARGET_SPEEDUP_1M,
                                                 "met": speedup >= TARGET_SPEEDUP_1M}  # fmt: skip
+    a, b = get(100_000, "build", "peak_rss_mb_before_faiss_stage"), get(1_000_000, "build", "peak_rss_mb_before_faiss_stage")
+    if a and b:
+        targets["build_peak_rss_1m_vs_100k_apart_from_faiss"] = {
+            "value": b / a, "target_at_most": TARGET_BUILD_RSS_RATIO, "met": b / a <= TARGET_BUILD_RSS_RATIO,
+            "measure": "peak RSS of the build up to the start of its FAISS stage (model, triples, principal directions, "
+                       "gradients, projection, shard writing), from the build runner's probe",
+        }  # fmt: skip
     a, b = get(100_000, "build", "peak_rss_mb_apart_from_faiss_index"), get(1_000_000, "build", "peak_rss_mb_apart_from_faiss_index")
     if a and b:
-        targets["build_peak_rss_1m_vs_100k_apart_from_faiss"] = {"value": b / a, "target_at_most": TARGET_BUILD_RSS_RATIO,
-                                                                  "met": b / a <= TARGET_BUILD_RSS_RATIO}  # fmt: skip
+        targets["build_peak_rss_1m_vs_100k_minus_nominal_faiss_size"] = {
+            "value": b / a, "target_at_most": TARGET_BUILD_RSS_RATIO, "met": b / a <= TARGET_BUILD_RSS_RATIO,
+            "measure": "whole build's peak RSS minus the FAISS index's nominal size (ntotal * (dim * 4 + 8) for ivf); "
+                       "also counts what the FAISS stage holds beyond that nominal size (IVF inverted lists grown by "
+                       "doubling, the IVF training sample, per-shard float32 rows)",
+        }  # fmt: skip
 
     results = {
         "machine": machine,
@@ -698,6 +726,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                             "blocks of 20; builds: waited for quiet once, then not re-run, others' load recorded "
                             "in foreign_cores)",
         },
+        "notes": NOTES,
         "sizes": per_size,
         "merged_sizes_from_run_of": merged_from,
         "targets": targets,

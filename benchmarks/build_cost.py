@@ -349,7 +349,9 @@ def main(argv: list[str] | None = None) -> dict:
             "build": "GradientIndex.build defaults of `tracin-index build`: projection_dim 4096, float16 shards, flat "
                      "FAISS index, device cpu; fresh folder each repeat; whole call incl. the final open",
             "epoch": "SLCWATrainingLoop, Adam, basic negative sampler, 1 negative per positive, drop_last=False; "
-                     "timed span PyKEEN's _train_epoch (gradient_throughput.time_epoch)",
+                     "timed span PyKEEN's _train_epoch (gradient_throughput.time_epoch); over the same training "
+                     "triples as the build (the run's train.tsv, no inverse triples, although `tracin-index train` "
+                     "trained this ConvE with inverse triples, i.e. twice as many per epoch)",
             "loop": f"one torch.autograd.grad per triple over the selected parameters, {loop_n} triples timed, "
                     f"extrapolated to {n}",
             "captum": None if not captum_ok else (

@@ -10,7 +10,7 @@ training triples (the run's ``train.tsv``), the same model and batch size 256, e
 rotating order and under the quiet-machine guard of ``benchmarks/common.py``:
 
 1. ``build``: ``GradientIndex.build`` into a fresh folder with the defaults of ``tracin-index build``
-   (last 2 layers, bce, ``--projection-dim 4096``, float16 shards, ``flat`` FAISS index, CPU), the whole
+   (last 2 layers, bce, the default ``--projection-dim``, float16 shards, ``flat`` FAISS index, CPU), the whole
    call: principal directions, gradients, projection, shard writing (with fsync and sha256), the FAISS
    index, the final open. Reported per checkpoint (total / checkpoints), with a breakdown (bases,
    shards, FAISS index, the rest) taken by wrapping the build's three stages with timers;
@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     from tracin_index.layers import select_parameters
     from tracin_index.models import load_model
     from tracin_index.triples import read_labeled_triples
+    from tracin_index.index import DEFAULT_PROJECTION_DIM
 
     torch.set_num_threads(args.threads)
     run_start = time.perf_counter()
@@ -346,8 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": args.threads,
             "repeats": args.repeats,
             "captum_repeats": min(args.captum_repeats, args.repeats) if captum_ok else 0,
-            "build": "GradientIndex.build defaults of `tracin-index build`: projection_dim 4096, float16 shards, flat "
-                     "FAISS index, device cpu; fresh folder each repeat; whole call incl. the final open",
+            "build": f"GradientIndex.build defaults of `tracin-index build`: projection_dim {DEFAULT_PROJECTION_DIM}, "
+                     "float16 shards, flat FAISS index, device cpu; fresh folder each repeat; whole call incl. the final open",
             "epoch": "SLCWATrainingLoop, Adam, basic negative sampler, 1 negative per positive, drop_last=False; "
                      "timed span PyKEEN's _train_epoch (gradient_throughput.time_epoch); over the same training "
                      "triples as the build (the run's train.tsv, no inverse triples, although `tracin-index train` "

@@ -54,7 +54,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("PYSTOW_HOME", os.path.join(tempfile.gettempdir(), "pystow-bench"))
@@ -68,6 +67,8 @@ from tracin_index.gradients import GradientComputer, per_example_losses, only_se
 from tracin_index.layers import select_parameters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+from common import QuietGuard, cpu_model  # noqa: E402  (benchmarks/ is this script's folder: on sys.path)
 TARGET_EPOCH_RATIO = 1.5
 TARGET_LOOP_SPEEDUP = 20.0
 METHODS = ("batched", "loop", "epoch", "forward")
@@ -158,90 +159,6 @@ def time_epoch(base_model, training, batch_size: int, seed: int) -> tuple[float,
     return loop.epoch_seconds[-1], (whole, float(losses[-1]))
 
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _cpu_counters() -> tuple[float, float, float] | None:
-    """(wall s, busy CPU s of the whole machine, CPU s of this process) or None where /proc is missing."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        utime, stime = int(own[11]), int(own[12])
-    except (OSError, ValueError, IndexError):
-        return None
-    busy = (user + nice + system + irq + softirq + steal) / _CLK_TCK
-    return time.perf_counter(), busy, (utime + stime) / _CLK_TCK
-
-
-def _foreign_cores(before, after) -> float | None:
-    """Average number of cores other processes kept busy between two counters."""
-    if before is None or after is None or after[0] <= before[0]:
-        return None
-    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0]))
-
-
-@dataclass
-class _Measurement:
-    seconds: float
-    foreign: float | None
-    waited: float
-    attempts: int
-    result: object
-
-
-@dataclass
-class _QuietGuard:
-    """Shared-machine guard around one timed run.
-
-    Before a run, wait (up to ``max_wait`` s, in 0.5 s samples) until other processes use under
-    ``quiet_cores`` cores; measure the cores they used during the run; if that was ``quiet_cores`` or
-    more, run again (up to ``retries`` times) and keep the attempt least disturbed by others (never
-    the fastest as such). After ``deadline`` (perf_counter) runs are taken as they come.
-    """
-
-    quiet_cores: float
-    max_wait: float
-    retries: int
-    deadline: float
-
-    def _wait(self) -> float:
-        waited = 0.0
-        while waited < self.max_wait and time.perf_counter() < self.deadline:
-            before = _cpu_counters()
-            time.sleep(0.5)
-            waited += 0.5
-            foreign = _foreign_cores(before, _cpu_counters())
-            if foreign is None or foreign < self.quiet_cores:
-                break
-        return waited
-
-    def measure(self, fn) -> _Measurement:
-        best: _Measurement | None = None
-        waited = 0.0
-        for attempt in range(1, self.retries + 2):
-            waited += self._wait()
-            before = _cpu_counters()
-            seconds, result = fn()
-            foreign = _foreign_cores(before, _cpu_counters())
-            if best is None or (foreign is not None and best.foreign is not None and foreign < best.foreign):
-                best = _Measurement(seconds, foreign, 0.0, 0, result)
-            if foreign is None or foreign < self.quiet_cores or time.perf_counter() >= self.deadline:
-                break
-        best.waited, best.attempts = waited, attempt
-        return best
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
@@ -329,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     time_loop(model, selection, mapped[:32], "bce")
     time_epoch(model, training, args.batch_size, args.seed)
 
-    guard = _QuietGuard(args.quiet_cores, args.max_wait, args.retries, run_start + args.budget)
+    guard = QuietGuard(args.quiet_cores, args.max_wait, args.retries, run_start + args.budget)
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     foreign: dict[str, list[float | None]] = {m: [] for m in METHODS}
     waited: dict[str, list[float]] = {m: [] for m in METHODS}
@@ -390,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "gradient_throughput",
         "machine": {
             "platform": platform.platform(),
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_model(),
             "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "loadavg_before": list(load_before),

@@ -154,7 +154,7 @@ def exact(
     from .analyzer import TracInAnalyzer
     from .models import find_checkpoints, load_model
     from .results import render, write_results
-    from .triples import IdMaps, read_labeled_triples
+    from .triples import read_labeled_triples
 
     run = load_model(model_path, allow_pickle=allow_pickle)
     id_maps = run.resolve_id_maps(entity_to_id, relation_to_id)

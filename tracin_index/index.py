@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import InputError, ModelLoadError
+from .errors import InputError
 from .gradients import GradientComputer, LOSSES
 from .layers import ParameterSelection, select_parameters
 from .projection import GradientProjector, ProjectionSpec, fit_principal_bases
 from .results import Influence, InfluenceResult, Triple, top_influences
-from .search import INDEX_TYPES, InnerProductIndex, gpu_available
+from .search import INDEX_TYPES, InnerProductIndex
 from .store import (
     FAISS_INDEX,
     FORMAT,
@@ -46,7 +46,6 @@ from .store import (
     read_shard,
     read_triples,
     sha256_file,
-    sha256_json,
     write_bases,
     write_json_atomic,
     write_shard,

@@ -103,11 +103,8 @@ class TracInAnalyzer:
             if not self.checkpoints:
                 yield 1.0
                 return
-            from .models import load_state_dict_into
-
             for checkpoint in self.checkpoints:
-                load_state_dict_into(self.model, checkpoint.load_state_dict(), str(checkpoint.path))
-                self.model.eval()
+                checkpoint.load_into(self.model)
                 yield checkpoint.learning_rate
 
         try:

@@ -126,12 +126,7 @@ class _ShardWorker:
     def _at_checkpoint(self, index: int) -> None:
         if self._loaded == index:
             return
-        checkpoint = self.checkpoints[index]
-        if checkpoint.path is not None:
-            from .models import load_state_dict_into
-
-            load_state_dict_into(self.model, checkpoint.load_state_dict(), str(checkpoint.path))
-            self.model.eval()
+        self.checkpoints[index].load_into(self.model)
         bases = read_bases(self.directory, index) if self.projection.dim else None
         self._projector = GradientProjector(self.selection, self.projection, index, device=self.device, bases=bases)
         self._loaded = index
@@ -391,8 +386,6 @@ class GradientIndex:
         """Fit each checkpoint's principal directions once, before its shards (they must all use the same)."""
         if not GradientProjector(selection, spec, 0).needs_bases:
             return
-        from .models import load_state_dict_into
-
         rng = np.random.default_rng(spec.seed)
         sample_rows = np.sort(rng.choice(len(hrt), size=min(len(hrt), PRINCIPAL_SAMPLE), replace=False))
         sample = hrt[torch.as_tensor(sample_rows)].to(device)
@@ -400,10 +393,7 @@ class GradientIndex:
         for c in sorted({t.checkpoint for t in todo}):
             if str(c) in manifest["bases"] and bases_path(out, c).is_file():
                 continue
-            checkpoint = checkpoints[c]
-            if checkpoint.path is not None:
-                load_state_dict_into(model, checkpoint.load_state_dict(), str(checkpoint.path))
-                model.eval()
+            checkpoints[c].load_into(model)
             log(f"checkpoint {c + 1}: fitting principal directions of the layer inputs on {len(sample):,} triples")
             bases = fit_principal_bases(selection, spec, computer, sample, batch_size)
             manifest["bases"][str(c)] = write_bases(out, c, bases)
@@ -481,12 +471,8 @@ class GradientIndex:
             Checkpoint(path=None if r["path"] is None else Path(r["path"]), epoch=r["epoch"], learning_rate=r["learning_rate"])
             for r in inputs["checkpoints"]
         ]
-        sel = manifest["settings"]["selection"]
-        if sel["mode"] == "names":
-            selection = select_parameters(model, mode="names", names=sel["requested_names"])
-        else:
-            selection = select_parameters(model, mode=sel["mode"], num_last_layers=sel["num_last_layers"] or 2)
-        if selection.parameter_names != sel["parameters"]:
+        selection = _selection_from_manifest(model, manifest)
+        if selection.parameter_names != manifest["settings"]["selection"]["parameters"]:
             raise InputError(f"{directory}: the model's selected parameters differ from the index's; rebuild the index")
         hrt, entities, relations = read_triples(directory / TRIPLES) if (directory / TRIPLES).is_file() else (None,) * 3
         if hrt is None:
@@ -512,25 +498,16 @@ class GradientIndex:
     def _at_checkpoints(self) -> list[tuple[GradientComputer, GradientProjector, float]]:
         """One model copy per checkpoint, loaded once per opened index (queries then load nothing)."""
         if self._models is None:
-            from .models import load_state_dict_into
-
             self._models = []
             for c, checkpoint in enumerate(self.checkpoints):
                 model = self.run.model if checkpoint.path is None else copy.deepcopy(self.run.model)
-                if checkpoint.path is not None:
-                    load_state_dict_into(model, checkpoint.load_state_dict(), str(checkpoint.path))
+                checkpoint.load_into(model)
                 model = model.to(self.device).eval()
-                selection = self._selection_of(model)
+                selection = _selection_from_manifest(model, self.manifest)
                 bases = read_bases(self.directory, c) if self.projection.dim else None
                 projector = GradientProjector(selection, self.projection, c, self.device, bases=bases)
                 self._models.append((GradientComputer(model, selection, self.loss), projector, checkpoint.learning_rate))
         return self._models
-
-    def _selection_of(self, model) -> ParameterSelection:
-        sel = self.manifest["settings"]["selection"]
-        if sel["mode"] == "names":
-            return select_parameters(model, mode="names", names=sel["requested_names"])
-        return select_parameters(model, mode=sel["mode"], num_last_layers=sel["num_last_layers"] or 2)
 
     def id_maps(self):
         from .triples import IdMaps
@@ -646,6 +623,14 @@ class GradientIndex:
             elif sha256_file(path) != shard["sha256"]:
                 problems.append(f"{path}: checksum does not match the manifest (corrupted)")
         return problems
+
+
+def _selection_from_manifest(model, manifest: dict) -> ParameterSelection:
+    """The parameter selection the index was built with, found again in ``model``."""
+    sel = manifest["settings"]["selection"]
+    if sel["mode"] == "names":
+        return select_parameters(model, mode="names", names=sel["requested_names"])
+    return select_parameters(model, mode=sel["mode"], num_last_layers=sel["num_last_layers"] or 2)
 
 
 class _RowLabels:

@@ -296,6 +296,12 @@ class Checkpoint:
     epoch: int | None
     learning_rate: float
 
+    def load_into(self, model: torch.nn.Module) -> None:
+        """Put this checkpoint's weights into ``model`` (eval mode); the model's own weights for ``path`` None."""
+        if self.path is not None:
+            load_state_dict_into(model, self.load_state_dict(), str(self.path))
+        model.eval()
+
     def load_state_dict(self) -> dict[str, torch.Tensor]:
         if self.path is None:
             raise ValueError("this checkpoint stands for the loaded model itself; it has no file to load")

@@ -78,36 +78,40 @@ def train_run(workdir: Path, epochs: int, every: int, seed: int) -> tuple[Path, 
 
 
 class _StageTimer:
-    """Wraps GradientIndex's build stages (static methods) with timers, restoring them afterwards."""
-
-    STAGES = ("_prepare_bases", "_run_tasks", "_build_search_index")
+    """Wraps build stages (methods of GradientIndex and InnerProductIndex) with timers, restoring them afterwards."""
 
     def __init__(self):
         from tracin_index.index import GradientIndex
+        from tracin_index.search import InnerProductIndex
 
-        self.cls = GradientIndex
+        # stage -> (class, method, wrap as staticmethod)
+        self.stages = {
+            "bases_s": (GradientIndex, "_prepare_bases", True),
+            "shards_and_faiss_adds_s": (GradientIndex, "_compute", True),
+            "faiss_save_s": (InnerProductIndex, "save", False),
+        }
         self.seconds: dict[str, float] = {}
-        self.saved = {}
+        self.saved = []
 
     def __enter__(self):
-        for name in self.STAGES:
-            original = getattr(self.cls, name)
-            self.saved[name] = self.cls.__dict__[name]
+        for stage, (cls, name, static) in self.stages.items():
+            original = getattr(cls, name)
+            self.saved.append((cls, name, cls.__dict__[name]))
 
             @functools.wraps(original)
-            def timed(*args, _original=original, _name=name, **kwargs):
+            def timed(*args, _original=original, _stage=stage, **kwargs):
                 start = time.perf_counter()
                 try:
                     return _original(*args, **kwargs)
                 finally:
-                    self.seconds[_name] = self.seconds.get(_name, 0.0) + time.perf_counter() - start
+                    self.seconds[_stage] = self.seconds.get(_stage, 0.0) + time.perf_counter() - start
 
-            setattr(self.cls, name, staticmethod(timed))
+            setattr(cls, name, staticmethod(timed) if static else timed)
         return self
 
     def __exit__(self, *exc):
-        for name, value in self.saved.items():
-            setattr(self.cls, name, value)
+        for cls, name, value in self.saved:
+            setattr(cls, name, value)
 
 
 def time_build(run: Path, out: Path, batch_size: int) -> tuple[float, dict]:
@@ -119,8 +123,7 @@ def time_build(run: Path, out: Path, batch_size: int) -> tuple[float, dict]:
         start = time.perf_counter()
         GradientIndex.build(out, model_path=run, device="cpu", batch_size=batch_size, progress=False)
         seconds = time.perf_counter() - start
-    parts = {"bases_s": stages.seconds.get("_prepare_bases", 0.0), "shards_s": stages.seconds.get("_run_tasks", 0.0),
-             "faiss_index_s": stages.seconds.get("_build_search_index", 0.0)}  # fmt: skip
+    parts = {stage: stages.seconds.get(stage, 0.0) for stage in stages.stages}
     parts["rest_s"] = seconds - sum(parts.values())
     return seconds, parts
 

@@ -281,3 +281,26 @@ def test_on_a_gpu_searches_use_it_up_to_its_k_limit_and_the_cpu_beyond(fake_gpu,
 def test_hnsw_stays_on_the_cpu_even_with_a_gpu(fake_gpu, vectors):
     assert not build("hnsw", vectors[:100]).to_gpu().on_gpu
     assert fake_gpu == []
+
+
+@pytest.mark.parametrize("index_type", ["flat", "flat-fp16"])
+def test_reserve_keeps_the_storage_in_place_through_adds_in_pieces(index_type):
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((300, 16)).astype(np.float32)
+    index = InnerProductIndex.create(16, index_type)
+    index.reserve(len(vectors))
+    assert index.ntotal == 0
+    addresses = set()
+    for start in range(0, len(vectors), 50):
+        index.add(vectors[start : start + 50])
+        addresses.add(int(index._cpu.codes.data()))
+    assert index.ntotal == len(vectors) and len(addresses) == 1
+    _, expected = brute_force(vectors, vectors[:5], 3)
+    np.testing.assert_array_equal(index.search(vectors[:5], 3).rows, expected)
+
+
+def test_reserve_is_a_no_op_for_the_other_types():
+    for index_type in ("ivf", "hnsw"):
+        index = InnerProductIndex.create(16, index_type)
+        index.reserve(1000)
+        assert index.ntotal == 0

@@ -59,6 +59,15 @@ PRINCIPAL_SAMPLE = 2048
 DEFAULT_SHARD_SIZE = 16384
 #: Exact (unprojected) vectors above this many bytes in all are refused with advice to project.
 MAX_EXACT_BYTES = 4 * 2**30
+#: A build holds one model copy per checkpoint (and streams rows straight into FAISS) while they
+#: take at most this many bytes together; beyond, it loads checkpoints in turn and reads shards back.
+MODEL_COPIES_BYTES = 2 * 2**30
+#: An ivf index is trained (k-means) on a random sample of at most this many leading rows ...
+IVF_SAMPLE_ROWS = 100_000
+#: ... and at most this many bytes.
+IVF_SAMPLE_BYTES = 2**30
+#: Rows go to FAISS in float32 pieces of at most this many bytes.
+FEED_BYTES = 64 * 2**20
 
 
 def default_device() -> str:
@@ -105,14 +114,19 @@ def _first_difference(recorded: Any, wanted: Any, path: str = "") -> str | None:
 
 
 class _ShardWorker:
-    """Computes shards; keeps the model at one checkpoint at a time (tasks come checkpoint by checkpoint)."""
+    """Computes shards: returns each task with its shard's checksum and its vectors.
 
-    def __init__(self, directory: Path, model, selection, loss, checkpoints, projection, dtype, batch_size, hrt, device):
+    ``all_checkpoints``: keep one model copy per checkpoint, for tasks that come row range by row
+    range (each task switches checkpoint); otherwise one model, reloaded when the checkpoint
+    changes (tasks come checkpoint by checkpoint).
+    """
+
+    def __init__(self, directory: Path, model, manifest: dict, checkpoints, projection, dtype, batch_size, hrt, device,
+                 all_checkpoints: bool):  # fmt: skip
         # everything a task needs is here or on disk (checkpoints, bases), so tasks could run elsewhere
         self.directory = directory
         self.model = model
-        self.computer = GradientComputer(model, selection, loss)
-        self.selection = selection
+        self.manifest = manifest
         self.checkpoints = checkpoints
         self.projection = projection
         self.dtype = DTYPES[dtype]
@@ -120,36 +134,41 @@ class _ShardWorker:
         self.batch_size = batch_size
         self.hrt = hrt
         self.device = device
-        self._loaded: int | None = None
-        self._projector: GradientProjector | None = None
+        self.all_checkpoints = all_checkpoints
+        self._at: dict[int, tuple[GradientComputer, GradientProjector]] = {}
 
-    def _at_checkpoint(self, index: int) -> None:
-        if self._loaded == index:
-            return
-        self.checkpoints[index].load_into(self.model)
-        bases = read_bases(self.directory, index) if self.projection.dim else None
-        self._projector = GradientProjector(self.selection, self.projection, index, device=self.device, bases=bases)
-        self._loaded = index
+    def _at_checkpoint(self, index: int) -> tuple[GradientComputer, GradientProjector]:
+        if index not in self._at:
+            if self.all_checkpoints:
+                model = copy.deepcopy(self.model) if self._at else self.model
+            else:
+                self._at.clear()
+                model = self.model
+            self.checkpoints[index].load_into(model)
+            selection = _selection_from_manifest(model, self.manifest)
+            bases = read_bases(self.directory, index) if self.projection.dim else None
+            projector = GradientProjector(selection, self.projection, index, device=self.device, bases=bases)
+            self._at[index] = (GradientComputer(model, selection, self.manifest["loss"]), projector)
+        return self._at[index]
 
-    def __call__(self, task: ShardTask) -> tuple[ShardTask, str]:
-        self._at_checkpoint(task.checkpoint)
+    def __call__(self, task: ShardTask) -> tuple[ShardTask, str, np.ndarray]:
+        computer, projector = self._at_checkpoint(task.checkpoint)
         lr = self.checkpoints[task.checkpoint].learning_rate
         scale = math.sqrt(lr)
         rows = task.row_stop - task.row_start
-        vectors = np.empty((rows, self._projector.size), dtype=self.dtype)
-        norms = np.empty(rows, dtype=np.float64)
+        vectors = torch.empty((rows, projector.size), dtype=self.torch_dtype)
+        norms = torch.empty(rows, dtype=torch.float64)
         for start in range(task.row_start, task.row_stop, self.batch_size):
             stop = min(start + self.batch_size, task.row_stop)
-            grads = self.computer.compute(self.hrt[start:stop])
+            grads = computer.compute(self.hrt[start:stop])
             with torch.no_grad():
-                v = self._projector.project(grads) * scale
-            # cast in torch: numpy's float32 -> float16 conversion is several times slower
-            vectors[start - task.row_start : stop - task.row_start] = v.to(self.torch_dtype).cpu().numpy()
-            norms[start - task.row_start : stop - task.row_start] = grads.squared_norms().double().cpu().numpy()
+                # cast in torch: numpy's float32 -> float16 conversion is several times slower
+                vectors[start - task.row_start : stop - task.row_start] = projector.project(grads) * scale
+                norms[start - task.row_start : stop - task.row_start] = grads.squared_norms()
         attrs = {"checkpoint": task.checkpoint, "row_start": task.row_start, "row_stop": task.row_stop,
                  "learning_rate": lr}  # fmt: skip
-        digest = write_shard(self.directory / task.relative_path, vectors, norms, attrs)
-        return task, digest
+        digest = write_shard(self.directory / task.relative_path, vectors.numpy(), norms.numpy(), attrs)
+        return task, digest, vectors.numpy()
 
 
 class GradientIndex:
@@ -203,8 +222,9 @@ class GradientIndex:
     ) -> "GradientIndex":
         """Build (or resume building) the index directory ``out``; returns it opened.
 
-        ``executor`` maps the shard function over shard tasks (``map`` by default, in process; a
-        ``concurrent.futures`` executor's ``map`` fits). Complete shards whose checksum matches are
+        ``executor`` maps the shard function over shard tasks, keeping their order (``map`` by
+        default, in process; a ``concurrent.futures`` executor's ``map`` fits); the function returns
+        the task, its shard's sha256 and its vectors. Complete shards whose checksum matches are
         skipped, so a killed build resumes with the same call.
         """
         from .models import Checkpoint, find_checkpoints, load_model
@@ -287,7 +307,10 @@ class GradientIndex:
             manifest = cls._start_manifest(out, inputs, settings, index_type, log)
             if not (out / TRIPLES).is_file():
                 write_triples(out / TRIPLES, hrt.numpy(), id_maps.id_to_entity, id_maps.id_to_relation, str(training_file))
-            tasks = plan_shards(num_rows, shard_size, len(checkpoints))
+            # rows first when one model copy per checkpoint fits: complete rows then go to FAISS as
+            # they are computed, instead of being read back from the shards
+            rows_first = len(checkpoints) * _model_bytes(model) <= MODEL_COPIES_BYTES
+            tasks = plan_shards(num_rows, shard_size, len(checkpoints), rows_first=rows_first)
             done = {(s["checkpoint"], s["shard"]): s for s in manifest["shards"]}
             stale = cls._stale_bases(out, manifest, len(checkpoints))
             if stale:
@@ -310,25 +333,23 @@ class GradientIndex:
                 log(f"resuming: {len(tasks) - len(todo)} of {len(tasks)} shards already complete")
 
             cls._prepare_bases(out, manifest, model, chosen, loss, checkpoints, spec, hrt, batch_size, device, todo, log)
-            if todo:
-                hrt_device = hrt.to(device)
-                worker = _ShardWorker(out, model, chosen, loss, checkpoints, spec, dtype, batch_size, hrt_device, device)
-                cls._run_tasks(out, manifest, todo, worker, executor or map, progress, len(checkpoints))
             previous = manifest.pop("reusable_index", None)
-            if (
-                not todo
-                and previous is not None
-                and previous["type"] == index_type
-                and (out / previous["file"]).is_file()
-                and sha256_file(out / previous["file"]) == previous["sha256"]
-            ):
+            search_index = None
+            if not todo and previous is not None and previous["type"] == index_type and _index_file_unchanged(out, previous):
                 log(f"the {index_type} index is up to date")
                 manifest["index"] = previous
             else:
-                manifest["index"] = cls._build_search_index(out, manifest, tasks, len(checkpoints), index_type, progress)
+                worker = _ShardWorker(out, model, manifest, checkpoints, spec, dtype, batch_size, hrt.to(device), device,
+                                      all_checkpoints=rows_first)  # fmt: skip
+                search_index = cls._compute(out, manifest, tasks, todo, worker, executor or map, index_type, rows_first,
+                                            progress)  # fmt: skip
+                search_index.save(out / FAISS_INDEX)
+                stat = (out / FAISS_INDEX).stat()
+                manifest["index"] = {"type": index_type, "file": FAISS_INDEX, "dim": search_index.dim,
+                                     "ntotal": search_index.ntotal, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}  # fmt: skip
             manifest["complete"] = True
             write_json_atomic(out / MANIFEST, manifest)
-        return cls.open(out, device=device, allow_pickle=allow_pickle)
+        return cls._open(out, device=device, allow_pickle=allow_pickle, search_index=search_index)
 
     @staticmethod
     def _start_manifest(out: Path, inputs: dict, settings: dict, index_type: str, log) -> dict:
@@ -400,48 +421,72 @@ class GradientIndex:
             write_json_atomic(out / MANIFEST, manifest)
 
     @staticmethod
-    def _run_tasks(out: Path, manifest: dict, todo: list[ShardTask], worker, executor, progress: bool, num_checkpoints: int):
+    def _compute(out: Path, manifest: dict, tasks: list[ShardTask], todo: list[ShardTask], worker, executor,
+                 index_type: str, rows_first: bool, progress: bool) -> InnerProductIndex:  # fmt: skip
+        """Run the shard tasks still to do through ``executor`` and feed every row, checkpoints side by
+        side, to a new FAISS index (the only thing held whole in memory); returns the index.
+
+        Rows first, a row range goes to FAISS as soon as its last checkpoint is computed (vectors that
+        the executor returns, or that earlier builds wrote); checkpoint first, the shards are read
+        back once all are written.
+        """
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        num_checkpoints = len({t.checkpoint for t in tasks})
+        ranges = sorted({(t.shard, t.row_start, t.row_stop) for t in tasks})
+        feeder = _IndexFeeder(manifest["projection"]["dim_per_checkpoint"] * num_checkpoints, index_type,
+                              num_rows=ranges[-1][2] if ranges else 0)  # fmt: skip
+        pending = {(t.checkpoint, t.shard) for t in todo}
+        computed: dict[tuple[int, int], np.ndarray] = {}
+
+        def feed(shard: int) -> None:
+            """One row range, checkpoints side by side, to FAISS in float32 pieces of at most FEED_BYTES
+            (converted in torch: numpy's float16 -> float32 is slow)."""
+            parts = [computed.pop((c, shard), None) for c in range(num_checkpoints)]
+            parts = [p if p is not None else read_shard(out / ShardTask(c, shard, 0, 0).relative_path)[0]
+                     for c, p in enumerate(parts)]  # fmt: skip
+            rows = len(parts[0])
+            step = max(1, min(rows, FEED_BYTES // (4 * feeder.dim)))
+            buffer = torch.empty((step, feeder.dim), dtype=torch.float32)  # one piece at a time: FAISS copies it
+            for start in range(0, rows, step):
+                piece = buffer[: min(step, rows - start)]
+                offset = 0
+                for p in parts:
+                    piece[:, offset : offset + p.shape[1]] = torch.from_numpy(p[start : start + step])
+                    offset += p.shape[1]
+                feeder.add(piece.numpy())
 
         bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                        disable=not progress, transient=False)  # fmt: skip
         with bar:
-            tasks_by_checkpoint: dict[int, Any] = {}
+            bars = {}
             for c in sorted({t.checkpoint for t in todo}):
                 total = sum(t.row_stop - t.row_start for t in todo if t.checkpoint == c)
-                tasks_by_checkpoint[c] = bar.add_task(f"checkpoint {c + 1}/{num_checkpoints}", total=total)
-            for task, digest in executor(worker, todo):
+                bars[c] = bar.add_task(f"checkpoint {c + 1}/{num_checkpoints}", total=total)
+            next_range = 0
+            for task, digest, vectors in executor(worker, todo):
                 manifest["shards"].append({
                     "checkpoint": task.checkpoint, "shard": task.shard, "file": task.relative_path,
                     "row_start": task.row_start, "row_stop": task.row_stop, "sha256": digest,
                 })  # fmt: skip
                 manifest["shards"].sort(key=lambda s: (s["checkpoint"], s["shard"]))
                 write_json_atomic(out / MANIFEST, manifest)
-                bar.advance(tasks_by_checkpoint[task.checkpoint], task.row_stop - task.row_start)
-
-    @staticmethod
-    def _build_search_index(out: Path, manifest: dict, tasks: list[ShardTask], num_checkpoints: int,
-                            index_type: str, progress: bool) -> dict:  # fmt: skip
-        """Stream the shards, shard by shard, into a FAISS index (the only thing held whole in memory)."""
-        shards = sorted({(t.shard, t.row_start, t.row_stop) for t in tasks})
-        dim = manifest["projection"]["dim_per_checkpoint"] * num_checkpoints
-
-        def rows(shard: int) -> np.ndarray:
-            """One shard's rows, checkpoints side by side, float32 (converted in torch: numpy's is slow)."""
-            parts = [read_shard(out / ShardTask(c, shard, 0, 0).relative_path)[0] for c in range(num_checkpoints)]
-            return torch.cat([torch.from_numpy(p).float() for p in parts], dim=1).numpy()
-
-        index = InnerProductIndex.create(dim, index_type)
-        if index.needs_training:
-            rng = np.random.default_rng(0)
-            sample = np.concatenate([rows(s) for s, _, _ in shards[: max(1, min(len(shards), 4))]])
-            index.train(sample[rng.permutation(len(sample))[:100_000]])
-            del sample  # not held through the adds
-        for shard, _, _ in shards:
-            index.add(rows(shard))
-        index.save(out / FAISS_INDEX)
-        return {"type": index_type, "file": FAISS_INDEX, "dim": dim, "ntotal": index.ntotal,
-                "sha256": sha256_file(out / FAISS_INDEX)}  # fmt: skip
+                bar.advance(bars[task.checkpoint], task.row_stop - task.row_start)
+                pending.discard((task.checkpoint, task.shard))
+                if rows_first:
+                    computed[(task.checkpoint, task.shard)] = vectors
+                    # feed every row range whose checkpoints are all on hand, in row order
+                    while next_range < len(ranges) and not any((c, ranges[next_range][0]) in pending
+                                                               for c in range(num_checkpoints)):  # fmt: skip
+                        feed(ranges[next_range][0])
+                        next_range += 1
+                del vectors
+            if len(ranges) > next_range:
+                reading = bar.add_task("FAISS index", total=ranges[-1][2] - ranges[next_range][1])
+                for shard, start, stop in ranges[next_range:]:
+                    feed(shard)
+                    bar.advance(reading, stop - start)
+        return feeder.finish()
 
     # ------------------------------------------------------------------------------------------
     # open
@@ -450,9 +495,14 @@ class GradientIndex:
     def open(cls, path: str | os.PathLike, *, device: str | None = None, allow_pickle: bool | None = None,
              use_gpu: bool | None = None) -> "GradientIndex":  # fmt: skip
         """Open a complete index; refuses one whose model or checkpoint files changed since the build."""
+        return cls._open(Path(path), device=device, allow_pickle=allow_pickle, use_gpu=use_gpu)
+
+    @classmethod
+    def _open(cls, directory: Path, *, device: str | None, allow_pickle: bool | None, use_gpu: bool | None = None,
+              search_index: InnerProductIndex | None = None) -> "GradientIndex":  # fmt: skip
+        """:meth:`open`, with the FAISS index given when the build has just made it (not read back)."""
         from .models import Checkpoint, load_model
 
-        directory = Path(path)
         manifest = read_manifest(directory)
         if not manifest.get("complete"):
             raise InputError(f"{directory}: the build did not finish; run the same `tracin-index build` again to resume it")
@@ -478,7 +528,10 @@ class GradientIndex:
         if hrt is None:
             raise InputError(f"{directory}: no {TRIPLES}; rebuild the index")
         index_file = directory / manifest["index"]["file"]
-        search_index = InnerProductIndex.open(index_file, use_gpu=use_gpu)
+        if search_index is None:
+            search_index = InnerProductIndex.open(index_file, use_gpu=use_gpu)
+        else:
+            search_index.place(use_gpu, what=str(index_file))
         return cls(directory, manifest, run, selection, checkpoints, hrt, entities, relations, search_index, device)
 
     @staticmethod
@@ -622,7 +675,65 @@ class GradientIndex:
                 problems.append(f"{path}: missing")
             elif sha256_file(path) != shard["sha256"]:
                 problems.append(f"{path}: checksum does not match the manifest (corrupted)")
+        record = self.manifest["index"]
+        path = self.directory / record["file"]
+        if not path.is_file():
+            problems.append(f"{path}: missing (run the same `tracin-index build` again to rebuild it from the shards)")
+        elif "bytes" in record and path.stat().st_size != record["bytes"]:
+            problems.append(f"{path}: {path.stat().st_size:,} bytes, the manifest says {record['bytes']:,} (rebuild it)")
         return problems
+
+
+class _IndexFeeder:
+    """Adds row blocks, in row order, to a new FAISS index; an ``ivf`` index is first trained on a
+    random sample of the leading rows (at most :data:`IVF_SAMPLE_ROWS` rows and
+    :data:`IVF_SAMPLE_BYTES` bytes, held until then)."""
+
+    def __init__(self, dim: int, index_type: str, num_rows: int):
+        self.dim = dim
+        self.index = InnerProductIndex.create(dim, index_type)
+        self.index.reserve(num_rows)
+        self._waiting: list[np.ndarray] | None = [] if self.index.needs_training else None
+        self._sample_rows = max(1, min(IVF_SAMPLE_ROWS, IVF_SAMPLE_BYTES // (4 * dim)))
+
+    def add(self, block: np.ndarray) -> None:
+        if self._waiting is None:
+            self.index.add(block)
+            return
+        self._waiting.append(block.copy())  # the caller reuses its buffer
+        if sum(len(b) for b in self._waiting) >= self._sample_rows:
+            self._train()
+
+    def _train(self) -> None:
+        blocks, self._waiting = self._waiting, None
+        total = sum(len(b) for b in blocks)
+        if total == 0:
+            return
+        picked = np.sort(np.random.default_rng(0).permutation(total)[: self._sample_rows])
+        starts = np.cumsum([0] + [len(b) for b in blocks])
+        sample = np.concatenate([b[picked[(picked >= lo) & (picked < lo + len(b))] - lo] for b, lo in zip(blocks, starts)])
+        self.index.train(sample)
+        del sample  # not held through the adds
+        for block in blocks:
+            self.index.add(block)
+
+    def finish(self) -> InnerProductIndex:
+        if self._waiting is not None:
+            self._train()
+        return self.index
+
+
+def _model_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _index_file_unchanged(out: Path, record: dict) -> bool:
+    """The FAISS file is the one the manifest records (written atomically: same size and mtime)."""
+    path = out / record["file"]
+    if not path.is_file() or "bytes" not in record:
+        return False
+    stat = path.stat()
+    return stat.st_size == record["bytes"] and stat.st_mtime_ns == record["mtime_ns"]
 
 
 def _selection_from_manifest(model, manifest: dict) -> ParameterSelection:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 
@@ -152,7 +152,7 @@ class GradientProjector:
         self.checkpoint = checkpoint
         self.layouts = [block_layout(m, spec) for m in selection.modules]
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self._matrices: dict[tuple[str, str], torch.Tensor] = {}
+        self._matrices: dict[tuple[str, str], Any] = {}
         self.bases = {name: b.to(self.device) for name, b in (bases or {}).items()}
         missing = [n for n in self.needs_bases if n not in self.bases]
         if bases is not None and missing:
@@ -173,6 +173,18 @@ class GradientProjector:
             self._matrices[key] = m.to(self.device)
         return self._matrices[key]
 
+    def _principal_matrices(self, layout: BlockLayout, basis: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B; M] (principal directions over the JL rows of the input side) and B M^T, in ``dtype``."""
+        key = (layout.name, f"principal-{dtype}")
+        if key not in self._matrices:
+            rest = layout.projected[1] - layout.principal
+            m = self._matrix(layout, "in", rest, layout.shape[1])
+            basis = basis.to(device=m.device, dtype=torch.float64)
+            m64 = m.to(torch.float64)
+            stacked = torch.cat([basis, m64]).to(dtype)
+            self._matrices[key] = (stacked, (basis @ m64.T).to(dtype))
+        return self._matrices[key]
+
     def _side(self, layout: BlockLayout, side: int, x: torch.Tensor) -> torch.Tensor:
         """Project the last dimension of x for one side (0 = out/rows, 1 = in/dim); identity when kept exact."""
         if layout.projected[side] == layout.shape[side]:
@@ -181,12 +193,12 @@ class GradientProjector:
             basis = self.bases.get(layout.name)
             if basis is None:
                 raise InputError(f"layer {layout.name!r} needs its principal directions (fit_principal_bases) first")
-            basis = basis.to(x.dtype)
-            exact = x @ basis.T
-            residual = x - exact @ basis
-            rest = layout.projected[1] - layout.principal
-            m = self._matrix(layout, "in", rest, layout.shape[1])
-            return torch.cat([exact, residual @ m.to(x.dtype).T], dim=-1)
+            stacked, correction = self._principal_matrices(layout, basis, x.dtype)
+            # [x B^T, (x - x B^T B) M^T] in one product: x [B; M]^T, then subtract (x B^T)(B M^T)
+            y = x @ stacked.T
+            principal = layout.principal
+            y[..., principal:] -= y[..., :principal] @ correction
+            return y
         m = self._matrix(layout, "out" if side == 0 else "in", layout.projected[side], layout.shape[side])
         return x @ m.to(x.dtype).T
 

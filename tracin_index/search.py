@@ -199,6 +199,19 @@ class InnerProductIndex:
         if self._gpu is not None:
             self._gpu.add(vectors)
 
+    def reserve(self, num_vectors: int) -> None:
+        """Allocate room for ``num_vectors`` rows in all now, so that adds in many pieces never copy
+        what is stored (FAISS's storage grows like a ``std::vector``). Flat types only; a no-op for the
+        others and wherever this FAISS does not expose its storage."""
+        codes = getattr(self._cpu, "codes", None)
+        if self._index_type not in ("flat", "flat-fp16") or self.ntotal or num_vectors < 1 or codes is None:
+            return
+        if not (hasattr(codes, "resize") and hasattr(codes, "size")):
+            return
+        # growing then shrinking a std::vector keeps its capacity
+        codes.resize(num_vectors * self._cpu.code_size)
+        codes.resize(0)
+
     # -- searching --------------------------------------------------------------------------------
 
     def search(self, queries: np.ndarray, k: int) -> SearchResult:
@@ -295,21 +308,27 @@ class InnerProductIndex:
             )
         if index_type is not None and index_type != found:
             raise InputError(f"the FAISS index {path} is of type {found!r}, not {index_type!r} as requested")
-        result = cls(index, found)
+        return cls(index, found).place(use_gpu, what=path)
+
+    def place(self, use_gpu: bool | None = None, *, what: str = "the index") -> InnerProductIndex:
+        """Where searches run: ``use_gpu`` None moves the index to the GPU when :func:`gpu_available`
+        (falling back to the CPU with a warning if FAISS cannot); True requires a GPU; False keeps it
+        on the CPU. Returns this index.
+        """
         if use_gpu is None:
-            if gpu_available() and found in _GPU_TYPES:
+            if gpu_available() and self._index_type in _GPU_TYPES:
                 try:
-                    result.to_gpu()
+                    self.to_gpu()
                 except Exception as error:  # e.g. out of GPU memory: the CPU still answers
-                    warnings.warn(f"searching {path} on the CPU: FAISS could not move it to the GPU ({error})")
+                    warnings.warn(f"searching {what} on the CPU: FAISS could not move it to the GPU ({error})")
         elif use_gpu:
             if not gpu_available():
                 raise InputError(
                     "use_gpu=True but no GPU is usable (FAISS needs a GPU build and torch must see CUDA); "
                     "use use_gpu=None or False"
                 )
-            result.to_gpu()
-        return result
+            self.to_gpu()
+        return self
 
     # -- the GPU ----------------------------------------------------------------------------------
 

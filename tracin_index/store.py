@@ -95,32 +95,41 @@ class ShardTask:
         return f"shards/ckpt-{self.checkpoint:03d}/shard-{self.shard:05d}.h5"
 
 
-def plan_shards(num_rows: int, shard_size: int, num_checkpoints: int) -> list[ShardTask]:
-    """Tasks in checkpoint-major order, so a sequential worker loads each checkpoint once."""
+def plan_shards(num_rows: int, shard_size: int, num_checkpoints: int, *, rows_first: bool = False) -> list[ShardTask]:
+    """The tasks of a build. Checkpoint-major by default (a sequential worker loads each checkpoint
+    once); ``rows_first``: row range by row range, every checkpoint of a range before the next range
+    (a worker holding all checkpoints hands out complete rows, which can go to FAISS at once).
+    """
     if shard_size < 1:
         raise InputError(f"shard size must be at least 1, got {shard_size}")
-    starts = range(0, num_rows, shard_size)
-    return [
-        ShardTask(c, s, start, min(start + shard_size, num_rows))
-        for c in range(num_checkpoints)
-        for s, start in enumerate(starts)
-    ]
+    starts = list(enumerate(range(0, num_rows, shard_size)))
+    if rows_first:
+        order = [(c, s, start) for s, start in starts for c in range(num_checkpoints)]
+    else:
+        order = [(c, s, start) for c in range(num_checkpoints) for s, start in starts]
+    return [ShardTask(c, s, start, min(start + shard_size, num_rows)) for c, s, start in order]
+
+
+#: Bytes per HDF5 chunk of a shard's vectors: small chunks write several times faster than one
+#: chunk of thousands of rows (measured: 0.06 s against 0.3 s for 5,216 x 16,384 float16).
+SHARD_CHUNK_BYTES = 1 << 20
 
 
 def write_shard(path: Path, vectors: np.ndarray, squared_norms: np.ndarray, attrs: dict[str, Any]) -> str:
-    """Write one shard atomically; returns its sha256."""
+    """Write one shard atomically; returns its sha256.
+
+    Not fsynced: a shard is trusted only through the checksum the manifest records, so one that a
+    crash left incomplete is found and rebuilt by the next build (or named by `verify`).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     rows, dim = vectors.shape
+    chunk_rows = max(1, min(rows, SHARD_CHUNK_BYTES // max(1, dim * vectors.itemsize)))
     with h5py.File(tmp, "w", track_order=True) as f:
-        f.create_dataset(
-            "vectors", data=vectors, chunks=(max(1, min(rows, 4096)), dim) if rows and dim else None, track_times=False
-        )
+        f.create_dataset("vectors", data=vectors, chunks=(chunk_rows, dim) if rows and dim else None, track_times=False)
         f.create_dataset("squared_norms", data=squared_norms, track_times=False)
         for key, value in attrs.items():
             f.attrs[key] = value
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
     digest = sha256_file(tmp)
     os.replace(tmp, path)
     return digest

@@ -47,6 +47,29 @@ def make_model(name: str, training, dtype=torch.float64, seed: int = 1, **kwargs
     return model.eval()
 
 
+LEARNING_RATES = (0.5, 0.03)
+
+
+@pytest.fixture
+def two_checkpoints(nations, tmp_path):
+    """A ConvE and two checkpoints of it with different weights and learning rates."""
+    model = make_model("ConvE", nations.training)
+    states = []
+    for epoch, lr in enumerate(LEARNING_RATES, start=1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        states.append((state, lr))
+        torch.save({"model_state_dict": state, "learning_rate": lr, "epoch": epoch}, tmp_path / f"epoch-{epoch}.pt")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the model's own weights differ from both checkpoints
+    from tracin_index.models import find_checkpoints
+
+    return model, states, find_checkpoints([tmp_path])
+
+
 @pytest.fixture
 def small_conve(nations):
     return make_model("ConvE", nations.training)

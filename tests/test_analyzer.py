@@ -3,32 +3,10 @@
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import LEARNING_RATES
 from reference import flat, per_triple_gradients
 from tracin_index.analyzer import TracInAnalyzer
-from tracin_index.models import find_checkpoints
 from tracin_index.results import top_influences
-
-LEARNING_RATES = (0.5, 0.03)
-
-
-@pytest.fixture
-def two_checkpoints(nations, tmp_path):
-    """A ConvE and two checkpoints of it with different weights and learning rates."""
-    model = make_model("ConvE", nations.training)
-    states = []
-    for epoch, lr in enumerate(LEARNING_RATES, start=1):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        states.append((state, lr))
-        torch.save({"model_state_dict": state, "learning_rate": lr, "epoch": epoch}, tmp_path / f"epoch-{epoch}.pt")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # the model's own weights differ from both checkpoints
-    return model, states, find_checkpoints([tmp_path])
-
 
 def brute_force(model, states, test, training, names, loss):
     """sum_c lr_c <g_train, g_test> with one backward per triple, per checkpoint."""

@@ -211,14 +211,15 @@ def test_non_finite_vectors_are_refused(vectors):
         InnerProductIndex.create(DIM).add(bad)
 
 
+@pytest.mark.skipif(gpu_available(), reason="FAISS sees a GPU here (tests/test_gpu.py checks it)")
 def test_no_gpu_here_and_to_gpu_returns_a_working_index(vectors, queries):
-    assert gpu_available() is False
     index = build("flat", vectors)
     moved = index.to_gpu()
     assert not moved.on_gpu
     np.testing.assert_array_equal(moved.search(queries, 10).rows, brute_force(vectors, queries, 10)[1])
 
 
+@pytest.mark.skipif(gpu_available(), reason="FAISS sees a GPU here")
 def test_opening_with_use_gpu_true_without_a_gpu_is_refused(vectors, tmp_path):
     path = tmp_path / "faiss.index"
     build("flat", vectors).save(path)

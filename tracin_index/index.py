@@ -163,8 +163,9 @@ class _ShardWorker:
             grads = computer.compute(self.hrt[start:stop])
             with torch.no_grad():
                 # cast in torch: numpy's float32 -> float16 conversion is several times slower
-                vectors[start - task.row_start : stop - task.row_start] = projector.project(grads) * scale
-                norms[start - task.row_start : stop - task.row_start] = grads.squared_norms()
+                v = (projector.project(grads) * scale).to(self.torch_dtype)
+                vectors[start - task.row_start : stop - task.row_start] = v.cpu()
+                norms[start - task.row_start : stop - task.row_start] = grads.squared_norms().double().cpu()
         attrs = {"checkpoint": task.checkpoint, "row_start": task.row_start, "row_stop": task.row_stop,
                  "learning_rate": lr}  # fmt: skip
         digest = write_shard(self.directory / task.relative_path, vectors.numpy(), norms.numpy(), attrs)

@@ -247,7 +247,8 @@ def fit_principal_bases(
 ) -> dict[str, torch.Tensor]:
     """Top principal directions (uncentred) of each projected Linear layer's inputs on ``sample`` triples.
 
-    Randomised SVD under a fixed seed, so the same model and sample give the same directions.
+    Randomised SVD on the CPU under a fixed seed, so the same model and sample give the same
+    directions on any device (a CUDA generator would draw other numbers).
     """
     layouts = [block_layout(m, spec) for m in selection.modules]
     wanted = {layout.name: layout for layout in layouts if layout.principal}
@@ -258,15 +259,20 @@ def fit_principal_bases(
         grads = computer.compute(sample[start : start + batch_size])
         for name in wanted:
             a = grads.blocks[name].a
-            inputs[name].append(a.reshape(-1, a.shape[-1]).float())
+            inputs[name].append(a.reshape(-1, a.shape[-1]).float().cpu())
     bases = {}
     for name, layout in wanted.items():
         a = torch.cat(inputs[name])
         r = min(layout.principal, a.shape[0], a.shape[1])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_stable_seed(spec.seed, "principal", name) % (2**31))
+            torch.random.default_generator.manual_seed(_stable_seed(spec.seed, "principal", name) % (2**31))
             _, _, v = torch.svd_lowrank(a, q=min(r + 10, min(a.shape)), niter=4)
+        directions = v[:, :r].T
+        # a singular vector's sign is arbitrary and flips with tiny changes of the inputs (another
+        # device's rounding): make each one's largest entry positive, so builds agree
+        largest = directions.gather(1, directions.abs().argmax(dim=1, keepdim=True))
+        directions = directions * torch.where(largest < 0, -1.0, 1.0)
         basis = torch.zeros(layout.principal, a.shape[1], dtype=torch.float32, device=a.device)
-        basis[:r] = v[:, :r].T  # fewer sample rows than directions: the rest stay zero (no exact part)
+        basis[:r] = directions  # fewer sample rows than directions: the rest stay zero (no exact part)
         bases[name] = basis.cpu()
     return bases

@@ -80,12 +80,15 @@ TINY_CONVE = {"embedding_dim": 32, "output_channels": 4}
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """A run directory of `tracin-index train`: small ConvE on Nations, checkpoints after epochs 1 and 2."""
+    """A run directory of `tracin-index train`: small ConvE on Nations, checkpoints after epochs 1 and 2.
+
+    The dataset is named "Nations" and the learning rate is 0.01 (not the default) on purpose: test_train
+    checks that both are recorded as given (the name normalised)."""
     from tracin_index.train import train_run
 
     out = tmp_path_factory.mktemp("tiny-run") / "run"
     return train_run(
-        out, dataset="nations", model="ConvE", model_kwargs=TINY_CONVE, epochs=2, checkpoint_every=1,
+        out, dataset="Nations", model="ConvE", model_kwargs=TINY_CONVE, epochs=2, checkpoint_every=1,
         learning_rate=0.01, progress=False,
     )  # fmt: skip
 

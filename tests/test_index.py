@@ -218,10 +218,13 @@ def test_the_faiss_index_holds_exactly_the_shard_vectors_in_either_build_order(t
     np.testing.assert_array_equal(reopened.search_index._cpu.reconstruct_n(0, len(expected)), expected)
 
 
-def test_an_ivf_index_trained_on_the_leading_rows_finds_what_brute_force_finds(tiny_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sample_rows", [500, 100_000], ids=["leading-rows", "all-rows"])
+def test_an_ivf_index_trained_on_the_leading_rows_finds_what_brute_force_finds(tiny_run, tmp_path, monkeypatch,
+                                                                               sample_rows):  # fmt: skip
     import tracin_index.index as index_module
 
-    monkeypatch.setattr(index_module, "IVF_SAMPLE_ROWS", 500)  # trained after 2 of 6 row ranges, the rest streamed
+    # 500: trained after 2 of 6 row ranges, the rest assigned as they come; 100,000: trained on all rows
+    monkeypatch.setattr(index_module, "IVF_SAMPLE_ROWS", sample_rows)
     index = GradientIndex.build(tmp_path / "index", model_path=tiny_run, projection_dim=256, shard_size=300,
                                 index_type="ivf", progress=False)  # fmt: skip
     assert index.search_index.ntotal == len(index.hrt)

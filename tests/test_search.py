@@ -305,3 +305,32 @@ def test_reserve_is_a_no_op_for_the_other_types():
         index = InnerProductIndex.create(16, index_type)
         index.reserve(1000)
         assert index.ntotal == 0
+
+
+def test_ivf_lists_sized_in_advance_hold_what_plain_adds_hold(vectors, queries):
+    plain = build("ivf", vectors, nlist=8, nprobe=8)
+    sized = InnerProductIndex.create(vectors.shape[1], "ivf", nlist=8, nprobe=8)
+    sized.train(vectors)
+    lists = np.concatenate([sized.assign(vectors[:700]), sized.assign(vectors[700:])])
+    sized.reserve(len(vectors), list_sizes=np.bincount(lists, minlength=8))
+    assert sized.ntotal == 0
+    for start in range(0, len(vectors), 300):
+        sized.add(vectors[start : start + 300], lists=lists[start : start + 300])
+    invlists = sized._cpu.invlists
+    assert [invlists.list_size(i) for i in range(8)] == np.bincount(lists, minlength=8).tolist()
+    expected = plain.search(queries, 10)
+    np.testing.assert_array_equal(sized.search(queries, 10).rows, expected.rows)
+    np.testing.assert_allclose(sized.search(queries, 10).scores, expected.scores, rtol=1e-6)
+
+
+def test_assign_and_list_sizes_are_checked(vectors):
+    with pytest.raises(InputError, match="trained ivf"):
+        InnerProductIndex.create(vectors.shape[1], "flat").assign(vectors)
+    index = InnerProductIndex.create(vectors.shape[1], "ivf", nlist=4)
+    with pytest.raises(InputError, match="trained ivf"):
+        index.assign(vectors)
+    index.train(vectors)
+    with pytest.raises(InputError, match="list_sizes"):
+        index.reserve(len(vectors), list_sizes=np.array([1, 2, 3, 4]))
+    with pytest.raises(InputError, match="one list number"):
+        index.add(vectors[:3], lists=np.array([0, 1]))

@@ -7,22 +7,16 @@ import json
 import pytest
 import torch
 
+from conftest import TINY_CONVE
 from tracin_index.errors import InputError
 from tracin_index.models import find_checkpoints, load_model
 from tracin_index.train import train_run
 from tracin_index.triples import read_labeled_triples
 
-TINY_CONVE = {"embedding_dim": 32, "output_channels": 4}
-
-
-@pytest.fixture(scope="module")
-def conve_run(tmp_path_factory):
-    """ConvE on Nations, 2 epochs, a checkpoint every epoch, a non-default learning rate."""
-    out = tmp_path_factory.mktemp("train") / "run"
-    return train_run(
-        out, dataset="Nations", model="ConvE", model_kwargs=TINY_CONVE, epochs=2, checkpoint_every=1,
-        learning_rate=0.0123, progress=False,
-    )  # fmt: skip
+@pytest.fixture
+def conve_run(tiny_run):
+    """ConvE on Nations (named "Nations"), 2 epochs, a checkpoint every epoch, learning rate 0.01 (not the default)."""
+    return tiny_run
 
 
 def _write_tsv(path, rows):
@@ -46,7 +40,7 @@ def test_train_run_checkpoints_every_epoch_with_the_learning_rate_used(conve_run
     checkpoints = find_checkpoints([conve_run / "checkpoints"])
 
     assert [c.epoch for c in checkpoints] == [1, 2]
-    assert [c.learning_rate for c in checkpoints] == pytest.approx([0.0123, 0.0123])
+    assert [c.learning_rate for c in checkpoints] == pytest.approx([0.01, 0.01])
 
 
 def test_train_run_records_the_training_in_config_json(conve_run):
@@ -56,7 +50,7 @@ def test_train_run_records_the_training_in_config_json(conve_run):
     assert config["create_inverse_triples"] is True  # PyKEEN's advice for ConvE
     assert config["dataset"] == "nations" and config["random_seed"] == 42
     training = config["training"]
-    assert training["epochs"] == 2 and training["learning_rate"] == 0.0123 and training["optimizer"] == "adam"
+    assert training["epochs"] == 2 and training["learning_rate"] == 0.01 and training["optimizer"] == "adam"
     assert training["loss"] == "BCEAfterSigmoidLoss"  # the model's PyKEEN default
     assert len(training["losses"]) == 2
 

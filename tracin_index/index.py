@@ -429,7 +429,8 @@ class GradientIndex:
 
         Rows first, a row range goes to FAISS as soon as its last checkpoint is computed (vectors that
         the executor returns, or that earlier builds wrote); checkpoint first, the shards are read
-        back once all are written.
+        back once all are written. An ``ivf`` index only assigns rows to lists on the way and adds
+        them in a second read of the shards, into lists of their exact sizes.
         """
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -440,22 +441,26 @@ class GradientIndex:
         pending = {(t.checkpoint, t.shard) for t in todo}
         computed: dict[tuple[int, int], np.ndarray] = {}
 
-        def feed(shard: int) -> None:
-            """One row range, checkpoints side by side, to FAISS in float32 pieces of at most FEED_BYTES
-            (converted in torch: numpy's float16 -> float32 is slow)."""
+        def pieces(shard: int) -> Iterator[np.ndarray]:
+            """One row range, checkpoints side by side, in float32 pieces of at most FEED_BYTES (one
+            buffer, reused: FAISS copies each piece); converted in torch (numpy's float16 -> float32 is slow)."""
             parts = [computed.pop((c, shard), None) for c in range(num_checkpoints)]
             parts = [p if p is not None else read_shard(out / ShardTask(c, shard, 0, 0).relative_path)[0]
                      for c, p in enumerate(parts)]  # fmt: skip
             rows = len(parts[0])
             step = max(1, min(rows, FEED_BYTES // (4 * feeder.dim)))
-            buffer = torch.empty((step, feeder.dim), dtype=torch.float32)  # one piece at a time: FAISS copies it
+            buffer = torch.empty((step, feeder.dim), dtype=torch.float32)
             for start in range(0, rows, step):
                 piece = buffer[: min(step, rows - start)]
                 offset = 0
                 for p in parts:
                     piece[:, offset : offset + p.shape[1]] = torch.from_numpy(p[start : start + step])
                     offset += p.shape[1]
-                feeder.add(piece.numpy())
+                yield piece.numpy()
+
+        def feed(shard: int) -> None:
+            for piece in pieces(shard):
+                feeder.add(piece)
 
         bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                        disable=not progress, transient=False)  # fmt: skip
@@ -487,7 +492,14 @@ class GradientIndex:
                 for shard, start, stop in ranges[next_range:]:
                     feed(shard)
                     bar.advance(reading, stop - start)
-        return feeder.finish()
+
+            def pieces_again() -> Iterator[np.ndarray]:
+                adding = bar.add_task("FAISS lists", total=ranges[-1][2] if ranges else 0)
+                for shard, start, stop in ranges:
+                    yield from pieces(shard)
+                    bar.advance(adding, stop - start)
+
+            return feeder.finish(pieces_again)
 
     # ------------------------------------------------------------------------------------------
     # open
@@ -686,41 +698,69 @@ class GradientIndex:
 
 
 class _IndexFeeder:
-    """Adds row blocks, in row order, to a new FAISS index; an ``ivf`` index is first trained on a
-    random sample of the leading rows (at most :data:`IVF_SAMPLE_ROWS` rows and
-    :data:`IVF_SAMPLE_BYTES` bytes, held until then)."""
+    """Adds row pieces, in row order, to a new FAISS index.
+
+    ``ivf``: trained first on a random sample of the leading rows (at most :data:`IVF_SAMPLE_ROWS`
+    rows and :data:`IVF_SAMPLE_BYTES` bytes, held until then); after that, pieces are only assigned
+    to their lists, and :meth:`finish` adds the rows, read again, into lists allocated to their exact
+    sizes (lists grown piece by piece would hold up to twice the room they need).
+    """
 
     def __init__(self, dim: int, index_type: str, num_rows: int):
         self.dim = dim
+        self.num_rows = num_rows
         self.index = InnerProductIndex.create(dim, index_type)
         self.index.reserve(num_rows)
-        self._waiting: list[np.ndarray] | None = [] if self.index.needs_training else None
+        self._ivf = self.index.needs_training
+        self._waiting: list[np.ndarray] | None = [] if self._ivf else None
+        self._lists: list[np.ndarray] = []
         self._sample_rows = max(1, min(IVF_SAMPLE_ROWS, IVF_SAMPLE_BYTES // (4 * dim)))
 
-    def add(self, block: np.ndarray) -> None:
-        if self._waiting is None:
-            self.index.add(block)
-            return
-        self._waiting.append(block.copy())  # the caller reuses its buffer
-        if sum(len(b) for b in self._waiting) >= self._sample_rows:
-            self._train()
+    def add(self, piece: np.ndarray) -> None:
+        if not self._ivf:
+            self.index.add(piece)
+        elif self._waiting is None:
+            self._lists.append(self.index.assign(piece))
+        else:
+            self._waiting.append(piece.copy())  # the caller reuses its buffer
+            if sum(len(b) for b in self._waiting) >= self._sample_rows:
+                self._train()
 
     def _train(self) -> None:
         blocks, self._waiting = self._waiting, None
         total = sum(len(b) for b in blocks)
         if total == 0:
             return
-        picked = np.sort(np.random.default_rng(0).permutation(total)[: self._sample_rows])
-        starts = np.cumsum([0] + [len(b) for b in blocks])
-        sample = np.concatenate([b[picked[(picked >= lo) & (picked < lo + len(b))] - lo] for b, lo in zip(blocks, starts)])
+        if total <= self._sample_rows:  # every row: the sample is the rows themselves, in order
+            sample = np.concatenate(blocks)
+            blocks = [sample]
+        else:
+            picked = np.sort(np.random.default_rng(0).permutation(total)[: self._sample_rows])
+            sample = np.empty((len(picked), self.dim), dtype=np.float32)
+            filled, lo = 0, 0
+            for block in blocks:
+                mine = picked[(picked >= lo) & (picked < lo + len(block))] - lo
+                np.take(block, mine, axis=0, out=sample[filled : filled + len(mine)])
+                filled, lo = filled + len(mine), lo + len(block)
         self.index.train(sample)
-        del sample  # not held through the adds
-        for block in blocks:
-            self.index.add(block)
+        del sample
+        self._lists = [self.index.assign(b) for b in blocks]
 
-    def finish(self) -> InnerProductIndex:
+    def finish(self, pieces_again: Callable[[], Iterable[np.ndarray]]) -> InnerProductIndex:
+        """The index, complete; ``pieces_again()`` gives the same pieces once more (``ivf`` reads them)."""
+        if not self._ivf:
+            return self.index
         if self._waiting is not None:
             self._train()
+        if not self._lists:
+            return self.index
+        lists = np.concatenate(self._lists)
+        self._lists = []
+        self.index.reserve(len(lists), list_sizes=np.bincount(lists, minlength=self.index.nlist))
+        start = 0
+        for piece in pieces_again():
+            self.index.add(piece, lists=lists[start : start + len(piece)])
+            start += len(piece)
         return self.index
 
 

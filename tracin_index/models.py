@@ -20,14 +20,12 @@ import difflib
 import inspect
 import json
 import math
-import os
 import pickle
 import random
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +34,7 @@ from pykeen.training.callbacks import TrainingCallback
 from pykeen.triples import CoreTriplesFactory, TriplesFactory
 
 from .errors import InputError, ModelLoadError, PickleRefusedError
+from .files import write_atomic, write_json_atomic
 from .triples import IdMaps, LabeledTriples, write_id_map, write_labeled_triples
 
 __all__ = [
@@ -531,25 +530,12 @@ def _load_pickled(path: Path, *, allow_pickle: bool, maps_dir: Path | None) -> L
 # Writing run directories
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a hidden temporary file in the same folder, then rename: never a half-written ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # keep the suffixes: writers choose compression by them (.tsv.gz)
-    temporary = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
 def _write_json(data: Mapping[str, Any], path: Path) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8"))
+    write_json_atomic(path, data)
 
 
 def _write_torch(obj: Any, path: Path) -> None:
-    _atomic_write(path, lambda p: torch.save(obj, p))
+    write_atomic(path, lambda p: torch.save(obj, p))
 
 
 def _cpu_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -586,12 +572,12 @@ def save_run_directory(
     _write_json(config.to_json(), directory / CONFIG_FILE)
     _write_torch({"model_state_dict": _cpu_state_dict(model)}, directory / MODEL_FILE)
     if id_maps is not None:
-        _atomic_write(directory / ENTITY_MAP_FILE, lambda p: write_id_map(id_maps.entity_to_id, p))
-        _atomic_write(directory / RELATION_MAP_FILE, lambda p: write_id_map(id_maps.relation_to_id, p))
+        write_atomic(directory / ENTITY_MAP_FILE, lambda p: write_id_map(id_maps.entity_to_id, p))
+        write_atomic(directory / RELATION_MAP_FILE, lambda p: write_id_map(id_maps.relation_to_id, p))
     for triples, name in ((training, TRAIN_FILE), (validation, VALID_FILE), (testing, TEST_FILE)):
         if triples is not None:
             rows = _label_rows(triples, id_maps, name)
-            _atomic_write(directory / name, lambda p, t=rows: write_labeled_triples(t, p))
+            write_atomic(directory / name, lambda p, t=rows: write_labeled_triples(t, p))
 
 
 def _pykeen_version() -> str:
@@ -728,9 +714,9 @@ class TracInCheckpointCallback(TrainingCallback):
         if isinstance(factory, TriplesFactory):
             id_maps = IdMaps.from_triples_factory(factory)
             labels = factory.label_triples(factory.mapped_triples)
-            _atomic_write(self.directory / ENTITY_MAP_FILE, lambda p: write_id_map(id_maps.entity_to_id, p))
-            _atomic_write(self.directory / RELATION_MAP_FILE, lambda p: write_id_map(id_maps.relation_to_id, p))
-            _atomic_write(self.directory / TRAIN_FILE, lambda p: write_labeled_triples(labels, p))
+            write_atomic(self.directory / ENTITY_MAP_FILE, lambda p: write_id_map(id_maps.entity_to_id, p))
+            write_atomic(self.directory / RELATION_MAP_FILE, lambda p: write_id_map(id_maps.relation_to_id, p))
+            write_atomic(self.directory / TRAIN_FILE, lambda p: write_labeled_triples(labels, p))
         else:
             warnings.warn(
                 f"{self.directory}: the training triples have no labels (or PyKEEN did not pass them); no id maps "

@@ -12,6 +12,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .files import write_text_atomic
+
 RESULT_FIELDS = ("test_index", "test_head", "test_relation", "test_tail", "kind", "rank", "train_index", "head",
                  "relation", "tail", "influence")
 
@@ -78,20 +80,13 @@ def results_to_json(results: Iterable[InfluenceResult], config: dict[str, Any]) 
     return {"config": config, "results": [r.to_json() for r in results]}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_results(path: str | os.PathLike, results: Sequence[InfluenceResult], config: dict[str, Any]) -> None:
     """JSON (``.json``) or TSV (``.tsv``), written whole or not at all."""
     path = Path(path)
     if path.suffix.lower() == ".tsv":
-        _atomic_write_text(path, results_to_tsv(results))
+        write_text_atomic(path, results_to_tsv(results))
     else:
-        _atomic_write_text(path, json.dumps(results_to_json(results, config), indent=2) + "\n")
+        write_text_atomic(path, json.dumps(results_to_json(results, config), indent=2) + "\n")
 
 
 def results_to_tsv(results: Sequence[InfluenceResult]) -> str:
@@ -141,6 +136,6 @@ def write_self_influence(path: str | os.PathLike, ranked: Sequence[Any]) -> None
         writer.writerow(("rank",) + fields)
         for rank, item in enumerate(ranked, start=1):
             writer.writerow([rank] + [getattr(item, f) for f in fields])
-        _atomic_write_text(path, buffer.getvalue())
+        write_text_atomic(path, buffer.getvalue())
     else:
-        _atomic_write_text(path, json.dumps([asdict(item) for item in ranked], indent=2) + "\n")
+        write_text_atomic(path, json.dumps([asdict(item) for item in ranked], indent=2) + "\n")

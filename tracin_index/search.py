@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 import warnings
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ import faiss
 import numpy as np
 
 from tracin_index.errors import InputError
+from tracin_index.files import write_atomic
 
 __all__ = ["INDEX_TYPES", "InnerProductIndex", "SearchResult", "gpu_available"]
 
@@ -184,33 +184,59 @@ class InnerProductIndex:
         if self._gpu is not None:
             self._clone_to_gpu()
 
-    def add(self, vectors: np.ndarray) -> None:
+    def add(self, vectors: np.ndarray, *, lists: np.ndarray | None = None) -> None:
         """Append vectors as the next rows, in order. Call repeatedly with chunks to stream a large set.
 
         The chunk is converted to C-contiguous float32 only if it is not already; nothing else is copied
-        (beyond what FAISS stores).
+        (beyond what FAISS stores). ``lists`` (``ivf``): their lists, from :meth:`assign`, not searched again.
         """
         vectors = _as_matrix(vectors, self.dim, "the vectors to add")
         if self.needs_training:
             raise InputError("this ivf index is not trained; call train() on a sample of the vectors before add()")
         if vectors.shape[0] == 0:
             return
-        self._cpu.add(vectors)
+        if lists is None or self._index_type != "ivf":
+            self._cpu.add(vectors)
+        else:
+            lists = np.ascontiguousarray(lists, dtype=np.int64)
+            if lists.shape != (vectors.shape[0],) or lists.min() < 0 or lists.max() >= self.nlist:
+                raise InputError(f"lists must hold one list number in 0..{self.nlist - 1} per vector")
+            self._cpu.add_core(len(vectors), faiss.swig_ptr(vectors), None, faiss.swig_ptr(lists))
         if self._gpu is not None:
             self._gpu.add(vectors)
 
-    def reserve(self, num_vectors: int) -> None:
-        """Allocate room for ``num_vectors`` rows in all now, so that adds in many pieces never copy
-        what is stored (FAISS's storage grows like a ``std::vector``). Flat types only; a no-op for the
-        others and wherever this FAISS does not expose its storage."""
+    def reserve(self, num_vectors: int, *, list_sizes: np.ndarray | None = None) -> None:
+        """Allocate room for all rows now, so that adds in many pieces never copy what is stored and
+        leave no spare capacity (FAISS's storage grows like a ``std::vector``, doubling).
+
+        Flat types: ``num_vectors`` rows. ``ivf``: ``list_sizes[l]`` rows in list ``l`` (count the
+        :meth:`assign` results), then :meth:`add` with ``lists``. A no-op for ``hnsw``, for an index
+        that already holds rows, and wherever this FAISS does not expose its storage.
+        """
+        if self.ntotal or num_vectors < 1:
+            return
+        # growing a std::vector from empty allocates exactly; shrinking it again keeps that capacity
+        if self._index_type == "ivf" and list_sizes is not None and not self.needs_training:
+            if len(list_sizes) != self.nlist or int(np.sum(list_sizes)) != num_vectors:
+                raise InputError(f"list_sizes must give {self.nlist} lists holding {num_vectors} rows in all")
+            invlists = self._cpu.invlists
+            for list_no, size in enumerate(np.asarray(list_sizes, dtype=np.int64).tolist()):
+                if size:
+                    invlists.resize(list_no, size)
+                    invlists.resize(list_no, 0)
+            return
         codes = getattr(self._cpu, "codes", None)
-        if self._index_type not in ("flat", "flat-fp16") or self.ntotal or num_vectors < 1 or codes is None:
-            return
-        if not (hasattr(codes, "resize") and hasattr(codes, "size")):
-            return
-        # growing then shrinking a std::vector keeps its capacity
-        codes.resize(num_vectors * self._cpu.code_size)
-        codes.resize(0)
+        if self._index_type in ("flat", "flat-fp16") and hasattr(codes, "resize"):
+            codes.resize(num_vectors * self._cpu.code_size)
+            codes.resize(0)
+
+    def assign(self, vectors: np.ndarray) -> np.ndarray:
+        """The list of a trained ``ivf`` index that each vector goes to (what :meth:`add` would choose)."""
+        if self._index_type != "ivf" or self.needs_training:
+            raise InputError("assign() needs a trained ivf index")
+        vectors = _as_matrix(vectors, self.dim, "the vectors to assign")
+        _, lists = self._cpu.quantizer.search(vectors, 1)
+        return np.ascontiguousarray(lists[:, 0], dtype=np.int64)
 
     # -- searching --------------------------------------------------------------------------------
 
@@ -265,18 +291,8 @@ class InnerProductIndex:
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise InputError(f"cannot save the index to {path}: folder {folder} does not exist")
-        # A unique name that FAISS creates itself, so the file gets the usual permissions (mkstemp's are 0600).
-        temporary = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            # The kept CPU index, not index_gpu_to_cpu: a GPU flat-fp16 clone would come back as float32 IndexFlat.
-            faiss.write_index(self._cpu, temporary)
-            with open(temporary, "rb+") as written:
-                os.fsync(written.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-            raise
+        # The kept CPU index, not index_gpu_to_cpu: a GPU flat-fp16 clone would come back as float32 IndexFlat.
+        write_atomic(path, lambda temporary: faiss.write_index(self._cpu, str(temporary)), fsync=True)
 
     @classmethod
     def open(

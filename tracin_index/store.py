@@ -29,6 +29,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+from . import files
 from .errors import InputError
 
 FORMAT = "tracin-index"
@@ -47,18 +48,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def temporary_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def write_json_atomic(path: Path, value: Any) -> None:
-    tmp = temporary_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """The manifest, fsynced before the rename: a resumed build trusts what it says."""
+    files.write_json_atomic(path, value, fsync=True)
 
 
 @contextlib.contextmanager
@@ -121,17 +113,16 @@ def write_shard(path: Path, vectors: np.ndarray, squared_norms: np.ndarray, attr
     Not fsynced: a shard is trusted only through the checksum the manifest records, so one that a
     crash left incomplete is found and rebuilt by the next build (or named by `verify`).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
     rows, dim = vectors.shape
     chunk_rows = max(1, min(rows, SHARD_CHUNK_BYTES // max(1, dim * vectors.itemsize)))
-    with h5py.File(tmp, "w", track_order=True) as f:
-        f.create_dataset("vectors", data=vectors, chunks=(chunk_rows, dim) if rows and dim else None, track_times=False)
-        f.create_dataset("squared_norms", data=squared_norms, track_times=False)
-        for key, value in attrs.items():
-            f.attrs[key] = value
-    digest = sha256_file(tmp)
-    os.replace(tmp, path)
+    with files.atomic_path(path) as tmp:
+        with h5py.File(tmp, "w", track_order=True) as f:
+            f.create_dataset("vectors", data=vectors, chunks=(chunk_rows, dim) if rows and dim else None,
+                             track_times=False)  # fmt: skip
+            f.create_dataset("squared_norms", data=squared_norms, track_times=False)
+            for key, value in attrs.items():
+                f.attrs[key] = value
+        digest = sha256_file(tmp)
     return digest
 
 
@@ -156,10 +147,7 @@ def write_bases(directory: Path, checkpoint: int, bases: dict[str, "torch.Tensor
     import torch
 
     path = bases_path(directory, checkpoint)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    torch.save({name: b.contiguous() for name, b in bases.items()}, tmp)
-    os.replace(tmp, path)
+    files.write_atomic(path, lambda tmp: torch.save({name: b.contiguous() for name, b in bases.items()}, tmp))
     return sha256_file(path)
 
 
@@ -179,16 +167,14 @@ def read_bases(directory: Path, checkpoint: int) -> dict[str, "torch.Tensor"]:
 
 
 def write_triples(path: Path, hrt: np.ndarray, entity_labels: list[str], relation_labels: list[str], source: str) -> str:
-    tmp = temporary_name(path)
     strings = h5py.string_dtype("utf-8")
-    with h5py.File(tmp, "w") as f:
+    with files.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("hrt", data=np.asarray(hrt, dtype=np.int64), track_times=False)
         f.create_dataset("entity_labels", data=np.asarray(entity_labels, dtype=object), dtype=strings, track_times=False)
         f.create_dataset(
             "relation_labels", data=np.asarray(relation_labels, dtype=object), dtype=strings, track_times=False
         )
         f.attrs["source"] = source
-    os.replace(tmp, path)
     return sha256_file(path)
 
 

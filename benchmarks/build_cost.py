@@ -11,9 +11,10 @@ rotating order and under the quiet-machine guard of ``benchmarks/common.py``:
 
 1. ``build``: ``GradientIndex.build`` into a fresh folder with the defaults of ``tracin-index build``
    (last 2 layers, bce, the default ``--projection-dim``, float16 shards, ``flat`` FAISS index, CPU), the whole
-   call: principal directions, gradients, projection, shard writing (with fsync and sha256), the FAISS
-   index, the final open. Reported per checkpoint (total / checkpoints), with a breakdown (bases,
-   shards, FAISS index, the rest) taken by wrapping the build's three stages with timers;
+   call: principal directions, gradients, projection, shard writing (with sha256), the FAISS index
+   fed as rows are computed, writing it (fsynced), the final open. Reported per checkpoint (total /
+   checkpoints), with a breakdown (bases; shards and FAISS adds; writing faiss.index; the rest)
+   taken by wrapping those stages with timers;
 2. ``gradients``: the gradient-only part, one pass of ``GradientComputer.compute`` over all triples
    at one checkpoint (``time_batched`` of ``gradient_throughput.py``);
 3. ``epoch``: one PyKEEN sLCWA epoch (Adam, basic negative sampler, one negative per positive, same

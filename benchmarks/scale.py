@@ -18,8 +18,9 @@ What it does, per size (``--sizes``, default 100000 1000000):
 2. **Build**: ``tracin-index build`` in a subprocess (so that its peak RSS, from ``wait4``, is the
    build's own), with ``--projection-dim`` (256), ``--index`` (ivf), ``--device cpu`` and the other
    defaults (last 2 layers, bce, float16 shards of 16,384 rows, batch 256). Recorded: wall time, CPU
-   time, peak RSS, peak RSS minus the FAISS index's in-memory size, bytes on disk (shards, faiss.index,
-   triples, bases).
+   time, peak RSS, what the built FAISS index held (the RSS given back when the runner frees it) and
+   the peak minus that, the same against the index's nominal size, bytes on disk (shards,
+   faiss.index, triples, bases).
 3. **Query** in a second subprocess (``--query-worker``): ``GradientIndex.open`` once; 5 warm-up
    queries; ``--queries`` (120) single-triple ``index.query(..., top_k=10)`` calls (proponents and
    opponents), timed one by one, under the quiet-machine guard in blocks of 20; a breakdown (test

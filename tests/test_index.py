@@ -235,3 +235,19 @@ def test_an_ivf_index_trained_on_the_leading_rows_finds_what_brute_force_finds(t
     found = index.search_index.search(queries, 10)
     brute = np.argsort(-(queries.astype(np.float64) @ vectors.T.astype(np.float64)), axis=1, kind="stable")[:, :10]
     np.testing.assert_array_equal(found.rows, brute)
+
+
+def test_a_deleted_faiss_file_is_named_by_verify_and_rebuilt_from_the_shards(tiny_run, tmp_path, capsys):
+    out = tmp_path / "index"
+    first = GradientIndex.build(out, model_path=tiny_run, projection_dim=256, progress=False)
+    _, _, test = exact_analyzer(tiny_run)
+    expected = first.query(test[:3], top_k=10)
+    (out / "faiss.index").unlink()
+    assert any("faiss.index" in problem for problem in first.verify())
+    code, _, err = run_cli(capsys, "query", out, "--triple", "brazil", "embassy", "uk")
+    assert code == 2 and "faiss.index: missing" in err and "build" in err and "Traceback" not in err
+
+    messages = []
+    again = GradientIndex.build(out, model_path=tiny_run, projection_dim=256, progress=False, log=messages.append)
+    assert "all shards complete" in messages and "the flat index is up to date" not in messages
+    assert again.verify() == [] and again.query(test[:3], top_k=10) == expected

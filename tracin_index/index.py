@@ -542,6 +542,8 @@ class GradientIndex:
             raise InputError(f"{directory}: no {TRIPLES}; rebuild the index")
         index_file = directory / manifest["index"]["file"]
         if search_index is None:
+            if not index_file.is_file():
+                raise InputError(f"{index_file}: missing; run the same `tracin-index build` again to rebuild it from the shards")
             search_index = InnerProductIndex.open(index_file, use_gpu=use_gpu)
         else:
             search_index.place(use_gpu, what=str(index_file))

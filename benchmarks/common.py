@@ -62,13 +62,21 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _ram_total_gib() -> float | None:
+def _meminfo_gib(field: str) -> float | None:
+    """A ``/proc/meminfo`` field (``MemTotal``, ``MemAvailable``) in GiB; None where there is none."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
+            if line.startswith(f"{field}:"):
                 return round(int(line.split()[1]) / 2**20, 2)
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def _ram_total_gib() -> float | None:
+    total = _meminfo_gib("MemTotal")
+    if total is not None:
+        return total
     try:
         import psutil
 
@@ -78,13 +86,7 @@ def _ram_total_gib() -> float | None:
 
 
 def _ram_available_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return round(int(line.split()[1]) / 2**20, 2)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _meminfo_gib("MemAvailable")
 
 
 def machine_info() -> dict[str, Any]:
@@ -312,16 +314,11 @@ def run_measured(cmd: Sequence[str], *, env: dict | None = None, cwd: str | os.P
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=_json_default)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    """JSON with numpy and torch values turned into plain ones, written whole (tracin_index.files)."""
+    from tracin_index.files import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=2, default=_json_default) + "\n", fsync=True)
+    return Path(path)
 
 
 def _json_default(value: Any) -> Any:

@@ -47,7 +47,7 @@ from .store import (
     read_triples,
     sha256_file,
     write_bases,
-    write_json_atomic,
+    write_manifest,
     write_shard,
     write_triples,
 )
@@ -129,7 +129,6 @@ class _ShardWorker:
         self.manifest = manifest
         self.checkpoints = checkpoints
         self.projection = projection
-        self.dtype = DTYPES[dtype]
         self.torch_dtype = {"float16": torch.float16, "float32": torch.float32}[dtype]
         self.batch_size = batch_size
         self.hrt = hrt
@@ -349,7 +348,7 @@ class GradientIndex:
                 manifest["index"] = {"type": index_type, "file": FAISS_INDEX, "dim": search_index.dim,
                                      "ntotal": search_index.ntotal, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}  # fmt: skip
             manifest["complete"] = True
-            write_json_atomic(out / MANIFEST, manifest)
+            write_manifest(out, manifest)
         return cls._open(out, device=device, allow_pickle=allow_pickle, search_index=search_index)
 
     @staticmethod
@@ -368,7 +367,7 @@ class GradientIndex:
             manifest["reusable_index"] = manifest.get("index") if manifest.get("complete") else None
             manifest["complete"] = False
             manifest["index"] = None
-            write_json_atomic(path, manifest)
+            write_manifest(out, manifest)
             return manifest
         if any(p.name not in {".lock"} for p in out.iterdir()):
             raise InputError(f"{out}: exists and is not an index directory; choose an empty or new --out")
@@ -386,7 +385,7 @@ class GradientIndex:
             "shards": [],
             "complete": False,
         }
-        write_json_atomic(path, manifest)
+        write_manifest(out, manifest)
         return manifest
 
     @staticmethod
@@ -419,7 +418,7 @@ class GradientIndex:
             log(f"checkpoint {c + 1}: fitting principal directions of the layer inputs on {len(sample):,} triples")
             bases = fit_principal_bases(selection, spec, computer, sample, batch_size)
             manifest["bases"][str(c)] = write_bases(out, c, bases)
-            write_json_atomic(out / MANIFEST, manifest)
+            write_manifest(out, manifest)
 
     @staticmethod
     def _compute(out: Path, manifest: dict, tasks: list[ShardTask], todo: list[ShardTask], worker, executor,
@@ -476,7 +475,7 @@ class GradientIndex:
                     "row_start": task.row_start, "row_stop": task.row_stop, "sha256": digest,
                 })  # fmt: skip
                 manifest["shards"].sort(key=lambda s: (s["checkpoint"], s["shard"]))
-                write_json_atomic(out / MANIFEST, manifest)
+                write_manifest(out, manifest)
                 bar.advance(bars[task.checkpoint], task.row_stop - task.row_start)
                 pending.discard((task.checkpoint, task.shard))
                 if rows_first:
@@ -708,7 +707,6 @@ class _IndexFeeder:
 
     def __init__(self, dim: int, index_type: str, num_rows: int):
         self.dim = dim
-        self.num_rows = num_rows
         self.index = InnerProductIndex.create(dim, index_type)
         self.index.reserve(num_rows)
         self._ivf = self.index.needs_training

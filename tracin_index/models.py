@@ -530,10 +530,6 @@ def _load_pickled(path: Path, *, allow_pickle: bool, maps_dir: Path | None) -> L
 # Writing run directories
 
 
-def _write_json(data: Mapping[str, Any], path: Path) -> None:
-    write_json_atomic(path, data)
-
-
 def _write_torch(obj: Any, path: Path) -> None:
     write_atomic(path, lambda p: torch.save(obj, p))
 
@@ -569,7 +565,7 @@ def save_run_directory(
     """Write (or complete) a run directory; every file is written atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_json(config.to_json(), directory / CONFIG_FILE)
+    write_json_atomic(directory / CONFIG_FILE, config.to_json())
     _write_torch({"model_state_dict": _cpu_state_dict(model)}, directory / MODEL_FILE)
     if id_maps is not None:
         write_atomic(directory / ENTITY_MAP_FILE, lambda p: write_id_map(id_maps.entity_to_id, p))
@@ -725,7 +721,7 @@ class TracInCheckpointCallback(TrainingCallback):
                 stacklevel=3,
             )
         # config.json last: its presence marks a directory that load_model can read
-        _write_json(config.to_json(), self.directory / CONFIG_FILE)
+        write_json_atomic(self.directory / CONFIG_FILE, config.to_json())
         self._config_written = True
 
 

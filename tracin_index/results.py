@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .files import write_text_atomic
+from .files import write_json_atomic, write_text_atomic
 
 RESULT_FIELDS = ("test_index", "test_head", "test_relation", "test_tail", "kind", "rank", "train_index", "head",
                  "relation", "tail", "influence")
@@ -86,7 +85,7 @@ def write_results(path: str | os.PathLike, results: Sequence[InfluenceResult], c
     if path.suffix.lower() == ".tsv":
         write_text_atomic(path, results_to_tsv(results))
     else:
-        write_text_atomic(path, json.dumps(results_to_json(results, config), indent=2) + "\n")
+        write_json_atomic(path, results_to_json(results, config))
 
 
 def results_to_tsv(results: Sequence[InfluenceResult]) -> str:
@@ -138,4 +137,4 @@ def write_self_influence(path: str | os.PathLike, ranked: Sequence[Any]) -> None
             writer.writerow([rank] + [getattr(item, f) for f in fields])
         write_text_atomic(path, buffer.getvalue())
     else:
-        write_text_atomic(path, json.dumps([asdict(item) for item in ranked], indent=2) + "\n")
+        write_json_atomic(path, [asdict(item) for item in ranked])

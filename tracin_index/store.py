@@ -48,9 +48,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     """The manifest, fsynced before the rename: a resumed build trusts what it says."""
-    files.write_json_atomic(path, value, fsync=True)
+    files.write_json_atomic(directory / MANIFEST, manifest, fsync=True)
 
 
 @contextlib.contextmanager

@@ -144,7 +144,7 @@ def test_an_index_refuses_a_checkpoint_changed_since_the_build(tiny_run, tmp_pat
     saved["learning_rate"] = 0.5
     torch.save(saved, checkpoint)
     with pytest.raises(InputError, match="changed since the index was built"):
-        GradientIndex.open(out)
+        GradientIndex.open(out).query([[0, 0, 0]])
     code, _, err = run_cli(capsys, "query", out, "--triple", "brazil", "embassy", "uk")
     assert code == 2 and checkpoint.name in err and "Traceback" not in err
 

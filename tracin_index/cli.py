@@ -303,7 +303,7 @@ def query(
 
     if (triple is None) == (test_path is None):
         raise InputError("give either --triple HEAD RELATION TAIL or --test FILE")
-    index_ = GradientIndex.open(index_dir, device=device, allow_pickle=allow_pickle or None)
+    index_ = GradientIndex.open(index_dir, device=device, allow_pickle=allow_pickle)
     maps = index_.id_maps()
     if triple is not None:
         if len(triple) != 3:

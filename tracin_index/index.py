@@ -174,21 +174,64 @@ class _ShardWorker:
 class GradientIndex:
     """An index directory opened for queries. Make one with :meth:`build`, open one with :meth:`open`."""
 
-    def __init__(self, directory: Path, manifest: dict, run, selection: ParameterSelection, checkpoints,
-                 hrt: np.ndarray, entity_labels: list[str], relation_labels: list[str], search_index, device: str):  # fmt: skip
+    def __init__(self, directory: Path, manifest: dict, checkpoints, hrt: np.ndarray, entity_labels: list[str],
+                 relation_labels: list[str], *, device: str, allow_pickle: bool = False, use_gpu: bool | None = None,
+                 search_index: InnerProductIndex | None = None):  # fmt: skip
         self.directory = directory
         self.manifest = manifest
-        self.run = run
-        self.selection = selection
         self.checkpoints = checkpoints
         self.hrt = hrt
         self.entity_labels = entity_labels
         self.relation_labels = relation_labels
-        self.search_index = search_index
         self.device = device
         self.loss = manifest["loss"]
         self.projection = ProjectionSpec(**manifest["projection"]["spec"])
+        # Permission to unpickle comes from the caller (the command line), never from the index directory:
+        # an index may come from someone else, and its manifest and digests are theirs to write.
+        self._allow_pickle = allow_pickle
+        self._use_gpu = use_gpu
+        self._search_index = search_index
+        self._run = None
+        self._selection: ParameterSelection | None = None
         self._models: list | None = None
+
+    @property
+    def search_index(self) -> InnerProductIndex:
+        """The FAISS index, read on first use (``verify`` and self-influence never need it)."""
+        if self._search_index is None:
+            index_file = self.directory / self.manifest["index"]["file"]
+            if not index_file.is_file():
+                raise InputError(f"{index_file}: missing; run the same `tracin-index build` again to rebuild it from the shards")
+            self._search_index = InnerProductIndex.open(index_file, use_gpu=self._use_gpu)
+        return self._search_index
+
+    @property
+    def run(self):
+        """The model the index was built from, loaded on first use (queries need it; ``verify`` and
+        self-influence do not). Refuses model or checkpoint files changed since the build."""
+        if self._run is None:
+            from .models import load_model
+
+            inputs = self.manifest["inputs"]
+            source = Path(inputs["model"]["source"])
+            for name, digest in inputs["model"]["files"].items():
+                self._check_unchanged(source / name if source.is_dir() else source, digest, "model file")
+            for record in inputs["checkpoints"]:
+                if record["path"] is not None:
+                    self._check_unchanged(Path(record["path"]), record["sha256"], "checkpoint")
+            run = load_model(source, allow_pickle=self._allow_pickle)
+            run.model.to(self.device).eval()
+            selection = _selection_from_manifest(run.model, self.manifest)
+            if selection.parameter_names != self.manifest["settings"]["selection"]["parameters"]:
+                raise InputError(f"{self.directory}: the model's selected parameters differ from the index's; rebuild the index")
+            self._run, self._selection = run, selection
+        return self._run
+
+    @property
+    def selection(self) -> ParameterSelection:
+        if self._selection is None:
+            self.run  # noqa: B018 - loads the model and finds the selection in it
+        return self._selection
 
     # ------------------------------------------------------------------------------------------
     # build
@@ -278,7 +321,7 @@ class GradientIndex:
         inputs = {
             "model": {
                 "source": str(Path(model_path).resolve()),
-                "allow_pickle": allow_pickle,
+                "pickled": run.config is None,  # a fact about the file; never a permission to unpickle it
                 "files": {p.name: sha256_file(p) for p in _model_files(Path(model_path).resolve())},
             },
             "checkpoints": [
@@ -349,7 +392,9 @@ class GradientIndex:
                                      "ntotal": search_index.ntotal, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}  # fmt: skip
             manifest["complete"] = True
             write_manifest(out, manifest)
-        return cls._open(out, device=device, allow_pickle=allow_pickle, search_index=search_index)
+        opened = cls._open(out, device=device, allow_pickle=allow_pickle, search_index=search_index)
+        opened._run, opened._selection = run, chosen  # the model is loaded already
+        return opened
 
     @staticmethod
     def _start_manifest(out: Path, inputs: dict, settings: dict, index_type: str, log) -> dict:
@@ -504,49 +549,33 @@ class GradientIndex:
     # open
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, device: str | None = None, allow_pickle: bool | None = None,
+    def open(cls, path: str | os.PathLike, *, device: str | None = None, allow_pickle: bool = False,
              use_gpu: bool | None = None) -> "GradientIndex":  # fmt: skip
-        """Open a complete index; refuses one whose model or checkpoint files changed since the build."""
+        """Open a complete index. The model is loaded when a query first needs it, and refused then if
+        its files or the checkpoints changed since the build; a pickled model only with ``allow_pickle``
+        (nothing in the index directory can grant that)."""
         return cls._open(Path(path), device=device, allow_pickle=allow_pickle, use_gpu=use_gpu)
 
     @classmethod
-    def _open(cls, directory: Path, *, device: str | None, allow_pickle: bool | None, use_gpu: bool | None = None,
+    def _open(cls, directory: Path, *, device: str | None, allow_pickle: bool = False, use_gpu: bool | None = None,
               search_index: InnerProductIndex | None = None) -> "GradientIndex":  # fmt: skip
         """:meth:`open`, with the FAISS index given when the build has just made it (not read back)."""
-        from .models import Checkpoint, load_model
+        from .models import Checkpoint
 
         manifest = read_manifest(directory)
         if not manifest.get("complete"):
             raise InputError(f"{directory}: the build did not finish; run the same `tracin-index build` again to resume it")
-        inputs = manifest["inputs"]
-        source = Path(inputs["model"]["source"])
-        for name, digest in inputs["model"]["files"].items():
-            file = source / name if source.is_dir() else source
-            cls._check_unchanged(file, digest, "model file")
-        for record in inputs["checkpoints"]:
-            if record["path"] is not None:
-                cls._check_unchanged(Path(record["path"]), record["sha256"], "checkpoint")
-        run = load_model(source, allow_pickle=inputs["model"]["allow_pickle"] if allow_pickle is None else allow_pickle)
-        device = device or default_device()
-        model = run.model.to(device).eval()
         checkpoints = [
             Checkpoint(path=None if r["path"] is None else Path(r["path"]), epoch=r["epoch"], learning_rate=r["learning_rate"])
-            for r in inputs["checkpoints"]
+            for r in manifest["inputs"]["checkpoints"]
         ]
-        selection = _selection_from_manifest(model, manifest)
-        if selection.parameter_names != manifest["settings"]["selection"]["parameters"]:
-            raise InputError(f"{directory}: the model's selected parameters differ from the index's; rebuild the index")
         hrt, entities, relations = read_triples(directory / TRIPLES) if (directory / TRIPLES).is_file() else (None,) * 3
         if hrt is None:
             raise InputError(f"{directory}: no {TRIPLES}; rebuild the index")
-        index_file = directory / manifest["index"]["file"]
-        if search_index is None:
-            if not index_file.is_file():
-                raise InputError(f"{index_file}: missing; run the same `tracin-index build` again to rebuild it from the shards")
-            search_index = InnerProductIndex.open(index_file, use_gpu=use_gpu)
-        else:
-            search_index.place(use_gpu, what=str(index_file))
-        return cls(directory, manifest, run, selection, checkpoints, hrt, entities, relations, search_index, device)
+        if search_index is not None:
+            search_index.place(use_gpu, what=str(directory / manifest["index"]["file"]))
+        return cls(directory, manifest, checkpoints, hrt, entities, relations, device=device or default_device(),
+                   allow_pickle=bool(allow_pickle), use_gpu=use_gpu, search_index=search_index)  # fmt: skip
 
     @staticmethod
     def _check_unchanged(path: Path, digest: str, what: str) -> None:

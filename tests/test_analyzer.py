@@ -1,5 +1,6 @@
 """TracInAnalyzer scores equal a brute-force loop over checkpoints with their learning rates."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,9 +94,32 @@ def test_compute_gradient_of_one_triple_matches_autograd(nations, small_conve):
         torch.testing.assert_close(g, expected[name][0])
 
 
-def test_top_influences_takes_all_when_fewer_than_k():
-    scores = torch.tensor([0.3, -1.0, 2.0])
-    labels = [("a", "r", "b"), ("b", "r", "c"), ("c", "r", "a")]
+def test_top_influences_lists_only_scores_of_their_sign():
+    scores = torch.tensor([0.3, -1.0, 2.0, 0.0])
+    labels = [("a", "r", "b"), ("b", "r", "c"), ("c", "r", "a"), ("a", "r", "a")]
     proponents, opponents = top_influences(scores, 10, labels)
-    assert [p.train_index for p in proponents] == [2, 0, 1]
-    assert [o.train_index for o in opponents] == [1, 0, 2]
+    assert [p.train_index for p in proponents] == [2, 0]
+    assert [o.train_index for o in opponents] == [1]
+    proponents, opponents = top_influences(torch.tensor([0.5, 0.25]), 3, labels)
+    assert [p.train_index for p in proponents] == [0, 1] and opponents == ()
+
+
+def test_equal_influences_are_listed_by_training_row_at_any_k():
+    scores = np.array([1.0, 3.0, 1.0, -2.0, 3.0, 1.0, -2.0, 1.0])
+    labels = [("a", "r", "b")] * len(scores)
+    for k in range(1, 8):
+        proponents, opponents = top_influences(scores, k, labels)
+        assert [p.train_index for p in proponents] == [1, 4, 0, 2, 5, 7][:k]
+        assert [o.train_index for o in opponents] == [3, 6][:k]
+    # a subset of rows, given out of order, is ranked by the rows, not by the positions
+    proponents, _ = top_influences(np.array([1.0, 1.0, 1.0]), 2, labels, train_indices=np.array([7, 2, 5]))
+    assert [p.train_index for p in proponents] == [2, 5]
+
+
+def test_exact_results_count_the_triples_of_each_sign(nations, small_conve):
+    analyzer = TracInAnalyzer(small_conve)
+    training = nations.training.mapped_triples[:300]
+    (result,) = analyzer.compute_influences(nations.testing.mapped_triples[:1], training, top_k=5)
+    scores = analyzer.influence_scores(nations.testing.mapped_triples[:1], training)[0]
+    assert result.num_proponents == int((scores > 0).sum()) and result.num_opponents == int((scores < 0).sum())
+    assert all(p.influence > 0 for p in result.proponents) and all(o.influence < 0 for o in result.opponents)

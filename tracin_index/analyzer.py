@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .gradients import GradientComputer, LossName, PerExampleGradients
+from .gradients import GradientComputer, LossName, PerExampleGradients, check_gradients
 from .layers import ParameterSelection, select_parameters
-from .results import InfluenceResult, Triple, top_influences
+from .results import InfluenceResult, Triple, sign_counts, top_influences
 
 if TYPE_CHECKING:
     from .models import Checkpoint
@@ -128,16 +128,25 @@ class TracInAnalyzer:
 
     def influence_scores(self, test_triples, training_triples) -> torch.Tensor:
         """Exact TracIn of every training triple on every test triple, shape (num_test, num_train)."""
+        return self._scores_and_norms(test_triples, training_triples)[0]
+
+    def _scores_and_norms(self, test_triples, training_triples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The scores, and the squared gradient norms of the test and training triples summed over
+        checkpoints (unweighted: they tell whether the gradients vanished)."""
         test = _as_id_triples(test_triples, "test triples").to(self.device)
         training = _as_id_triples(training_triples, "training triples").to(self.device)
         scores = torch.zeros(test.shape[0], training.shape[0], dtype=torch.float64, device=self.device)
+        test_norms = torch.zeros(test.shape[0], dtype=torch.float64, device=self.device)
+        train_norms = torch.zeros(training.shape[0], dtype=torch.float64, device=self.device)
         with self._at_checkpoints() as learning_rates:
             for c, lr in enumerate(learning_rates):
                 g_test = self.gradients.compute(test)
+                test_norms += g_test.squared_norms().double()
                 for start in self._batches(training, f"checkpoint {c + 1}: scoring training triples"):
                     g_train = self.gradients.compute(training[start : start + self.batch_size])
                     scores[:, start : start + self.batch_size] += lr * g_test.dot(g_train).double()
-        return scores
+                    train_norms[start : start + self.batch_size] += g_train.squared_norms().double()
+        return scores, test_norms, train_norms
 
     def self_influence(self, training_triples) -> torch.Tensor:
         """sum_c lr_c * ||g(z; theta_c)||^2 for every training triple, shape (num_train,)."""
@@ -163,14 +172,16 @@ class TracInAnalyzer:
         training = _as_id_triples(training_triples, "training triples")
         if top_k < 1:
             raise InputError(f"top-k must be at least 1, got {top_k}")
-        scores = self.influence_scores(test, training).cpu()
+        scores, test_norms, train_norms = self._scores_and_norms(test, training)
+        scores = scores.cpu()
         train_labels = self._labels(training)
         test_labels = self._labels(test)
+        check_gradients(train_norms.cpu(), test_norms.cpu(), self.loss, [f"({', '.join(t)})" for t in test_labels])
         indices = list(test_indices) if test_indices is not None else [None] * test.shape[0]
         results = []
         for row, (index, labels) in enumerate(zip(indices, test_labels)):
             proponents, opponents = top_influences(scores[row], top_k, train_labels)
-            results.append(InfluenceResult(index, Triple(*labels), proponents, opponents))
+            results.append(InfluenceResult(index, Triple(*labels), proponents, opponents, *sign_counts(scores[row])))
         return results
 
     def compute_influences_for_test_triple(self, test_triple, training_triples, top_k: int = 10) -> InfluenceResult:

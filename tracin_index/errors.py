@@ -30,3 +30,11 @@ class SelectionError(TracInError):
 
 class LossError(TracInError):
     """The requested loss cannot be computed for this model and parameter selection."""
+
+
+class VanishingGradientError(TracInError):
+    """The loss gradients vanish (zero or subnormal), so every influence would be 0."""
+
+
+class TracInWarning(UserWarning):
+    """Something was assumed, or looks wrong, that the user may want to know about (e.g. a missing learning rate)."""

@@ -20,6 +20,7 @@ to the selected modules' outputs, so it never enters the layers below them.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, Union
 
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-from .errors import LossError
+from .errors import LossError, TracInWarning, VanishingGradientError
 from .layers import ParameterSelection, SelectedModule
 
 LossName = Literal["bce", "ce"]
@@ -232,6 +233,42 @@ def per_example_losses(model: nn.Module, hrt: torch.Tensor, loss: LossName) -> t
         scores = model.score_t(hrt[:, :2])
         return torch.logsumexp(scores, dim=-1) - scores.gather(1, hrt[:, 2:3]).view(-1)
     raise LossError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
+
+
+#: A gradient whose squared norm is below this is taken to have vanished: its entries are zero or so
+#: small that their products underflow float32 (an influence computed from it would be 0).
+VANISHED_SQUARED_NORM = torch.finfo(torch.float32).tiny
+
+
+def vanished(squared_norms: torch.Tensor) -> torch.Tensor:
+    """Which examples' gradients vanished, from their squared norms summed over checkpoints (unweighted)."""
+    return squared_norms.double() < VANISHED_SQUARED_NORM
+
+
+def vanishing_message(what: str, loss: str) -> str:
+    advice = "try --loss ce" if loss == "bce" else "check the model's scores, or select other layers"
+    return (f"the loss gradients of {what} vanish (zero or subnormal at every checkpoint): the {loss} loss is "
+            f"saturated, so every influence on them is 0; {advice}")  # fmt: skip
+
+
+def check_gradients(train_squared_norms: torch.Tensor, test_squared_norms: torch.Tensor | None, loss: str,
+                    test_names: list[str] | None = None) -> None:  # fmt: skip
+    """Refuse (:class:`VanishingGradientError`) when every training or every test gradient vanished; warn
+    (:class:`TracInWarning`) when most training gradients, or some test triples', did."""
+    train = vanished(train_squared_norms)
+    if len(train) and bool(train.all()):
+        raise VanishingGradientError(vanishing_message(f"all {len(train):,} training triples", loss))
+    if test_squared_norms is not None:
+        test = vanished(test_squared_norms)
+        if len(test) and bool(test.all()):
+            what = "the test triple" if len(test) == 1 else f"all {len(test)} test triples"
+            raise VanishingGradientError(vanishing_message(what, loss))
+        for i in torch.nonzero(test).view(-1).tolist():
+            name = test_names[i] if test_names else f"test triple {i}"
+            warnings.warn(vanishing_message(name, loss) + "; it has no proponents or opponents", TracInWarning, stacklevel=3)
+    if len(train) and float(train.double().mean()) > 0.5:
+        warnings.warn(vanishing_message(f"{int(train.sum()):,} of {len(train):,} training triples", loss),
+                      TracInWarning, stacklevel=3)  # fmt: skip
 
 
 @contextlib.contextmanager

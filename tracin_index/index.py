@@ -29,7 +29,7 @@ from .errors import InputError
 from .gradients import GradientComputer, LOSSES
 from .layers import ParameterSelection, select_parameters
 from .projection import GradientProjector, ProjectionSpec, fit_principal_bases
-from .results import Influence, InfluenceResult, Triple, top_influences
+from .results import Influence, InfluenceResult, Triple, ranked_rows, top_influences
 from .search import INDEX_TYPES, InnerProductIndex
 from .store import (
     FAISS_INDEX,
@@ -677,8 +677,8 @@ class GradientIndex:
                 InfluenceResult(
                     indices[t],
                     Triple(*test_labels[t]),
-                    _influences(proponents.rows[t], proponents.scores[t], labels),
-                    _influences(opponents.rows[t], opponents.scores[t], labels),
+                    _influences(proponents.rows[t], proponents.scores[t], labels, +1),
+                    _influences(opponents.rows[t], opponents.scores[t], labels, -1),
                 )
             )
         return results
@@ -826,7 +826,9 @@ class _RowLabels:
         return self.of(self.hrt[row])
 
 
-def _influences(rows: np.ndarray, scores: np.ndarray, labels: _RowLabels) -> tuple[Influence, ...]:
-    return tuple(
-        Influence(int(row), *labels[int(row)], influence=float(score)) for row, score in zip(rows, scores) if row >= 0
-    )
+def _influences(rows: np.ndarray, scores: np.ndarray, labels: _RowLabels, sign: int) -> tuple[Influence, ...]:
+    """Search hits of the list's sign only (an approximate index may return others), ties by row."""
+    found = rows >= 0
+    rows, scores = rows[found], scores[found].astype(np.float64)
+    return tuple(Influence(int(rows[p]), *labels[int(rows[p])], influence=float(scores[p]))
+                 for p in ranked_rows(scores, rows, len(rows), sign))  # fmt: skip

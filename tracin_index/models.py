@@ -33,7 +33,7 @@ from pykeen.models import Model
 from pykeen.training.callbacks import TrainingCallback
 from pykeen.triples import CoreTriplesFactory, TriplesFactory
 
-from .errors import InputError, ModelLoadError, PickleRefusedError
+from .errors import InputError, ModelLoadError, PickleRefusedError, TracInWarning
 from .files import write_atomic, write_json_atomic
 from .triples import IdMaps, LabeledTriples, write_id_map, write_labeled_triples
 
@@ -72,10 +72,6 @@ _PICKLE_REFUSED = (
     "{path}: is a pickled PyKEEN model; unpickling runs arbitrary code. Pass --allow-pickle if you trust "
     "this file, or use a run directory written by `tracin-index train`"
 )
-
-
-class TracInWarning(UserWarning):
-    """Something was assumed that the user may want to know about (e.g. a missing learning rate)."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 
 from .files import write_json_atomic, write_text_atomic
@@ -37,42 +38,74 @@ class Influence:
 
 @dataclass(frozen=True)
 class InfluenceResult:
-    """Proponents (by descending influence) and opponents (ascending, most negative first) of one test triple."""
+    """Proponents (by descending influence) and opponents (ascending, most negative first) of one test triple.
+
+    Only influences of the list's sign are listed: an empty list is an answer. ``num_proponents`` /
+    ``num_opponents``: how many training triples have a positive / negative influence (None where not
+    known). Equal influences are listed by training row.
+    """
 
     test_index: int | None
     test_triple: Triple
     proponents: tuple[Influence, ...]
     opponents: tuple[Influence, ...]
+    num_proponents: int | None = None
+    num_opponents: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "test_index": self.test_index,
             "test_triple": asdict(self.test_triple),
+            "num_proponents": self.num_proponents,
+            "num_opponents": self.num_opponents,
             "proponents": [asdict(p) for p in self.proponents],
             "opponents": [asdict(o) for o in self.opponents],
         }
 
 
+def ranked_rows(scores: np.ndarray, rows: np.ndarray, k: int, sign: int) -> np.ndarray:
+    """Positions of the (at most) k scores of ``sign`` (+1: largest positive, -1: most negative), best
+    first, equal scores by ascending row; scores of the other sign or zero are never taken."""
+    signed = scores * sign
+    positions = np.flatnonzero(signed > 0)
+    if len(positions) > k:
+        kth = -np.partition(-signed[positions], k - 1)[k - 1]
+        positions = positions[signed[positions] >= kth]  # every tie at the boundary, then the smallest rows
+    order = np.lexsort((rows[positions], -signed[positions]))[:k]
+    return positions[order]
+
+
 def top_influences(
-    scores: torch.Tensor, top_k: int, labels: Sequence[tuple[str, str, str]], train_indices: torch.Tensor | None = None
+    scores: torch.Tensor | np.ndarray,
+    top_k: int,
+    labels: Sequence[tuple[str, str, str]],
+    train_indices: torch.Tensor | np.ndarray | None = None,
 ) -> tuple[tuple[Influence, ...], tuple[Influence, ...]]:
-    """Proponents (k largest scores) and opponents (k smallest) from one row of scores.
+    """Proponents (the k largest positive scores) and opponents (the k most negative) from one row of scores.
 
     ``labels[i]`` labels training row ``i``; ``train_indices`` maps score positions to training rows
-    when the scores cover a subset.
+    when the scores cover a subset. Ties go by ascending training row, so that ``exact`` and ``query``
+    list equal influences alike.
     """
-    k = min(top_k, scores.numel())
+    scores = scores.detach().cpu().double().numpy() if torch.is_tensor(scores) else np.asarray(scores, np.float64)
+    if train_indices is None:
+        rows = np.arange(len(scores))
+    else:
+        rows = train_indices.cpu().numpy() if torch.is_tensor(train_indices) else np.asarray(train_indices)
+    rows = rows.astype(np.int64)
 
-    def make(values: torch.Tensor, positions: torch.Tensor) -> tuple[Influence, ...]:
-        rows = positions if train_indices is None else train_indices[positions]
+    def make(sign: int) -> tuple[Influence, ...]:
         return tuple(
-            Influence(int(row), *labels[int(row)], influence=float(value))
-            for row, value in zip(rows.tolist(), values.tolist())
+            Influence(int(rows[p]), *labels[int(rows[p])], influence=float(scores[p])) for p in ranked_rows(scores, rows, top_k, sign)
         )
 
-    top = torch.topk(scores, k, largest=True, sorted=True)
-    bottom = torch.topk(scores, k, largest=False, sorted=True)
-    return make(top.values, top.indices), make(bottom.values, bottom.indices)
+    return make(+1), make(-1)
+
+
+def sign_counts(scores: torch.Tensor | np.ndarray) -> tuple[int, int]:
+    """How many scores are positive and how many negative."""
+    scores = scores.detach().cpu().numpy() if torch.is_tensor(scores) else np.asarray(scores)
+    return int((scores > 0).sum()), int((scores < 0).sum())
 
 
 def results_to_json(results: Iterable[InfluenceResult], config: dict[str, Any]) -> dict[str, Any]:
@@ -112,8 +145,16 @@ def render(results: Sequence[InfluenceResult], console=None) -> None:
     for r in results:
         t = r.test_triple
         where = f"test triple {r.test_index}: " if r.test_index is not None else ""
-        for kind, items, style in (("Proponents", r.proponents, "green"), ("Opponents", r.opponents, "red")):
-            table = Table(title=f"{kind} of {where}({t.head}, {t.relation}, {t.tail})", title_justify="left")
+        lists = (("Proponents", "positive", r.proponents, r.num_proponents, "green"),
+                 ("Opponents", "negative", r.opponents, r.num_opponents, "red"))  # fmt: skip
+        for kind, sign, items, count, style in lists:
+            of = f"{kind} of {where}({t.head}, {t.relation}, {t.tail})"
+            if not items:
+                console.print(f"{of}: no training triple has a {sign} influence", highlight=False)
+                continue
+            if count is not None:
+                of += f": {len(items)} of {count:,} with a {sign} influence"
+            table = Table(title=of, title_justify="left")
             table.add_column("#", justify="right")
             table.add_column("train row", justify="right")
             table.add_column("head")

@@ -113,12 +113,3 @@ def conve_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("conve-run") / "run"
     return train_run(out, dataset="nations", model="ConvE", epochs=4, checkpoint_every=2, progress=False)
-
-
-@pytest.fixture(scope="session")
-def tiny_exact_index(tiny_run, tmp_path_factory):
-    """An index of the tiny run with exact (unprojected) float32 vectors."""
-    from tracin_index.index import GradientIndex
-
-    out = tmp_path_factory.mktemp("tiny-exact") / "index"
-    return GradientIndex.build(out, model_path=tiny_run, projection_dim=0, dtype="float32", progress=False)

@@ -153,9 +153,7 @@ def built_index(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli-index") / "index"
     from tracin_index.cli import main
 
-    with pytest.raises(SystemExit) as exit_:
-        main(["build", "--model-path", str(tiny_run), "--out", str(out), "--projection-dim", "512", "--shard-size", "500"])
-    assert exit_.value.code in (0, None)
+    main(["build", "--model-path", str(tiny_run), "--out", str(out), "--sketch-dim", "16", "--shard-size", "500"])
     return out
 
 
@@ -179,10 +177,12 @@ def test_query_a_test_file_writes_json_and_tsv(capsys, built_index, tiny_run, tm
     for output in (tmp_path / "q.json", tmp_path / "q.tsv"):
         code, _, err = run_cli(
             capsys, "query", built_index, "--test", tiny_run / "test.tsv", "--test-indices", "1", "3",
-            "--top-k", "4", "--rerank", "20", "--output", output,
+            "--top-k", "4", "--candidates", "20", "--output", output,
         )  # fmt: skip
         assert code == 0, err
-    results = json.loads((tmp_path / "q.json").read_text())["results"]
+    data = json.loads((tmp_path / "q.json").read_text())
+    assert data["config"]["scores"] == "exact" and data["config"]["candidates"] == 20
+    results = data["results"]
     assert [r["test_index"] for r in results] == [1, 3]
     assert all(len(r["proponents"]) == 4 and len(r["opponents"]) == 4 for r in results)
     lines = (tmp_path / "q.tsv").read_text().splitlines()
@@ -214,10 +214,21 @@ def test_query_needs_a_triple_or_a_test_file(capsys, built_index):
     assert_one_line_error(code, err, "--triple", "--test")
 
 
-def test_query_refuses_rerank_below_top_k(capsys, built_index):
+def test_query_refuses_candidates_below_top_k(capsys, built_index):
     code, _, err = run_cli(capsys, "query", built_index, "--triple", "brazil", "embassy", "uk", "--top-k", "10",
-                           "--rerank", "5")  # fmt: skip
-    assert_one_line_error(code, err, "--rerank")
+                           "--candidates", "5")  # fmt: skip
+    assert_one_line_error(code, err, "--candidates")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x"])
+def test_a_bad_top_k_is_one_line_not_a_usage_box(capsys, built_index, value):
+    code, _, err = run_cli(capsys, "query", built_index, "--triple", "brazil", "embassy", "uk", "--top-k", value)
+    assert_one_line_error(code, err, "--top-k")
+
+
+def test_verify_of_an_intact_index_says_so(capsys, built_index):
+    code, out, err = run_cli(capsys, "verify", built_index)
+    assert code == 0 and "all files match their checksums" in err
 
 
 def test_build_with_a_missing_training_file(capsys, tiny_run, tmp_path):

@@ -31,7 +31,7 @@ def doctored_index(tiny_run, tmp_path):
     out = tmp_path / "index"
     GradientIndex.build(out, model_path=model_file, allow_pickle=True, training_path=tiny_run / "train.tsv",
                         entity_to_id=tiny_run / "entity_to_id.tsv.gz", relation_to_id=tiny_run / "relation_to_id.tsv.gz",
-                        projection_dim=256, progress=False)  # fmt: skip
+                        sketch_dim=16)  # fmt: skip
     marker = tmp_path / "code-ran"
     torch.save(_Payload(marker), model_file)
     manifest = json.loads((out / "manifest.json").read_text())

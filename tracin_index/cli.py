@@ -67,10 +67,20 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
     args = expand_multi_value_options(list(sys.argv[1:] if argv is None else argv))
+    # typer ships its own copy of click: take its exception classes from typer's public BadParameter
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
-            app(args=args, prog_name="tracin-index")
+            result = app(args=args, prog_name="tracin-index", standalone_mode=False)
+        if isinstance(result, int) and result:  # --help and the like return their exit code
+            raise SystemExit(result)
+    except usage_error as error:  # a bad flag or value: one line, as for our own errors
+        if not error.format_message().strip():  # no arguments at all: the help was shown
+            raise SystemExit(2) from None
+        hint = f" (see `{error.ctx.command_path} --help`)" if error.ctx else ""
+        console.print(f"[red]error:[/red] {error.format_message()}{hint}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
     except TracInError as error:
         console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
@@ -93,10 +103,10 @@ def train(
     test_path: Optional[Path] = typer.Option(None, "--test", help="Test triples TSV."),
     model: str = typer.Option("ConvE", help="Any PyKEEN model name (ConvE, TransE, DistMult, ComplEx, RotatE...)."),
     embedding_dim: Optional[int] = typer.Option(None, help="Embedding dimension (model default when omitted)."),
-    epochs: int = typer.Option(20, min=1),
-    checkpoint_every: int = typer.Option(5, min=1, help="Save a checkpoint every N epochs (and after the last)."),
-    learning_rate: float = typer.Option(0.001, min=0.0),
-    batch_size: int = typer.Option(256, min=1),
+    epochs: int = typer.Option(20),
+    checkpoint_every: int = typer.Option(5, help="Save a checkpoint every N epochs (and after the last)."),
+    learning_rate: float = typer.Option(0.001),
+    batch_size: int = typer.Option(256),
     training_loop: str = typer.Option("slcwa", help="slcwa (negative sampling) or lcwa (1-N)."),
     seed: int = typer.Option(42),
     device: str = typer.Option("cpu"),
@@ -139,14 +149,14 @@ def exact(
     use_last_layers_only: bool = typer.Option(
         False, "--use-last-layers-only", help="Differentiate the last layers only (default: all parameters)."
     ),
-    num_last_layers: int = typer.Option(2, min=1),
+    num_last_layers: int = typer.Option(2),
     last_layer_names: Optional[List[str]] = typer.Option(None, help="Layer or parameter names (several allowed)."),
     mode: Mode = typer.Option(Mode.single, help="single: the --test-indices triples; all: every test triple."),
     test_indices: Optional[List[int]] = typer.Option(None, help="0-based rows of the test file [0]."),
     checkpoints: Optional[List[Path]] = typer.Option(None, help="Checkpoint files or folders [run dir's]."),
-    top_k: int = typer.Option(10, min=1),
+    top_k: int = typer.Option(10),
     loss: Loss = typer.Option(Loss.bce),
-    batch_size: int = typer.Option(256, min=1),
+    batch_size: int = typer.Option(256),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... [cuda when available]."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
 ):
@@ -206,26 +216,25 @@ def exact(
         render(results, out)
 
 
-class IndexType(str, Enum):
-    flat = "flat"
-    flat_fp16 = "flat-fp16"
-    ivf = "ivf"
-    hnsw = "hnsw"
-
-
-class Dtype(str, Enum):
-    float16 = "float16"
-    float32 = "float32"
-
-
-class ProjectionKind(str, Enum):
-    gaussian = "gaussian"
-    rademacher = "rademacher"
-
-
 class Selection(str, Enum):
     last = "last"
     all = "all"
+
+
+def _progress_bar():
+    """A rich progress display and the callback the library reports to: (what, done, total)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=console, transient=False)  # fmt: skip
+    tasks: dict[str, int] = {}
+
+    def report(what: str, done: int, total: int) -> None:
+        if what not in tasks:
+            tasks[what] = bar.add_task(what, total=total)
+        bar.update(tasks[what], completed=done, total=total)
+
+    return bar, report
 
 
 @app.command()
@@ -237,48 +246,49 @@ def build(
     entity_to_id: Optional[Path] = typer.Option(None, help="entity_to_id.tsv(.gz) [run dir's]."),
     relation_to_id: Optional[Path] = typer.Option(None, help="relation_to_id.tsv(.gz) [run dir's]."),
     parameters: Selection = typer.Option(Selection.last, help="last: the last N layers; all: every parameter."),
-    num_last_layers: int = typer.Option(2, min=1),
+    num_last_layers: int = typer.Option(2),
     last_layer_names: Optional[List[str]] = typer.Option(None, help="Layer or parameter names (overrides --parameters)."),
     loss: Loss = typer.Option(Loss.bce),
-    projection_dim: int = typer.Option(
-        None, min=0, help="Numbers per layer and checkpoint after random projection; 0 = exact vectors."
-    ),
-    projection_kind: ProjectionKind = typer.Option(ProjectionKind.gaussian),
-    seed: int = typer.Option(0, help="Seed of the projection matrices."),
-    dtype: Dtype = typer.Option(Dtype.float16, help="Storage type of the shards."),
-    index: IndexType = typer.Option(IndexType.flat, help="FAISS index type."),
+    sketch_dim: int = typer.Option(None, help="Principal directions kept of a wide side (e.g. ConvE's Linear input) [128]."),
+    seed: int = typer.Option(0, help="Seed of the sample the principal directions are fitted on."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda ... [cuda when available]."),
-    batch_size: int = typer.Option(256, min=1),
-    shard_size: int = typer.Option(None, min=1, help="Training rows per shard."),
+    batch_size: int = typer.Option(256),
+    shard_size: int = typer.Option(None, help="Training rows per shard [16384]."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
 ):
-    """Build a gradient index of the training triples (resumes an interrupted build)."""
-    from .index import DEFAULT_PROJECTION_DIM, DEFAULT_SHARD_SIZE, GradientIndex
+    """Build an index of the training triples' gradient factors (resumes an interrupted build)."""
+    from .builder import DEFAULT_SHARD_SIZE, BuildSettings
+    from .factors import DEFAULT_SKETCH_DIM
+    from .index import GradientIndex
 
     names = _split(last_layer_names)
-    index_ = GradientIndex.build(
-        out_dir,
-        model_path=model_path,
-        allow_pickle=allow_pickle,
-        training_path=train_path,
-        checkpoint_paths=checkpoints,
-        entity_to_id=entity_to_id,
-        relation_to_id=relation_to_id,
+    settings = BuildSettings(
         selection="names" if names else parameters.value,
         num_last_layers=num_last_layers,
-        layer_names=names,
+        layer_names=tuple(names or ()),
         loss=loss.value,
-        projection_dim=DEFAULT_PROJECTION_DIM if projection_dim is None else projection_dim,
-        projection_kind=projection_kind.value,
+        sketch_dim=DEFAULT_SKETCH_DIM if sketch_dim is None else sketch_dim,
         seed=seed,
-        dtype=dtype.value,
-        index_type=index.value,
-        device=device,
         batch_size=batch_size,
-        shard_size=shard_size or DEFAULT_SHARD_SIZE,
-        log=lambda message: console.print(message, highlight=False),
+        shard_size=DEFAULT_SHARD_SIZE if shard_size is None else shard_size,
     )
-    console.print(f"index written: {index_.directory} ({index_.search_index.ntotal:,} training triples)")
+    bar, report = _progress_bar()
+    with bar:
+        index_ = GradientIndex.build(
+            out_dir,
+            model_path=model_path,
+            allow_pickle=allow_pickle,
+            training_path=train_path,
+            checkpoint_paths=checkpoints,
+            entity_to_id=entity_to_id,
+            relation_to_id=relation_to_id,
+            settings=settings,
+            device=device,
+            log=lambda message: console.print(message, highlight=False),
+            progress=report,
+        )
+    console.print(f"index written: {index_.directory} ({index_.num_rows:,} training triples, "
+                  f"{_directory_bytes(index_.directory) / 2**20:,.1f} MiB)", highlight=False)  # fmt: skip
 
 
 @app.command()
@@ -288,19 +298,28 @@ def query(
     by_id: bool = typer.Option(False, "--ids", help="--triple gives ids, not labels."),
     test_path: Optional[Path] = typer.Option(None, "--test", help="TSV of test triples (labels)."),
     test_indices: Optional[List[int]] = typer.Option(None, help="0-based rows of --test [all]."),
-    top_k: int = typer.Option(10, min=1),
-    rerank: Optional[int] = typer.Option(None, min=1, help="Rescore K candidates each way exactly."),
+    top_k: int = typer.Option(10),
+    candidates: Optional[int] = typer.Option(
+        None, help="Rescore the K best estimates each way instead of every candidate the bounds leave (faster, "
+        "not guaranteed to be the exact top k)."
+    ),
+    approximate: bool = typer.Option(False, "--approximate", help="Print the index's estimates; rescore nothing."),
     output: Optional[Path] = typer.Option(None, help="Write results as JSON (.json) or TSV (.tsv)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda ... [cuda when available]."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
 ):
-    """Proponents and opponents of test triples, looked up in a gradient index."""
+    """Proponents and opponents of test triples from an index, with exact TracIn scores."""
     import torch
 
     from .index import GradientIndex
     from .results import render, write_results
     from .triples import read_labeled_triples
 
+    _check_positive("--top-k", top_k)
+    if candidates is not None:
+        _check_positive("--candidates", candidates)
+    if approximate and candidates is not None:
+        raise InputError("give --approximate or --candidates, not both")
     if (triple is None) == (test_path is None):
         raise InputError("give either --triple HEAD RELATION TAIL or --test FILE")
     index_ = GradientIndex.open(index_dir, device=device, allow_pickle=allow_pickle)
@@ -314,28 +333,30 @@ def query(
         test = read_labeled_triples(test_path)
         indices = _checked_indices(list(test_indices) if test_indices else list(range(len(test))), test_path, len(test))
         hrt = maps.to_ids(test)[indices]
-    results = index_.query(hrt, top_k=top_k, rerank=rerank, test_indices=indices)
+    results = index_.query(hrt, top_k=top_k, candidates=candidates, approximate=approximate, test_indices=indices)
     config = {
         "command": "query",
         "index": str(index_dir),
         "top_k": top_k,
-        "rerank": rerank,
+        "scores": "approximate" if approximate else "exact",
+        "candidates": None if approximate else (candidates or "all the bounds leave"),
         "loss": index_.loss,
-        "projection": index_.manifest["projection"],
-        "parameters": index_.manifest["settings"]["selection"],
+        "parameters": index_.manifest["selection"],
         "checkpoints": index_.manifest["inputs"]["checkpoints"],
     }
     if output:
         write_results(output, results, config)
         console.print(f"results written to {output}")
     else:
+        if approximate:
+            console.print("scores are the index's estimates, not exact TracIn (--approximate)")
         render(results, out)
 
 
 @app.command("self-influence")
 def self_influence(
     index_dir: Path = typer.Argument(..., help="Index directory written by `tracin-index build`."),
-    top_k: int = typer.Option(20, min=1),
+    top_k: int = typer.Option(20),
     output: Optional[Path] = typer.Option(None, help="Write all rows as TSV (.tsv) or the top-k as JSON (.json)."),
 ):
     """Training triples ranked by self-influence (sum over checkpoints of lr x squared gradient norm)."""
@@ -344,6 +365,7 @@ def self_influence(
     from .index import GradientIndex
     from .results import write_self_influence
 
+    _check_positive("--top-k", top_k)
     index_ = GradientIndex.open(index_dir)
     ranked = index_.self_influence(top_k=None if output and output.suffix == ".tsv" else top_k)
     if output:
@@ -360,23 +382,24 @@ def self_influence(
 
 @app.command()
 def verify(index_dir: Path = typer.Argument(..., help="Index directory.")):
-    """Check every shard against the checksums in the manifest."""
-    from .index import GradientIndex
+    """Check every file of an index against the checksums in its manifest (loads no model)."""
+    from .index import verify_directory
+    from .store import read_manifest
 
-    problems = GradientIndex.open(index_dir).verify()
+    problems = verify_directory(index_dir, read_manifest(index_dir))
     for problem in problems:
-        console.print(f"[red]corrupted:[/red] {problem}", highlight=False)
+        console.print(f"[red]damaged:[/red] {problem}", highlight=False)
     if problems:
-        raise InputError(f"{index_dir}: {len(problems)} shard(s) damaged; run the same `tracin-index build` again to rebuild them")
-    console.print("all shards match their checksums")
+        raise InputError(f"{index_dir}: {len(problems)} file(s) damaged; run the same `tracin-index build` again to rebuild them")
+    console.print("all files match their checksums")
 
 
 @app.command()
 def demo(
     out_dir: Path = typer.Option(Path("tracin-demo"), "--out", help="Working directory (run and index)."),
-    epochs: int = typer.Option(12, min=1),
-    checkpoint_every: int = typer.Option(4, min=1),
-    top_k: int = typer.Option(5, min=1),
+    epochs: int = typer.Option(12),
+    checkpoint_every: int = typer.Option(4),
+    top_k: int = typer.Option(5),
 ):
     """Train a small ConvE on the bundled UMLS, build its gradient index and explain a test triple."""
     import time
@@ -401,21 +424,34 @@ def demo(
         train_run(run_dir, dataset="umls", model="ConvE", epochs=epochs, checkpoint_every=checkpoint_every,
                   learning_rate=0.001, batch_size=256, random_seed=42)  # fmt: skip
     console.print(f"2/3 building the gradient index -> {index_dir}")
-    index_ = GradientIndex.build(index_dir, model_path=run_dir, log=lambda m: console.print(f"    {m}", highlight=False))
+    bar, report = _progress_bar()
+    with bar:
+        index_ = GradientIndex.build(index_dir, model_path=run_dir, log=lambda m: console.print(f"    {m}", highlight=False),
+                                     progress=report)  # fmt: skip
     test = read_labeled_triples(run_dir / "test.tsv")
     maps = index_.id_maps()
     hrt = torch.tensor([maps.resolve_triple(*test.labels[0])])
     query_started = time.perf_counter()
     results = index_.query(hrt, top_k=top_k, test_indices=[0])
     query_ms = (time.perf_counter() - query_started) * 1000
-    console.print(f"3/3 proponents and opponents of the first test triple ({query_ms:.0f} ms from the index):")
+    console.print(f"3/3 proponents and opponents of the first test triple, exact TracIn ({query_ms:.0f} ms from the index):")
     render(results, out)
     h, r, t = test.labels[0]
     console.print(
-        f"done in {time.perf_counter() - started:.0f} s. Next: tracin-index query {index_dir} --triple "
-        f"{h} {r} {t} --rerank 100   |   tracin-index exact --model-path {run_dir} --use-last-layers-only",
+        f"done in {time.perf_counter() - started:.0f} s, {_directory_bytes(out_dir) / 2**20:,.0f} MiB in {out_dir}. "
+        f"Next: tracin-index query {index_dir} --triple {h} {r} {t}   |   "
+        f"tracin-index exact --model-path {run_dir} --use-last-layers-only",
         highlight=False,
     )
+
+
+def _directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _check_positive(flag: str, value: int) -> None:
+    if value < 1:
+        raise InputError(f"{flag} must be at least 1, got {value}")
 
 
 def _split(values: Optional[List[str]]) -> list[str] | None:

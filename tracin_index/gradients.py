@@ -433,6 +433,10 @@ class GradientComputer:
                 raise LossError(f"layer {selected.name!r} takes other than one tensor input; select other layers")
             xs = self._per_example(x, batch_size, selected.name)
             ds = self._per_example(delta, batch_size, selected.name)
+            closed = _batch_norm_gradients(module, selected.parameter_names, xs, ds)
+            if closed is not None:
+                values = values + closed
+                continue
 
             def grad_one(x_i, d_i):
                 _, pullback = vjp(lambda p: functional_call(module, p, (x_i,)), params)
@@ -478,3 +482,24 @@ class GradientComputer:
             q = q.reshape(hrt.shape[0], -1)
             assert isinstance(block, RowsBlock)
             blocks[name] = RowsBlock(block.num_rows, block.ids, block.rows, coef, q)
+
+
+def _batch_norm_gradients(module: nn.Module, names: tuple[str, ...], xs: torch.Tensor, ds: torch.Tensor) -> torch.Tensor | None:
+    r"""Per-example gradients of an eval-mode batch norm's affine parameters in closed form, or None for
+    other modules. With :math:`\hat x = (x - \mu) / \sqrt{\sigma^2 + \epsilon}` (running statistics):
+    :math:`\partial L / \partial\gamma_c = \sum \delta_c \hat x_c`, :math:`\partial L / \partial\beta_c = \sum \delta_c`,
+    summed over the positions of one example. ``xs``, ``ds``: (B, L, C, ...)."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.training or module.running_var is None:
+        return None
+    shape = (1, 1, -1) + (1,) * (xs.dim() - 3)
+    dims = [1] + list(range(3, xs.dim()))
+    parts = []
+    for name in names:
+        if name == "weight":
+            x_hat = (xs - module.running_mean.view(shape)) / torch.sqrt(module.running_var.view(shape) + module.eps)
+            parts.append((ds * x_hat).sum(dim=dims))
+        elif name == "bias":
+            parts.append(ds.sum(dim=dims))
+        else:
+            return None
+    return torch.cat(parts, dim=1)

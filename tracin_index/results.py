@@ -41,8 +41,9 @@ class InfluenceResult:
     """Proponents (by descending influence) and opponents (ascending, most negative first) of one test triple.
 
     Only influences of the list's sign are listed: an empty list is an answer. ``num_proponents`` /
-    ``num_opponents``: how many training triples have a positive / negative influence (None where not
-    known). Equal influences are listed by training row.
+    ``num_opponents``: how many training triples have a positive / negative influence; exact when
+    ``counts_exact``, else counted from an index's estimates where their signs are not certain.
+    Equal influences are listed by training row.
     """
 
     test_index: int | None
@@ -51,6 +52,7 @@ class InfluenceResult:
     opponents: tuple[Influence, ...]
     num_proponents: int | None = None
     num_opponents: int | None = None
+    counts_exact: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -58,6 +60,7 @@ class InfluenceResult:
             "test_triple": asdict(self.test_triple),
             "num_proponents": self.num_proponents,
             "num_opponents": self.num_opponents,
+            "counts_exact": self.counts_exact,
             "proponents": [asdict(p) for p in self.proponents],
             "opponents": [asdict(o) for o in self.opponents],
         }
@@ -153,7 +156,7 @@ def render(results: Sequence[InfluenceResult], console=None) -> None:
                 console.print(f"{of}: no training triple has a {sign} influence", highlight=False)
                 continue
             if count is not None:
-                of += f": {len(items)} of {count:,} with a {sign} influence"
+                of += f": {len(items)} of {'' if r.counts_exact else 'about '}{count:,} with a {sign} influence"
             table = Table(title=of, title_justify="left")
             table.add_column("#", justify="right")
             table.add_column("train row", justify="right")

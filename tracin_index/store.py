@@ -1,15 +1,17 @@
-"""The index directory on disk: manifest, per-checkpoint HDF5 gradient shards, triples, lock.
+"""The index directory on disk: manifest, per-checkpoint HDF5 factor shards, bases, triples, lock.
 
 ```
 idx/
-  manifest.json                     settings, fingerprints, checkpoints, shard list with checksums
-  shards/ckpt-000/shard-00000.h5    "vectors" (rows x dim, sqrt(lr)-scaled), "squared_norms" (exact, unscaled)
-  triples.h5                        "hrt" ids per training row, entity and relation labels
-  faiss.index                       the inner-product index over the concatenated vectors
+  manifest.json                     inputs (paths relative to idx/), settings, block plans, every file's sha256
+  triples.h5                        "hrt" ids per training row, entity and relation labels, (head, relation) group ids
+  bases/ckpt-000.h5                 principal directions (float16) of each sketched side, per checkpoint
+  shards/ckpt-000/shard-00000.h5    the rows' stored factors (see tracin_index.factors) + "squared_norms"
 ```
 
 Every file is written under a temporary name and renamed when complete, and the manifest is
 rewritten (atomically) after each shard, so a build killed at any point resumes from what is there.
+Every file's sha256 is in the manifest: ``verify`` checks them all. A digest protects against
+accidents (a half-copied index, a disk error), not against someone who writes the directory.
 """
 
 from __future__ import annotations
@@ -21,22 +23,18 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import h5py
 import numpy as np
-
-if TYPE_CHECKING:
-    import torch
 
 from . import files
 from .errors import InputError
 
 FORMAT = "tracin-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 TRIPLES = "triples.h5"
-FAISS_INDEX = "faiss.index"
 LOCK = ".lock"
 
 
@@ -48,15 +46,71 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# -- paths relative to the index ------------------------------------------------------------------
+
+
+def relative_path(path: str | os.PathLike, directory: Path) -> str:
+    """``path`` as the manifest records it: relative to the index directory, so that an index moved
+    together with its run directory still finds it."""
+    absolute = Path(path).resolve()
+    try:
+        return os.path.relpath(absolute, directory.resolve())
+    except ValueError:  # another drive (Windows): only an absolute path can say where it is
+        return str(absolute)
+
+
+def resolve_path(recorded: str, directory: Path) -> Path:
+    """A path the manifest recorded, found again from the index directory."""
+    return Path(recorded) if os.path.isabs(recorded) else (directory / recorded)
+
+
+# -- manifest and lock ----------------------------------------------------------------------------
+
+
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     """The manifest, fsynced before the rename: a resumed build trusts what it says."""
     files.write_json_atomic(directory / MANIFEST, manifest, fsync=True)
 
 
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    if not directory.exists():
+        raise InputError(f"{directory}: no such index directory (create one with `tracin-index build --out {directory}`)")
+    if not directory.is_dir():
+        raise InputError(f"{directory}: is a file, not an index directory")
+    if not path.is_file():
+        raise InputError(f"{directory}: not an index directory (no {MANIFEST}); build one with `tracin-index build`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: unreadable manifest ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise InputError(f"{path}: not a tracin-index manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise InputError(
+            f"{path}: index format version {manifest.get('format_version')} but this tracin-index reads version "
+            f"{FORMAT_VERSION}; rebuild the index (same `tracin-index build` command, another --out)"
+        )
+    return manifest
+
+
+def prepare_directory(directory: Path) -> None:
+    """Create ``directory`` for an index, or say in one line why it cannot be."""
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"{directory}: exists and is a file; give --out a new or empty directory")
+    for parent in directory.parents:
+        if parent.exists() and not parent.is_dir():
+            raise InputError(f"{directory}: {parent} is a file, not a directory; give --out a path under a directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"{directory}: cannot create the index directory ({error.strerror or error})") from None
+
+
 @contextlib.contextmanager
 def exclusive_lock(directory: Path) -> Iterator[None]:
     """Refuse a second build into the same directory while one runs (released even on kill -9)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    prepare_directory(directory)
     handle = open(directory / LOCK, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -70,7 +124,7 @@ def exclusive_lock(directory: Path) -> Iterator[None]:
         handle.close()
 
 
-# -- shards -------------------------------------------------------------------------------------
+# -- shards ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -87,86 +141,48 @@ class ShardTask:
         return f"shards/ckpt-{self.checkpoint:03d}/shard-{self.shard:05d}.h5"
 
 
-def plan_shards(num_rows: int, shard_size: int, num_checkpoints: int, *, rows_first: bool = False) -> list[ShardTask]:
-    """The tasks of a build. Checkpoint-major by default (a sequential worker loads each checkpoint
-    once); ``rows_first``: row range by row range, every checkpoint of a range before the next range
-    (a worker holding all checkpoints hands out complete rows, which can go to FAISS at once).
-    """
+def plan_shards(num_rows: int, shard_size: int, num_checkpoints: int) -> list[ShardTask]:
+    """The tasks of a build, checkpoint by checkpoint (a worker loads each checkpoint once)."""
     if shard_size < 1:
         raise InputError(f"shard size must be at least 1, got {shard_size}")
     starts = list(enumerate(range(0, num_rows, shard_size)))
-    if rows_first:
-        order = [(c, s, start) for s, start in starts for c in range(num_checkpoints)]
-    else:
-        order = [(c, s, start) for c in range(num_checkpoints) for s, start in starts]
-    return [ShardTask(c, s, start, min(start + shard_size, num_rows)) for c, s, start in order]
+    return [ShardTask(c, s, start, min(start + shard_size, num_rows)) for c in range(num_checkpoints) for s, start in starts]
 
 
-#: Bytes per HDF5 chunk of a shard's vectors: small chunks write several times faster than one
-#: chunk of thousands of rows (measured: 0.06 s against 0.3 s for 5,216 x 16,384 float16).
-SHARD_CHUNK_BYTES = 1 << 20
+def write_arrays(path: Path, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None = None) -> str:
+    """An HDF5 file of named arrays (``a/b/c`` names make groups), written atomically; returns its sha256.
 
-
-def write_shard(path: Path, vectors: np.ndarray, squared_norms: np.ndarray, attrs: dict[str, Any]) -> str:
-    """Write one shard atomically; returns its sha256.
-
-    Not fsynced: a shard is trusted only through the checksum the manifest records, so one that a
+    Not fsynced: a file is trusted only through the checksum the manifest records, so one that a
     crash left incomplete is found and rebuilt by the next build (or named by `verify`).
     """
-    rows, dim = vectors.shape
-    chunk_rows = max(1, min(rows, SHARD_CHUNK_BYTES // max(1, dim * vectors.itemsize)))
     with files.atomic_path(path) as tmp:
         with h5py.File(tmp, "w", track_order=True) as f:
-            f.create_dataset("vectors", data=vectors, chunks=(chunk_rows, dim) if rows and dim else None,
-                             track_times=False)  # fmt: skip
-            f.create_dataset("squared_norms", data=squared_norms, track_times=False)
-            for key, value in attrs.items():
+            for name, value in arrays.items():
+                f.create_dataset(name, data=np.asarray(value), track_times=False)
+            for key, value in (attrs or {}).items():
                 f.attrs[key] = value
         digest = sha256_file(tmp)
     return digest
 
 
-def read_shard(path: Path, *, vectors: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+def read_arrays(path: Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a file written by :func:`write_arrays` (all, or those named)."""
     try:
         with h5py.File(path, "r") as f:
-            v = f["vectors"][...] if vectors else None
-            return v, f["squared_norms"][...]
+            if names is None:
+                names = []
+                f.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+            return {name: f[name][...] for name in names}
     except (OSError, KeyError) as error:
-        raise InputError(f"{path}: unreadable shard ({error}); run `tracin-index build` again to rebuild it") from None
+        raise InputError(f"{path}: unreadable ({error}); run the same `tracin-index build` again to rebuild it") from None
 
 
-# -- principal directions of the projection ------------------------------------------------------
+# -- triples --------------------------------------------------------------------------------------
 
 
-def bases_path(directory: Path, checkpoint: int) -> Path:
-    return directory / "bases" / f"ckpt-{checkpoint:03d}.pt"
-
-
-def write_bases(directory: Path, checkpoint: int, bases: dict[str, "torch.Tensor"]) -> str:
-    """Save one checkpoint's principal directions (plain tensors) atomically; returns the sha256."""
-    import torch
-
-    path = bases_path(directory, checkpoint)
-    files.write_atomic(path, lambda tmp: torch.save({name: b.contiguous() for name, b in bases.items()}, tmp))
-    return sha256_file(path)
-
-
-def read_bases(directory: Path, checkpoint: int) -> dict[str, "torch.Tensor"]:
-    import torch
-
-    path = bases_path(directory, checkpoint)
-    if not path.is_file():
-        return {}
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is the same problem for the user
-        raise InputError(f"{path}: unreadable principal directions ({error}); rebuild the index") from None
-
-
-# -- triples ------------------------------------------------------------------------------------
-
-
-def write_triples(path: Path, hrt: np.ndarray, entity_labels: list[str], relation_labels: list[str], source: str) -> str:
+def write_triples(path: Path, hrt: np.ndarray, entity_labels: list[str], relation_labels: list[str], source: str,
+                  groups: np.ndarray | None = None) -> str:  # fmt: skip
+    """Row -> ids, the labels, and (when a block is grouped) each row's (head, relation) group; returns the sha256."""
     strings = h5py.string_dtype("utf-8")
     with files.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("hrt", data=np.asarray(hrt, dtype=np.int64), track_times=False)
@@ -174,39 +190,23 @@ def write_triples(path: Path, hrt: np.ndarray, entity_labels: list[str], relatio
         f.create_dataset(
             "relation_labels", data=np.asarray(relation_labels, dtype=object), dtype=strings, track_times=False
         )
+        if groups is not None:
+            f.create_dataset("groups", data=np.asarray(groups, dtype=np.int64), track_times=False)
         f.attrs["source"] = source
     return sha256_file(path)
 
 
-def read_triples(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
+def read_triples(path: Path) -> tuple[np.ndarray, list[str], list[str], np.ndarray | None]:
     try:
         with h5py.File(path, "r") as f:
             hrt = f["hrt"][...]
             entities = [s.decode() if isinstance(s, bytes) else s for s in f["entity_labels"][...]]
             relations = [s.decode() if isinstance(s, bytes) else s for s in f["relation_labels"][...]]
+            groups = f["groups"][...] if "groups" in f else None
     except (OSError, KeyError) as error:
-        raise InputError(f"{path}: unreadable triples file ({error})") from None
-    return hrt, entities, relations
+        raise InputError(f"{path}: unreadable triples file ({error}); rebuild the index") from None
+    return hrt, entities, relations, groups
 
 
-# -- manifest -----------------------------------------------------------------------------------
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / MANIFEST
-    if not directory.exists():
-        raise InputError(f"{directory}: no such index directory (create one with `tracin-index build --out {directory}`)")
-    if not path.is_file():
-        raise InputError(f"{directory}: not an index directory (no {MANIFEST}); build one with `tracin-index build`")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise InputError(f"{path}: unreadable manifest ({error})") from None
-    if manifest.get("format") != FORMAT:
-        raise InputError(f"{path}: not a tracin-index manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise InputError(
-            f"{path}: index format version {manifest.get('format_version')} but this tracin-index reads version "
-            f"{FORMAT_VERSION}; rebuild the index"
-        )
-    return manifest
+def bases_path(checkpoint: int) -> str:
+    return f"bases/ckpt-{checkpoint:03d}.h5"

@@ -1,0 +1,469 @@
+r"""The build: settings validated once, a plan of (checkpoint, row range) tasks, the task that writes
+one shard of stored factors, and the reducer that records each shard in the manifest.
+
+For every checkpoint c: the principal directions of the sketched sides are fitted on a seeded
+sample of training rows (stored in ``bases/``), then each task computes the per-example gradients
+of its rows in batches (:class:`~tracin_index.gradients.GradientComputer`) and stores their factors
+(:func:`tracin_index.factors.encode`) and exact squared norms (self-influence). Tasks are
+independent: a killed build resumes with the same call and skips every shard whose checksum
+matches; a shard or bases file that is missing or damaged is rebuilt, and a checkpoint whose bases
+changed has all its shards rebuilt.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoints import Checkpoint, CheckpointModels
+from .errors import InputError, VanishingGradientError
+from .factors import DEFAULT_SKETCH_DIM, BlockPlan, encode, plan_blocks, sketch_sample
+from .gradients import LOSSES, GradientComputer, vanished, vanishing_message
+from .layers import ParameterSelection, select_parameters
+from .sketch import Basis, fit_basis, stable_seed
+from .store import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    TRIPLES,
+    ShardTask,
+    bases_path,
+    exclusive_lock,
+    plan_shards,
+    read_arrays,
+    read_manifest,
+    relative_path,
+    sha256_file,
+    write_arrays,
+    write_manifest,
+    write_triples,
+)
+
+DEFAULT_SHARD_SIZE = 16384
+#: Training rows whose factors define a checkpoint's principal directions (fewer for very wide sides).
+SKETCH_SAMPLE = 2048
+#: ... at most this many bytes of sampled factors per side.
+SKETCH_SAMPLE_BYTES = 256 * 2**20
+#: Rows on which the build checks its plan (grouping, derived sides) and that gradients do not vanish.
+CHECK_ROWS = 256
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """What defines an index besides its inputs; validated once, recorded in the manifest."""
+
+    selection: str = "last"  # last | all | names
+    num_last_layers: int = 2
+    layer_names: tuple[str, ...] = ()
+    loss: str = "bce"
+    sketch_dim: int = DEFAULT_SKETCH_DIM
+    seed: int = 0
+    batch_size: int = 256
+    shard_size: int = DEFAULT_SHARD_SIZE
+    #: store a Linear layer's input once per (head, relation) pair where it depends on nothing else (ConvE)
+    share_pairs: bool = True
+
+    def __post_init__(self):
+        if self.selection not in ("last", "all", "names"):
+            raise InputError(f"unknown parameter selection {self.selection!r}; valid: last, all, names")
+        if self.selection == "names" and not self.layer_names:
+            raise InputError("no layer names given; pass module or parameter names, e.g. interaction.hr1d.0")
+        if self.loss not in LOSSES:
+            raise InputError(f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
+        for name in ("num_last_layers", "sketch_dim", "batch_size", "shard_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name.replace('_', '-')} must be a positive whole number, got {value!r}")
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "layer_names": list(self.layer_names)}
+
+    def select(self, model: torch.nn.Module) -> ParameterSelection:
+        if self.selection == "names":
+            return select_parameters(model, mode="names", names=list(self.layer_names))
+        return select_parameters(model, mode=self.selection, num_last_layers=self.num_last_layers)
+
+
+def selection_from_manifest(model: torch.nn.Module, manifest: dict) -> ParameterSelection:
+    """The parameter selection an index was built with, found again in ``model``."""
+    settings = manifest["settings"]
+    return BuildSettings(**{**settings, "layer_names": tuple(settings["layer_names"])}).select(model)
+
+
+@dataclass
+class _Inputs:
+    """The build's inputs, loaded: model, checkpoints, training ids, id maps and where they came from."""
+
+    run: Any
+    model_path: Path
+    training_path: Path
+    checkpoints: list[Checkpoint]
+    hrt: torch.Tensor
+    id_maps: Any
+    fingerprints: dict = field(default_factory=dict)
+
+
+def _model_files(source: Path) -> list[Path]:
+    """The files whose bytes define the model as loaded from ``source``."""
+    if source.is_dir():
+        return [p for p in (source / "config.json", source / "model.pt", source / "trained_model.pkl") if p.is_file()]
+    return [source]
+
+
+def _fingerprint_ids(hrt: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(hrt, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _first_difference(recorded: Any, wanted: Any, path: str = "") -> str | None:
+    """The first key path where two JSON values differ, e.g. ``settings.sketch_dim``."""
+    if isinstance(recorded, dict) and isinstance(wanted, dict):
+        for key in sorted(set(recorded) | set(wanted)):
+            found = _first_difference(recorded.get(key), wanted.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    if isinstance(recorded, list) and isinstance(wanted, list) and len(recorded) == len(wanted):
+        for i, (a, b) in enumerate(zip(recorded, wanted)):
+            found = _first_difference(a, b, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    return None if recorded == wanted else f"{path} (index: {recorded!r}, now: {wanted!r})"
+
+
+def group_rows(hrt: np.ndarray, num_relations: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's (head, relation) group, numbered in order of first appearance, and each group's first row.
+
+    Numbered that way, the groups first seen in a range of rows are a range of group ids, so each
+    shard stores the input sides of a contiguous block of groups.
+    """
+    keys = hrt[:, 0].astype(np.int64) * max(1, num_relations) + hrt[:, 1]
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    renumber = np.empty_like(order)
+    renumber[order] = np.arange(len(order))
+    return renumber[inverse.reshape(-1)], first[order]
+
+
+class Builder:
+    """Builds (or resumes) one index directory; see :func:`build_index`."""
+
+    def __init__(self, out: Path, inputs: _Inputs, settings: BuildSettings, device: str, log: Log, progress: Progress | None):
+        self.out, self.inputs, self.settings, self.device = out, inputs, settings, device
+        self.log, self.progress = log, progress or (lambda what, done, total: None)
+        model = inputs.run.model.to(device).eval()
+        self.selection = settings.select(model)
+        GradientComputer(model, self.selection, settings.loss)  # refuses impossible loss/selection pairs now
+        # one model at a time: the build goes checkpoint by checkpoint
+        self.models = CheckpointModels(model, inputs.checkpoints, max_bytes=0)
+        self.num_rows = int(inputs.hrt.shape[0])
+        rng = np.random.default_rng(stable_seed(settings.seed, "sample"))
+        self.sample_rows = np.sort(rng.choice(self.num_rows, size=min(self.num_rows, SKETCH_SAMPLE), replace=False))
+        self._computers: dict[int, GradientComputer] = {}
+
+    def computer(self, c: int) -> GradientComputer:
+        model = self.models.model(c)
+        if c not in self._computers or self._computers[c].model is not model:
+            self._computers = {c: GradientComputer(model, self.selection, self.settings.loss)}
+        return self._computers[c]
+
+    # -- the plan -----------------------------------------------------------------------------
+
+    def plan(self) -> list[BlockPlan]:
+        """Block plans from checks at the first checkpoint; refuses gradients that vanish everywhere."""
+        check = self.inputs.hrt[torch.as_tensor(self.sample_rows[:CHECK_ROWS])].to(self.device)
+        plans = plan_blocks(self.models.model(0), self.selection, self.computer(0), check, self.inputs.run.model.num_entities,
+                            self.settings.sketch_dim, self.settings.seed, share_pairs=self.settings.share_pairs)  # fmt: skip
+        norms = torch.zeros(len(check), dtype=torch.float64)
+        for c in sorted({0, len(self.models) - 1}):
+            norms += self.computer(c).compute(check).squared_norms().double().cpu()
+        if bool(vanished(norms).all()):
+            raise VanishingGradientError(vanishing_message(f"all {len(check)} sampled training triples", self.settings.loss))
+        return plans
+
+    def estimate_bytes(self, plans: list[BlockPlan], num_groups: int) -> dict[str, float]:
+        per_group = self.num_rows / max(1, num_groups)
+        checkpoints = len(self.models)
+        shards = self.num_rows * checkpoints * (8 + sum(p.row_bytes(per_group) for p in plans))
+        bases = checkpoints * sum(2 * dim * size for p in plans for _, size, dim in p.sides() if dim)
+        labels = sum(len(x) + 8 for x in self.inputs.id_maps.entity_to_id) + sum(
+            len(x) + 8 for x in self.inputs.id_maps.relation_to_id
+        )
+        triples = self.num_rows * (24 + (8 if any(p.grouped for p in plans) else 0)) + labels
+        return {"shards": shards, "bases": bases, "triples": triples, "total": shards + bases + triples}
+
+    # -- running it ---------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        plans = self.plan()
+        grouped = any(p.grouped for p in plans)
+        hrt_np = self.inputs.hrt.numpy()
+        groups, group_first = group_rows(hrt_np, self.inputs.run.model.num_relations) if grouped else (None, None)
+        sizes = self.estimate_bytes(plans, len(group_first) if grouped else self.num_rows)
+        checkpoints = len(self.models)
+        self.log(f"parameters: {self.selection.describe()}")
+        self.log(_describe_plans(plans, self.num_rows, len(group_first) if grouped else None))
+        self.log(f"{self.num_rows:,} training triples x {checkpoints} checkpoint(s): about {_mib(sizes['total'])} "
+                 f"({sizes['total'] / (self.num_rows * checkpoints):,.0f} bytes per triple and checkpoint)")  # fmt: skip
+        self._check_room(sizes, plans)
+
+        inputs_json = self._inputs_json()
+        with exclusive_lock(self.out):
+            if (self.out / MANIFEST).is_file():  # our index: remove half-written files of a killed build
+                for leftover in self.out.rglob(".tmp-*"):
+                    leftover.unlink()
+            manifest = self._start_manifest(inputs_json, plans, len(group_first) if grouped else None)
+            if manifest["files"].get(TRIPLES) is None or not _unchanged(self.out / TRIPLES, manifest["files"][TRIPLES]):
+                ids_maps = self.inputs.id_maps
+                manifest["files"][TRIPLES] = write_triples(self.out / TRIPLES, hrt_np, ids_maps.id_to_entity,
+                                                           ids_maps.id_to_relation, str(self.inputs.training_path), groups)  # fmt: skip
+                write_manifest(self.out, manifest)
+            tasks = plan_shards(self.num_rows, self.settings.shard_size, checkpoints)
+            for c in range(checkpoints):
+                self._run_checkpoint(c, plans, [t for t in tasks if t.checkpoint == c], manifest, groups, group_first)
+            manifest["complete"] = True
+            write_manifest(self.out, manifest)
+        return manifest
+
+    def _run_checkpoint(self, c: int, plans, tasks: list[ShardTask], manifest: dict, groups, group_first) -> None:
+        bases = self._bases(c, plans, manifest)
+        done = {(s["checkpoint"], s["shard"]): s for s in manifest["shards"]}
+        todo = []
+        for task in tasks:
+            record = done.get((task.checkpoint, task.shard))
+            if record is not None and _unchanged(self.out / task.relative_path, record["sha256"]):
+                continue
+            if record is not None:
+                self.log(f"{task.relative_path}: missing or its checksum does not match; rebuilding it")
+                manifest["shards"] = [s for s in manifest["shards"] if s is not record]
+            todo.append(task)
+        if not todo:
+            return
+        if len(todo) < len(tasks):
+            self.log(f"checkpoint {c + 1}: resuming, {len(tasks) - len(todo)} of {len(tasks)} shards already complete")
+        total = sum(t.row_stop - t.row_start for t in todo)
+        what = f"checkpoint {c + 1}/{len(self.models)}"
+        self.progress(what, 0, total)
+        done_rows = 0
+        for task in todo:
+            arrays = self.compute_shard(task, plans, bases, groups, group_first)
+            attrs = {"checkpoint": task.checkpoint, "row_start": task.row_start, "row_stop": task.row_stop}
+            digest = write_arrays(self.out / task.relative_path, arrays, attrs)
+            manifest["shards"].append({"checkpoint": task.checkpoint, "shard": task.shard, "file": task.relative_path,
+                                       "row_start": task.row_start, "row_stop": task.row_stop, "sha256": digest})  # fmt: skip
+            manifest["shards"].sort(key=lambda s: (s["checkpoint"], s["shard"]))
+            write_manifest(self.out, manifest)
+            done_rows += task.row_stop - task.row_start
+            self.progress(what, done_rows, total)
+
+    def _bases(self, c: int, plans: list[BlockPlan], manifest: dict) -> dict[tuple[str, str], Basis]:
+        """Checkpoint c's principal directions: read when intact, else fitted again (and then every shard
+        of the checkpoint is stale: they were sketched on the old directions)."""
+        wanted = {(p.name, side): dim for p in plans for side, _, dim in p.sides() if dim}
+        if not wanted:
+            return {}
+        name = bases_path(c)
+        digest = manifest["files"].get(name)
+        if digest is not None and _unchanged(self.out / name, digest):
+            stored = read_arrays(self.out / name)
+            return {key: Basis.from_half(torch.as_tensor(stored[f"{key[0]}/{key[1]}"]), self.device) for key in wanted}
+        stale = [s for s in manifest["shards"] if s["checkpoint"] == c]
+        if digest is not None or stale:
+            self.log(f"{name}: missing or changed; fitting it again and rebuilding the {len(stale)} shard(s) of checkpoint {c + 1}")
+            manifest["shards"] = [s for s in manifest["shards"] if s["checkpoint"] != c]
+        manifest["files"].pop(name, None)
+        write_manifest(self.out, manifest)
+        sample = self.inputs.hrt[torch.as_tensor(self.sample_rows)].to(self.device)
+        computer = self.computer(c)
+        wide = max(size for p in plans for _, size, dim in p.sides() if dim)
+        rows = max(1, min(len(sample), SKETCH_SAMPLE_BYTES // (4 * wide)))
+        parts: dict[tuple[str, str], list[torch.Tensor]] = {key: [] for key in wanted}
+        for start in range(0, rows, self.settings.batch_size):
+            found = sketch_sample(plans, computer.compute(sample[start : min(rows, start + self.settings.batch_size)]))
+            for key in wanted:
+                parts[key].append(found[key].float().cpu())
+        halves = {key: fit_basis(torch.cat(parts[key]), dim, stable_seed(self.settings.seed, "basis", c, *key))
+                  for key, dim in wanted.items()}  # fmt: skip
+        manifest["files"][name] = write_arrays(self.out / name, {f"{k[0]}/{k[1]}": v.numpy() for k, v in halves.items()})
+        write_manifest(self.out, manifest)
+        return {key: Basis.from_half(half, self.device) for key, half in halves.items()}
+
+    def compute_shard(self, task: ShardTask, plans, bases, groups, group_first) -> dict[str, np.ndarray]:
+        """The task: the stored factors and squared norms of rows [row_start, row_stop) at one checkpoint."""
+        computer = self.computer(task.checkpoint)
+        hrt = self.inputs.hrt
+        parts: dict[str, list[torch.Tensor]] = {}
+        norms = []
+        for start in range(task.row_start, task.row_stop, self.settings.batch_size):
+            stop = min(start + self.settings.batch_size, task.row_stop)
+            grads = computer.compute(hrt[start:stop].to(self.device))
+            first = None
+            if groups is not None:
+                rows = np.arange(start, stop)
+                first = torch.as_tensor(np.flatnonzero(group_first[groups[start:stop]] == rows), dtype=torch.long)
+            for key, value in encode(plans, grads, bases, first).items():
+                parts.setdefault(key, []).append(value)
+            norms.append(grads.squared_norms().double().cpu())
+        arrays = {key: torch.cat(values).numpy() for key, values in parts.items()}
+        arrays["squared_norms"] = torch.cat(norms).numpy()
+        return arrays
+
+    # -- the manifest -------------------------------------------------------------------------
+
+    def _inputs_json(self) -> dict:
+        inputs, out = self.inputs, self.out
+        return {
+            "model": {
+                "source": relative_path(inputs.model_path, out),
+                "pickled": inputs.run.config is None,  # a fact about the file; never a permission to unpickle it
+                "files": {p.name: sha256_file(p) for p in _model_files(inputs.model_path.resolve())},
+            },
+            "checkpoints": [
+                {"path": None if c.path is None else relative_path(c.path, out),
+                 "sha256": None if c.path is None else sha256_file(c.path),
+                 "learning_rate": c.learning_rate, "epoch": c.epoch}
+                for c in self.models.checkpoints
+            ],  # fmt: skip
+            "training": {"source": relative_path(inputs.training_path, out), "num_triples": self.num_rows,
+                         "fingerprint": _fingerprint_ids(inputs.hrt.numpy())},  # fmt: skip
+        }
+
+    def _start_manifest(self, inputs: dict, plans: list[BlockPlan], num_groups: int | None) -> dict:
+        settings = self.settings.to_json()
+        plans_json = [p.to_json() for p in plans]
+        path = self.out / MANIFEST
+        if path.is_file():
+            manifest = read_manifest(self.out)
+            for key, wanted in (("inputs", inputs), ("settings", settings), ("plans", plans_json)):
+                difference = _first_difference(manifest.get(key), wanted)
+                if difference:
+                    raise InputError(f"{self.out} holds an index built differently: {key}.{difference}; "
+                                     "use another --out, or delete it")  # fmt: skip
+            manifest["complete"] = False
+            write_manifest(self.out, manifest)
+            return manifest
+        if any(p.name != ".lock" for p in self.out.iterdir()):
+            raise InputError(f"{self.out}: exists and is not an index directory; choose an empty or new --out")
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "tracin_index_version": __version__,
+            "inputs": inputs,
+            "settings": settings,
+            "selection": self.selection.to_json(),
+            "plans": plans_json,
+            "num_groups": num_groups,
+            "files": {},
+            "shards": [],
+            "complete": False,
+        }
+        write_manifest(self.out, manifest)
+        return manifest
+
+    def _check_room(self, sizes: dict[str, float], plans: list[BlockPlan]) -> None:
+        """Refuse, before anything is written, a build that the disk or the memory cannot hold."""
+        existing = self.out
+        while not existing.exists():
+            existing = existing.parent
+        already = sum(p.stat().st_size for p in self.out.rglob("*") if p.is_file()) if self.out.is_dir() else 0
+        free = shutil.disk_usage(existing).free
+        if sizes["total"] - already > free:
+            raise InputError(f"{self.out}: the index needs about {_mib(sizes['total'])} but the disk has {_mib(free)} free; "
+                             "free some space or choose another --out")  # fmt: skip
+        available = available_memory()
+        if available is None:
+            return
+        model_bytes = sum(t.numel() * t.element_size() for t in self.inputs.run.model.state_dict().values())
+        wide = [size for p in plans for _, size, dim in p.sides() if dim]
+        sample = sum(4 * min(SKETCH_SAMPLE * size, SKETCH_SAMPLE_BYTES) for size in wide)
+        per_row = sum(4 * (sum(p.sizes) if p.kind != "rows" else p.sizes[1] * p.sizes[2]) for p in plans)
+        need = 2 * model_bytes + sample + 4 * self.settings.batch_size * per_row + 32 * self.num_rows
+        if need > available:
+            raise InputError(f"the build needs about {_mib(need)} of memory (models, the sketch sample, a batch of "
+                             f"gradients, the training ids) but {_mib(available)} is available; "
+                             "lower --batch-size or --sketch-dim, or free memory")  # fmt: skip
+        query_bytes = sizes["shards"]
+        if query_bytes > available:
+            self.log(f"warning: queries hold the stored factors in memory ({_mib(query_bytes)}), more than the "
+                     f"{_mib(available)} available now")  # fmt: skip
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux /proc/meminfo), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _unchanged(path: Path, digest: str) -> bool:
+    return path.is_file() and sha256_file(path) == digest
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+def _describe_plans(plans: list[BlockPlan], num_rows: int, num_groups: int | None) -> str:
+    parts = []
+    for p in plans:
+        if p.kind == "factored":
+            out = "derived from the batch norm" if p.derived else (f"sketched to {p.sketch[0]}" if p.sketch[0] else "whole")
+            inp = f"sketched to {p.sketch[1]}" if p.sketch[1] else "whole"
+            grouped = f", once per (head, relation) pair ({num_groups:,} for {num_rows:,} rows)" if p.grouped else ""
+            parts.append(f"{p.name}: output side ({p.sizes[0]}) {out}, input side ({p.sizes[1]:,}) {inp}{grouped}")
+        elif p.kind == "dense":
+            parts.append(f"{p.name}: {sum(p.sizes):,} values " + (f"sketched to {p.sketch[0]}" if p.sketch[0] else "whole"))
+        elif p.kind == "rows":
+            parts.append(f"{p.name}: {p.sizes[2]} embedding rows of {p.sizes[1]} per triple, whole")
+        else:
+            parts.append(f"{p.name}: norms only (rescored exactly)")
+    return "stored: " + "; ".join(parts)
+
+
+def load_inputs(*, model_path, allow_pickle, training_path, checkpoint_paths, entity_to_id, relation_to_id, log) -> _Inputs:
+    from .models import find_checkpoints, load_model
+
+    run = load_model(model_path, allow_pickle=allow_pickle)
+    id_maps = run.resolve_id_maps(entity_to_id, relation_to_id)
+    training_file = training_path or run.training_path
+    if training_file is None:
+        raise InputError(f"{model_path}: no training triples found; pass --train")
+    hrt = id_maps.read_ids(training_file)  # streamed: the labels of millions of rows are never held at once
+    checkpoints = find_checkpoints(checkpoint_paths) if checkpoint_paths else run.checkpoints
+    if not checkpoints:
+        log("no checkpoints: the model itself is the only checkpoint (learning rate 1.0)")
+    return _Inputs(run, Path(model_path), Path(training_file), list(checkpoints), hrt, id_maps)
+
+
+def build_index(out: str | os.PathLike, *, model_path, allow_pickle: bool = False, training_path=None,
+                checkpoint_paths: Sequence | None = None, entity_to_id=None, relation_to_id=None,
+                settings: BuildSettings | None = None, device: str | None = None, log: Log | None = None,
+                progress: Progress | None = None) -> tuple[Path, Any]:  # fmt: skip
+    """Build (or resume building) the index directory ``out``; returns it and the loaded run."""
+    log = log or (lambda message: None)
+    settings = settings or BuildSettings()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    inputs = load_inputs(model_path=model_path, allow_pickle=allow_pickle, training_path=training_path,
+                         checkpoint_paths=checkpoint_paths, entity_to_id=entity_to_id, relation_to_id=relation_to_id,
+                         log=log)  # fmt: skip
+    builder = Builder(Path(out), inputs, settings, device, log, progress)
+    builder.run()
+    return Path(out), inputs

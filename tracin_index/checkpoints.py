@@ -1,0 +1,224 @@
+"""Checkpoints: the weights TracIn visits, each with its learning rate, read without running code.
+
+Everything here needs torch only (not PyKEEN), so that a query can load checkpoints without paying
+for PyKEEN's import. :class:`CheckpointModels` holds the model at every checkpoint, loaded once,
+for the build, queries and exact rescoring alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .errors import ModelLoadError, TracInWarning
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def load_state_dict_into(model: torch.nn.Module, state_dict: Mapping[str, Any], source: str) -> None:
+    """Load ``state_dict`` strictly, with an error that names the first parameter that does not fit."""
+    expected = model.state_dict()
+    for name, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise ModelLoadError(f"{source}: entry {name!r} of the state dict is a {type(value).__name__}, not a tensor")
+    missing = [name for name in expected if name not in state_dict]
+    unexpected = [name for name in state_dict if name not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {_first_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_first_few(unexpected)}")
+        raise ModelLoadError(
+            f"{source}: the parameters do not match the model {type(model).__name__} "
+            f"({'; '.join(parts)}); was the file written for another model class?"
+        )
+    for name, value in state_dict.items():
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise ModelLoadError(
+                f"{source}: parameter {name!r} has shape {tuple(value.shape)} in the file but "
+                f"{tuple(expected[name].shape)} in the model {type(model).__name__}; the model_kwargs or the "
+                f"number of entities/relations differ from those the file was written with"
+            )
+    model.load_state_dict(dict(state_dict), strict=True)
+
+
+def _first_few(names: Sequence[str], n: int = 3) -> str:
+    shown = ", ".join(repr(x) for x in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading torch files without running code
+
+
+class _NeedsPickle(Exception):
+    """The file holds Python objects that only a full (code-running) unpickle can restore."""
+
+
+def _load_plain(path: Path) -> Any:
+    """``torch.load`` restricted to plain tensors, numbers, strings, lists and dicts (runs no code)."""
+    try:
+        with warnings.catch_warnings():
+            # torch's notice about pickle protocols is noise when the probe is expected to fail
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise _NeedsPickle(str(error)) from error
+    except Exception as error:  # torch raises KeyError, EOFError, RuntimeError ... for non-torch files
+        raise ModelLoadError(
+            f"{path}: is not a PyTorch file that can be read with weights_only=True ({type(error).__name__}: "
+            f"{error}); only torch.save files of plain tensors and numbers are accepted"
+        ) from error
+
+
+def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in ("model_state_dict", "state_dict"):
+            if key in obj and isinstance(obj[key], Mapping):
+                return dict(obj[key])
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return dict(obj)  # a bare state dict, as torch.save(model.state_dict()) writes it
+        found = ", ".join(repr(k) for k in list(obj)[:10]) or "none"
+    else:
+        found = f"none (it holds a {type(obj).__name__})"
+    raise ModelLoadError(f"{path}: no 'model_state_dict' or 'state_dict' in the file; keys found: {found}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One set of weights TracIn visits, and the learning rate that weighs it.
+
+    ``path`` None stands for the model as loaded (no checkpoint files given).
+    """
+
+    path: Path | None
+    epoch: int | None
+    learning_rate: float
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        """Put this checkpoint's weights into ``model`` (eval mode); the model's own weights for ``path`` None."""
+        if self.path is not None:
+            load_state_dict_into(model, self.load_state_dict(), str(self.path))
+        model.eval()
+
+    def load_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.path is None:
+            raise ValueError("this checkpoint stands for the loaded model itself; it has no file to load")
+        try:
+            obj = _load_plain(self.path)
+        except _NeedsPickle as error:
+            raise ModelLoadError(_not_plain_message(self.path)) from error
+        return _state_dict_of(obj, self.path)
+
+
+def _not_plain_message(path: Path) -> str:
+    return (
+        f"{path}: holds Python objects that cannot be loaded with weights_only=True; checkpoint files may "
+        f"hold only plain tensors and numbers, e.g. {{'model_state_dict': model.state_dict(), "
+        f"'learning_rate': 0.001, 'epoch': 5}}"
+    )
+
+
+def find_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
+    """The checkpoint files in ``paths`` (files, or folders of ``*.pt``/``*.pth``/``*.ckpt``), by epoch.
+
+    Files that record no epoch come after those that do, by name. A file without a learning rate
+    counts with 1.0 (and a :class:`TracInWarning`).
+    """
+    files: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        if not path.exists():
+            raise ModelLoadError(f"{path}: no such checkpoint file or folder")
+        if path.is_dir():
+            found = sorted(
+                p for p in path.iterdir()
+                # hidden files are the callback's half-written temporaries
+                if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES and not p.name.startswith(".")
+            )  # fmt: skip
+            if not found:
+                raise ModelLoadError(
+                    f"{path}: no checkpoint files (*{', *'.join(CHECKPOINT_SUFFIXES)}) directly in this folder"
+                )
+            files.extend(found)
+        else:
+            files.append(path)
+
+    checkpoints = []
+    seen: set[Path] = set()
+    for path in files:
+        if path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        checkpoints.append(_read_checkpoint(path))
+    return sorted(checkpoints, key=lambda c: (c.epoch is None, c.epoch or 0, c.path.name, str(c.path)))
+
+
+def _read_checkpoint(path: Path) -> Checkpoint:
+    try:
+        obj = _load_plain(path)
+    except _NeedsPickle as error:
+        raise ModelLoadError(_not_plain_message(path)) from error
+    _state_dict_of(obj, path)  # fail here, not in the middle of a build, when there are no weights
+    epoch = obj.get("epoch")
+    if isinstance(epoch, torch.Tensor) and epoch.numel() == 1:
+        epoch = epoch.item()
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+        raise ModelLoadError(f"{path}: 'epoch' must be an integer, found {epoch!r}")
+    learning_rate = obj.get("learning_rate")
+    if learning_rate is None:
+        warnings.warn(f"{path}: no learning_rate recorded; using 1.0", TracInWarning, stacklevel=3)
+        learning_rate = 1.0
+    if isinstance(learning_rate, torch.Tensor) and learning_rate.numel() == 1:
+        learning_rate = learning_rate.item()
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not math.isfinite(learning_rate):
+        raise ModelLoadError(f"{path}: 'learning_rate' must be a finite number, found {learning_rate!r}")
+    if learning_rate < 0:
+        raise ModelLoadError(f"{path}: 'learning_rate' is negative ({learning_rate!r}); TracIn weighs each checkpoint by "
+                             "the (non-negative) step size it was trained with")
+    return Checkpoint(path=path, epoch=epoch, learning_rate=float(learning_rate))
+
+
+class CheckpointModels:
+    """The model at each checkpoint, loaded once: a copy per checkpoint while the copies take at most
+    ``max_bytes`` together, else one model that is reloaded when another checkpoint is asked for.
+
+    ``checkpoints`` empty: the model as given is the only checkpoint (learning rate 1.0).
+    """
+
+    def __init__(self, model: torch.nn.Module, checkpoints: Sequence[Checkpoint], *, max_bytes: int = 2 * 2**30):
+        self.base = model
+        self.checkpoints = list(checkpoints) or [Checkpoint(path=None, epoch=None, learning_rate=1.0)]
+        model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        self.keep_all = len(self.checkpoints) * model_bytes <= max_bytes
+        self._models: dict[int, torch.nn.Module] = {}
+
+    def __len__(self) -> int:
+        return len(self.checkpoints)
+
+    def learning_rate(self, c: int) -> float:
+        return self.checkpoints[c].learning_rate
+
+    def model(self, c: int) -> torch.nn.Module:
+        """The model with checkpoint ``c``'s weights, in eval mode."""
+        if c not in self._models:
+            if self.keep_all:  # a path-less checkpoint (the model itself) only ever comes alone
+                model = self.base if not self._models else copy.deepcopy(self.base)
+            else:
+                self._models.clear()
+                model = self.base
+            self.checkpoints[c].load_into(model)
+            self._models[c] = model
+        return self._models[c]

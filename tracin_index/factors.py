@@ -1,0 +1,402 @@
+r"""What the index stores of each per-example gradient, and how a query scores every row from it.
+
+For one checkpoint, the gradient of a training triple z is a set of blocks (one per selected
+module, see :mod:`tracin_index.gradients`) and :math:`\langle g(z), g(q)\rangle` is the sum of the
+blocks' inner products. Each block is stored so that a query can compute, for every row, an
+*estimate* of its inner product and an *error bound* that holds for certain:
+
+- **dense** (batch norm, small convolutions): the values, in float16 with a per-row scale (exact up
+  to rounding); wider than :data:`MAX_EXACT_DENSE`: a principal sketch (:mod:`tracin_index.sketch`).
+- **factored** (a Linear layer, gradient :math:`\delta a^\top`): the two sides separately,
+  :math:`\langle g_z, g_q\rangle = \langle\delta_z,\delta_q\rangle\langle a_z, a_q\rangle`. A side of
+  at most :data:`MAX_EXACT_SIDE` numbers is kept whole (ConvE's 200 outputs: they carry the sign of
+  the influence); a wider one (ConvE's 10,369 inputs) is sketched. Where the input side depends on
+  (head, relation) only (ConvE), it is stored once per distinct pair (*grouped*). Where the Linear
+  feeds a batch norm directly, its output gradient is the batch norm's bias gradient times
+  :math:`\gamma / \sqrt{\sigma^2 + \epsilon}` (eval mode), so it is not stored twice (*derived*).
+- **rows** (embedding tables): the looked-up ids and their gradient rows; under ``bce`` two triples'
+  gradients meet only in rows they share, so every other pair contributes exactly 0.
+
+What cannot be factored this way (the 1-N rank-one term of ``ce`` on embedding tables) is kept as
+its norm only: estimate 0, bound :math:`\lVert g_z\rVert\lVert g_q\rVert`. Exactness never depends
+on the estimates: the index rescores its candidates exactly (:mod:`tracin_index.index`).
+
+float16 storage with a per-row scale (the largest magnitude maps to 1, so nothing overflows)
+changes an inner product by at most :data:`EPS` :math:`\lVert x\rVert\lVert y\rVert` (2^-11 for the
+rounding of x, the same for the float16 result of the product, and subnormals of a row whose
+entries span many orders of magnitude), which the bounds include.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .gradients import DenseBlock, FactoredBlock, GradientComputer, PerExampleGradients, RowsBlock
+from .layers import ParameterSelection
+from .sketch import Basis
+
+#: Relative error of an inner product of a float16-stored row (scaled to at most 1) with a query.
+EPS = 2.0**-9
+#: A Linear layer's output side up to this size is kept whole (its input side: up to twice the sketch dim).
+MAX_EXACT_SIDE = 512
+#: A dense block up to this many parameters is kept whole.
+MAX_EXACT_DENSE = 1024
+#: Default number of principal directions of a sketched side (UMLS ConvE: 0.977 of the inputs' energy).
+DEFAULT_SKETCH_DIM = 128
+
+BlockKind = Literal["factored", "dense", "rows", "opaque"]
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """How one selected module's per-example gradient is stored (see the module docstring).
+
+    ``sizes``: dense: the parameters' sizes; factored: (out, in [+1 for the bias]); rows: (table
+    rows, row dim). ``sketch``: per side (dense: one side) 0 = kept whole, else principal directions.
+    ``grouped``: the factored input side is stored once per (head, relation) pair. ``derived``:
+    (dense block, part) whose values times the batch norm's scale are this block's output side.
+    ``examples``: (delta, a) pairs per row of a factored block.
+    """
+
+    name: str
+    kind: BlockKind
+    sizes: tuple[int, ...]
+    sketch: tuple[int, ...] = ()
+    grouped: bool = False
+    derived: tuple[str, int] | None = None
+    examples: int = 1
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "sizes": list(self.sizes), "sketch": list(self.sketch),
+                "grouped": self.grouped, "derived": list(self.derived) if self.derived else None,
+                "examples": self.examples}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, d: dict) -> "BlockPlan":
+        return cls(d["name"], d["kind"], tuple(d["sizes"]), tuple(d["sketch"]), d["grouped"],
+                   tuple(d["derived"]) if d["derived"] else None, d["examples"])  # fmt: skip
+
+    def sides(self) -> list[tuple[str, int, int]]:
+        """(side, full size, sketch dim) of each stored side that may need a basis."""
+        if self.kind == "dense":
+            return [("values", sum(self.sizes), self.sketch[0])]
+        if self.kind == "factored":
+            sides = [("in", self.sizes[1], self.sketch[1])]
+            if self.derived is None:
+                sides.insert(0, ("out", self.sizes[0], self.sketch[0]))
+            return sides
+        return []
+
+    def row_bytes(self, rows_per_group: float = 1.0) -> float:
+        """Bytes stored per training row at one checkpoint (``rows_per_group`` for grouped sides)."""
+        def side(size: int, sketch: int, extra: int) -> int:
+            return 2 * (sketch or size) + 4 * extra
+
+        if self.kind == "dense":
+            return side(sum(self.sizes), self.sketch[0], 3 if self.sketch[0] else 2)
+        if self.kind == "factored":
+            total = 0.0 if self.derived else self.examples * side(self.sizes[0], self.sketch[0], 3)
+            per = self.examples * side(self.sizes[1], self.sketch[1], 3)
+            return total + (per / rows_per_group if self.grouped else per)
+        if self.kind == "rows":
+            return 2 * self.sizes[2] * self.sizes[1] + 4 * self.sizes[2] + 8 if len(self.sizes) > 2 else 0
+        return 4  # opaque: the norm
+
+
+# ------------------------------------------------------------------------------------------------
+# Choosing the plan
+
+
+def plan_blocks(model: nn.Module, selection: ParameterSelection, computer: GradientComputer, sample: torch.Tensor,
+                num_entities: int, sketch_dim: int = DEFAULT_SKETCH_DIM, seed: int = 0, *,
+                share_pairs: bool = True) -> list[BlockPlan]:  # fmt: skip
+    """The storage plan of each selected block, from its type and from checks on ``sample`` triples:
+    whether a Linear's input depends on (head, relation) only (the same for other tails), and whether
+    its output gradient is a batch norm's bias gradient times the norm's scale."""
+    grads = computer.compute(sample)
+    generator = torch.Generator().manual_seed(seed)
+    other_tails = sample.clone()
+    other_tails[:, 2] = torch.randint(0, num_entities, (len(sample),), generator=generator).to(sample.device)
+    swapped = computer.compute(other_tails)
+    plans: list[BlockPlan] = []
+    for m in selection.modules:
+        block = grads.blocks[m.name]
+        if isinstance(block, FactoredBlock):
+            out, inp = block.delta.shape[-1], block.a.shape[-1]
+            examples = block.a.shape[1]
+            grouped = share_pairs and examples == 1 and torch.equal(block.a, swapped.blocks[m.name].a)
+            # the output side carries the sign of an influence: whole unless very wide; the input side is
+            # sketched when its sketch (and residual) is clearly smaller than the side itself
+            sketch = (0 if out <= MAX_EXACT_SIDE else sketch_dim, 0 if inp <= 2 * sketch_dim else sketch_dim)
+            plans.append(BlockPlan(m.name, "factored", (out, inp), sketch, grouped, None, examples))
+        elif isinstance(block, DenseBlock):
+            sizes = tuple(int(s.numel()) for s in block.shapes)
+            plans.append(BlockPlan(m.name, "dense", sizes, (0 if sum(sizes) <= MAX_EXACT_DENSE else sketch_dim,)))
+        elif isinstance(block, RowsBlock) and block.coef is None:
+            plans.append(BlockPlan(m.name, "rows", (block.num_rows, block.rows.shape[-1], block.ids.shape[1])))
+        else:
+            plans.append(BlockPlan(m.name, "opaque", ()))
+    return _derive_batch_norm_sides(model, selection, plans, grads)
+
+
+def batch_norm_scale(module: nn.Module) -> torch.Tensor | None:
+    """gamma / sqrt(running_var + eps) of an affine batch norm with running statistics (eval mode), else None."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or not module.affine or module.running_var is None:
+        return None
+    return (module.weight / torch.sqrt(module.running_var + module.eps)).detach()
+
+
+def _derive_batch_norm_sides(model, selection, plans, grads) -> list[BlockPlan]:
+    """Mark a Linear whose output gradient equals a following batch norm's bias gradient times its scale."""
+    modules = {m.name: m for m in selection.modules}
+    result = []
+    for i, plan in enumerate(plans):
+        if plan.kind == "factored" and plan.examples == 1 and plan.sketch[0] == 0 and i + 1 < len(plans):
+            nxt = plans[i + 1]
+            bn = modules[nxt.name]
+            scale = batch_norm_scale(bn.module)
+            if nxt.kind == "dense" and nxt.sketch[0] == 0 and scale is not None and "bias" in bn.parameter_names:
+                part = bn.parameter_names.index("bias")
+                start = sum(nxt.sizes[:part])
+                bias_grad = grads.blocks[nxt.name].values[:, start : start + nxt.sizes[part]]
+                delta = grads.blocks[plan.name].delta[:, 0]
+                if bias_grad.shape == delta.shape:
+                    derived = bias_grad * scale.to(bias_grad)
+                    tolerance = 1e-5 * float(delta.abs().max().clamp_min(1e-30))
+                    if float((derived - delta).abs().max()) <= tolerance:
+                        plan = BlockPlan(plan.name, plan.kind, plan.sizes, plan.sketch, plan.grouped,
+                                         (nxt.name, part), plan.examples)  # fmt: skip
+        result.append(plan)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoding rows for storage
+
+
+def to_half(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float16 values scaled so that each row's largest magnitude is 1, and the float32 scales."""
+    flat = x.reshape(x.shape[0], -1)
+    scale = flat.abs().amax(1).float().clamp_min(torch.finfo(torch.float32).tiny)
+    values = (x / scale.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)).half()
+    return values, scale
+
+
+def _side_arrays(x: torch.Tensor, basis: Basis | None) -> dict[str, torch.Tensor]:
+    """Storage of one side, x of shape (rows, [examples,] size): whole, or sketched (coordinates and
+    residual norms). ``norm``: of what is stored (the side, or its coordinates), per row [and example]."""
+    if basis is not None:
+        s, rho = basis.sketch(x.reshape(-1, x.shape[-1]))
+        x = s.view(*x.shape[:-1], -1)
+    values, scale = to_half(x)
+    arrays = {"values": values.cpu(), "scale": scale.cpu(), "norm": x.double().norm(dim=-1).float().cpu()}
+    if basis is not None:
+        arrays["rho"] = rho.view(x.shape[:-1]).float().cpu()
+    return arrays
+
+
+def encode(plans: list[BlockPlan], grads: PerExampleGradients, bases: dict[tuple[str, str], Basis],
+           group_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Arrays to store for a batch of rows, keyed ``block/side/array``. Grouped input sides are
+    encoded only for the batch positions ``group_rows`` (the rows where a group first appears)."""
+    out: dict[str, torch.Tensor] = {}
+    for plan in plans:
+        block = grads.blocks[plan.name]
+        if plan.kind == "dense":
+            arrays = _side_arrays(block.values, bases.get((plan.name, "values")))
+            out.update({f"{plan.name}/values/{k}": v for k, v in arrays.items()})
+        elif plan.kind == "factored":
+            if plan.derived is None:
+                arrays = _side_arrays(block.delta, bases.get((plan.name, "out")))
+                out.update({f"{plan.name}/out/{k}": v for k, v in arrays.items()})
+            a = block.a
+            if plan.grouped:
+                a = a[group_rows] if group_rows is not None else a[:0]
+            arrays = _side_arrays(a, bases.get((plan.name, "in")))
+            out.update({f"{plan.name}/in/{k}": v for k, v in arrays.items()})
+        elif plan.kind == "rows":
+            values, scale = to_half(block.rows)
+            out[f"{plan.name}/rows/ids"] = block.ids.to(torch.int32).cpu()
+            out[f"{plan.name}/rows/values"] = values.cpu()
+            out[f"{plan.name}/rows/scale"] = scale.cpu()
+            out[f"{plan.name}/rows/norm"] = block.squared_norms().double().clamp_min(0).sqrt().float().cpu()
+        else:
+            out[f"{plan.name}/opaque/norm"] = block.squared_norms().double().clamp_min(0).sqrt().float().cpu()
+    return out
+
+
+def sketch_sample(plans: list[BlockPlan], grads: PerExampleGradients) -> dict[tuple[str, str], torch.Tensor]:
+    """The factors whose principal directions the sketched sides need, from a sample's gradients."""
+    wanted: dict[tuple[str, str], torch.Tensor] = {}
+    for plan in plans:
+        block = grads.blocks[plan.name]
+        for side, _, dim in plan.sides():
+            if not dim:
+                continue
+            x = block.values if side == "values" else block.delta if side == "out" else block.a
+            wanted[(plan.name, side)] = x.reshape(-1, x.shape[-1]).detach()
+    return wanted
+
+
+# ------------------------------------------------------------------------------------------------
+# Scanning: a query's estimate and bound for every stored row
+
+
+@dataclass
+class Stored:
+    """One checkpoint's stored arrays for all rows (shards concatenated), plus the bases and the
+    rows' group ids of grouped blocks."""
+
+    arrays: dict[str, torch.Tensor]
+    bases: dict[tuple[str, str], Basis]
+    groups: dict[str, torch.Tensor]  # block name -> (rows,) group id
+    num_rows: int
+    postings: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.arrays.values())).device if self.arrays else torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> "Stored":
+        """The same arrays on ``device`` (a GPU scans them much faster)."""
+        return Stored({k: v.to(device) for k, v in self.arrays.items()},
+                      {k: Basis(b.matrix.to(device), b.gram_inverse.to(device)) for k, b in self.bases.items()},
+                      {k: v.to(device) for k, v in self.groups.items()}, self.num_rows)  # fmt: skip
+
+    def rows_postings(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(starts, rows, slots): the (row, slot) pairs that look up each table row, as CSR."""
+        if name not in self.postings:
+            ids = self.arrays[f"{name}/rows/ids"].long()
+            flat = ids.reshape(-1)
+            order = torch.argsort(flat, stable=True)
+            counts = torch.bincount(flat, minlength=int(flat.max()) + 1 if len(flat) else 1)
+            starts = torch.zeros(len(counts) + 1, dtype=torch.long, device=ids.device)
+            starts[1:] = torch.cumsum(counts, 0)
+            self.postings[name] = (starts, order // ids.shape[1], order % ids.shape[1])
+        return self.postings[name]
+
+
+@dataclass
+class _Estimate:
+    value: torch.Tensor  # float64 (n,) or (n, examples)
+    error: torch.Tensor  # float64, the same shape
+
+
+def _mv(values: torch.Tensor, scale: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """scale * (values @ query) in float64 for float16 rows (rows, [examples,] d); the query is scaled
+    into float16's range first (torch's float16 mat-vec product returns float16)."""
+    q_scale = float(query.abs().max()) if query.numel() else 0.0
+    if q_scale == 0.0:
+        return torch.zeros(values.shape[:-1], dtype=torch.float64, device=values.device)
+    q = (query.to(values.device) / q_scale).to(values.dtype)
+    product = torch.mv(values.reshape(-1, values.shape[-1]), q).view(values.shape[:-1]).double()
+    return product * (scale.double() * q_scale).view(-1, *([1] * (product.dim() - 1)))
+
+
+def _side_estimate(arrays: dict[str, torch.Tensor], prefix: str, query: torch.Tensor, basis: Basis | None) -> _Estimate:
+    """<x_row, query> for every stored row [and example] of one side (query: a vector of the side's full size)."""
+    rho_q = 0.0
+    if basis is not None:
+        s, rho = basis.sketch(query.reshape(1, -1))
+        query, rho_q = basis.query(s)[0], float(rho[0])
+    estimate = _mv(arrays[f"{prefix}/values"], arrays[f"{prefix}/scale"], query)
+    error = EPS * arrays[f"{prefix}/norm"].double() * float(query.double().norm())
+    if basis is not None:
+        error = error + arrays[f"{prefix}/rho"].double() * rho_q
+    return _Estimate(estimate, error)
+
+
+def _combine(out: _Estimate, inp: _Estimate) -> _Estimate:
+    """Estimate and bound of sum over examples of X1 * X2 from those of X1 (out side) and X2 (in side):
+    |X1 X2 - E1 E2| <= |E1| e2 + |E2| e1 + e1 e2."""
+    v1, e1, v2, e2 = out.value, out.error, inp.value, inp.error
+    if v1.dim() < v2.dim():
+        v1, e1 = v1[:, None], e1[:, None]
+    elif v2.dim() < v1.dim():
+        v2, e2 = v2[:, None], e2[:, None]
+    value, error = v1 * v2, v1.abs() * e2 + v2.abs() * e1 + e1 * e2
+    if value.dim() == 2:
+        value, error = value.sum(-1), error.sum(-1)
+    return _Estimate(value, error)
+
+
+def scan_block(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, query: PerExampleGradients,
+               modules: dict[str, nn.Module], query_norm: float) -> _Estimate:  # fmt: skip
+    """Estimate and bound of <g_row, g_query> for this block, every row (``query``: one test triple;
+    ``modules``: the model's modules at this checkpoint, for batch norm scales)."""
+    n = stored.num_rows
+    block = query.blocks[plan.name]
+    arrays = stored.arrays
+    if plan.kind == "dense":
+        return _side_estimate(arrays, f"{plan.name}/values", block.values[0], stored.bases.get((plan.name, "values")))
+    if plan.kind == "factored":
+        zeros = torch.zeros(n, dtype=torch.float64, device=stored.device)
+        total = _Estimate(zeros, zeros.clone())
+        for j in range(block.a.shape[1]):  # the query's examples (positions)
+            out = _out_side(plan, plans, stored, block.delta[0, j], modules)
+            inp = _side_estimate(arrays, f"{plan.name}/in", block.a[0, j], stored.bases.get((plan.name, "in")))
+            if plan.grouped:
+                group = stored.groups[plan.name]
+                inp = _Estimate(inp.value[group], inp.error[group])
+            part = _combine(out, inp)
+            total = _Estimate(total.value + part.value, total.error + part.error)
+        return total
+    if plan.kind == "rows":
+        return _rows_estimate(plan, stored, block)
+    norm = arrays[f"{plan.name}/opaque/norm"].double()
+    return _Estimate(torch.zeros(n, dtype=torch.float64, device=norm.device), norm * query_norm)
+
+
+def _out_side(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, delta_q: torch.Tensor,
+              modules: dict[str, nn.Module]) -> _Estimate:  # fmt: skip
+    if plan.derived is None:
+        return _side_estimate(stored.arrays, f"{plan.name}/out", delta_q, stored.bases.get((plan.name, "out")))
+    dense_name, part = plan.derived
+    sizes = plans[dense_name].sizes
+    start = sum(sizes[:part])
+    scale = batch_norm_scale(modules[dense_name]).to(delta_q)
+    # <s * bias_grad_row, delta_q> = <bias_grad_row, s * delta_q>: a query over the batch norm's stored values
+    query = torch.zeros(sum(sizes), dtype=delta_q.dtype, device=delta_q.device)
+    query[start : start + sizes[part]] = scale * delta_q
+    return _side_estimate(stored.arrays, f"{dense_name}/values", query, None)
+
+
+def _rows_estimate(plan: BlockPlan, stored: Stored, block: RowsBlock) -> _Estimate:
+    """Exact up to float16 rounding: only rows that looked up a table row the query looked up meet it."""
+    n = stored.num_rows
+    estimate = torch.zeros(n, dtype=torch.float64, device=stored.device)
+    error = torch.zeros(n, dtype=torch.float64, device=stored.device)
+    starts, rows, slots = stored.rows_postings(plan.name)
+    values = stored.arrays[f"{plan.name}/rows/values"]
+    scale = stored.arrays[f"{plan.name}/rows/scale"].double()
+    norm = stored.arrays[f"{plan.name}/rows/norm"].double()
+    query_norm = float(block.squared_norms()[0].double().clamp_min(0).sqrt())
+    ids = block.ids[0].tolist()
+    for table_row in sorted(set(ids)):
+        if table_row >= len(starts) - 1 or starts[table_row + 1] == starts[table_row]:
+            continue
+        lo, hi = int(starts[table_row]), int(starts[table_row + 1])
+        q = sum(block.rows[0, k] for k, i in enumerate(ids) if i == table_row).double().to(values.device)
+        z, k = rows[lo:hi], slots[lo:hi]
+        estimate.index_add_(0, z, (values[z, k].double() @ q) * scale[z])
+        touched = torch.unique(z)
+        error[touched] = EPS * norm[touched] * query_norm
+    return _Estimate(estimate, error)
+
+
+def checkpoint_estimate(plans: list[BlockPlan], stored: Stored, query: PerExampleGradients,
+                        modules: dict[str, nn.Module]) -> _Estimate:  # fmt: skip
+    """Sum over blocks of :func:`scan_block`: one query, one checkpoint, every row."""
+    query_norm = float(query.squared_norms()[0].double().clamp_min(0).sqrt())
+    by_name = {p.name: p for p in plans}
+    total = torch.zeros(stored.num_rows, dtype=torch.float64, device=stored.device)
+    error = torch.zeros(stored.num_rows, dtype=torch.float64, device=stored.device)
+    for plan in plans:
+        part = scan_block(plan, by_name, stored, query, modules, query_norm)
+        total += part.value
+        error += part.error
+    return _Estimate(total, error)

@@ -1,0 +1,91 @@
+r"""Principal sketches of wide factors, with the residual that bounds their error.
+
+A wide factor x (ConvE's Linear input: 10,369 numbers) is stored as its coordinates in a basis B
+(k rows, the top principal directions, uncentred, of a sample of such factors) plus the norm of
+what the basis misses. The basis is stored in float16, so its rows are only nearly orthonormal;
+the sketch therefore works with the projection onto the row space of B exactly, through the Gram
+matrix :math:`G = B B^\top`:
+
+.. math::
+
+    s = B x, \qquad \Pi x = B^\top G^{-1} s, \qquad
+    \langle \Pi x, \Pi y\rangle = s_x^\top G^{-1} s_y, \qquad
+    \rho_x^2 = \lVert x\rVert^2 - s_x^\top G^{-1} s_x = \lVert x - \Pi x\rVert^2 ,
+
+and, as :math:`x - \Pi x` and :math:`y - \Pi y` are orthogonal to the basis,
+
+.. math::
+
+    \bigl|\langle x, y\rangle - s_x^\top G^{-1} s_y\bigr| = \bigl|\langle x - \Pi x, y - \Pi y\rangle\bigr| \le \rho_x \rho_y .
+
+That bound is what lets a query decide, before any exact computation, which training triples can
+still be among the top k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+
+def stable_seed(*parts) -> int:
+    """A seed that is a function of ``parts`` only (same on any machine and in any process)."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def fit_basis(sample: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """The top ``k`` principal directions (uncentred) of the rows of ``sample``, as float16 (k, d).
+
+    Randomised SVD on the CPU under a fixed seed; each direction's largest entry is made positive,
+    so that builds on other devices store the same directions. Fewer sample rows than ``k`` give
+    fewer directions (the rest of the basis is zero and takes no part).
+    """
+    a = sample.detach().float().cpu()
+    r = max(0, min(k, a.shape[0], a.shape[1]))
+    basis = torch.zeros(k, a.shape[1], dtype=torch.float32)
+    if r:
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed % (2**31))
+            _, _, v = torch.svd_lowrank(a, q=min(r + 8, min(a.shape)), niter=2)
+        directions = v[:, :r].T
+        largest = directions.gather(1, directions.abs().argmax(dim=1, keepdim=True))
+        basis[:r] = directions * torch.where(largest < 0, -1.0, 1.0)
+    return basis.half()
+
+
+@dataclass
+class Basis:
+    """A float16 basis B (k, d) ready for sketching: B in float32 and G^{-1} over its nonzero rows."""
+
+    matrix: torch.Tensor  # (k, d) float32: the float16 basis, exactly
+    gram_inverse: torch.Tensor  # (k, k) float64
+
+    @classmethod
+    def from_half(cls, half: torch.Tensor, device: torch.device | str = "cpu") -> "Basis":
+        b = half.to(device=device, dtype=torch.float32)
+        b64 = b.double()
+        gram = b64 @ b64.T
+        live = b64.abs().sum(1) > 0  # rows left zero (tiny samples) take no part
+        inverse = torch.zeros_like(gram)
+        if bool(live.any()):
+            inverse[live.nonzero()[:, 0][:, None], live.nonzero()[:, 0][None, :]] = torch.linalg.inv(gram[live][:, live])
+        return cls(b, inverse)
+
+    @property
+    def dim(self) -> int:
+        return self.matrix.shape[0]
+
+    def sketch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coordinates s = B x (float32) and residual norms rho = ||x - Pi x|| (float64) of the rows of ``x``."""
+        s = x.float() @ self.matrix.T
+        s64 = s.double()
+        captured = ((s64 @ self.gram_inverse) * s64).sum(-1)
+        rho = (x.double().pow(2).sum(-1) - captured).clamp_min(0).sqrt()
+        return s, rho
+
+    def query(self, s: torch.Tensor) -> torch.Tensor:
+        """G^{-1} s of a query's coordinates: its inner products with stored coordinates are <Pi x, Pi y>."""
+        return (s.double() @ self.gram_inverse).float()

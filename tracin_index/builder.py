@@ -206,6 +206,24 @@ class Builder:
 
     # -- running it ---------------------------------------------------------------------------
 
+    def replica(self) -> dict | None:
+        """The spec of a plain-torch replica of the model that gives its scores and gradients, if there is one."""
+        from .replicas import build_replica, replica_agrees, replica_spec
+
+        if self.inputs.run.config is None:  # a pickle: queries load it through PyKEEN (with --allow-pickle) anyway
+            return None
+        model = self.models.model(0)
+        spec = replica_spec(model)
+        if spec is None:
+            return None
+        check = self.inputs.hrt[torch.as_tensor(self.sample_rows[:64])].to(self.device)
+        replica = build_replica(spec).to(self.device)
+
+        def gradients_of(m):
+            return GradientComputer(m, self.settings.select(m), self.settings.loss).compute(check)
+
+        return spec if replica_agrees(replica, model, check, gradients_of) else None
+
     def run(self) -> dict:
         plans = self.plan()
         grouped = any(p.grouped for p in plans)
@@ -230,6 +248,8 @@ class Builder:
                 manifest["files"][TRIPLES] = write_triples(self.out / TRIPLES, hrt_np, ids_maps.id_to_entity,
                                                            ids_maps.id_to_relation, str(self.inputs.training_path), groups)  # fmt: skip
                 write_manifest(self.out, manifest)
+            manifest["replica"] = self.replica()
+            write_manifest(self.out, manifest)
             tasks = plan_shards(self.num_rows, self.settings.shard_size, checkpoints)
             for c in range(checkpoints):
                 self._run_checkpoint(c, plans, [t for t in tasks if t.checkpoint == c], manifest, groups, group_first)

@@ -129,8 +129,6 @@ class GradientIndex:
         """The model the index was built from, loaded on first use (queries need it; ``verify`` and
         self-influence do not). Refuses model or checkpoint files changed since the build."""
         if self._run is None:
-            from .models import load_model
-
             inputs = self.manifest["inputs"]
             source = resolve_path(inputs["model"]["source"], self.directory)
             for name, digest in inputs["model"]["files"].items():
@@ -138,7 +136,13 @@ class GradientIndex:
             for record, checkpoint in zip(inputs["checkpoints"], self.checkpoints):
                 if checkpoint.path is not None:
                     _check_file(checkpoint.path, record["sha256"], "checkpoint")
-            self._run = load_model(source, allow_pickle=self._allow_pickle)
+            spec = self.manifest.get("replica")
+            if spec is not None and not inputs["model"]["pickled"] and source.is_dir():
+                self._run = _replica_run(spec, source, has_checkpoints=any(c.path for c in self.checkpoints))
+            else:
+                from .models import load_model  # PyKEEN: seconds to import
+
+                self._run = load_model(source, allow_pickle=self._allow_pickle)
         return self._run
 
     @property
@@ -333,6 +337,32 @@ class GradientIndex:
     def verify(self) -> list[str]:
         """Problems found: any file of the index missing or not matching its sha256 in the manifest."""
         return verify_directory(self.directory, self.manifest)
+
+
+@dataclass
+class _ReplicaRun:
+    """What a query needs of a run directory: the model (here a replica, see :mod:`tracin_index.replicas`)."""
+
+    model: torch.nn.Module
+
+
+def _replica_run(spec: dict, source: Path, has_checkpoints: bool) -> _ReplicaRun:
+    """The run directory's model as a plain-torch replica (no PyKEEN import): the build checked that it agrees."""
+    from .checkpoints import _load_plain, _NeedsPickle, _not_plain_message, _state_dict_of, load_state_dict_into
+    from .errors import ModelLoadError
+    from .replicas import build_replica
+
+    model = build_replica(spec)
+    weights = source / "model.pt"
+    if weights.is_file():
+        try:
+            state = _state_dict_of(_load_plain(weights), weights)
+        except _NeedsPickle as error:
+            raise ModelLoadError(_not_plain_message(weights)) from error
+        load_state_dict_into(model, state, str(weights))
+    elif not has_checkpoints:
+        raise InputError(f"{weights}: missing, and the index has no checkpoints to load weights from")
+    return _ReplicaRun(model.eval())
 
 
 def verify_directory(directory: Path, manifest: dict) -> list[str]:

@@ -106,10 +106,12 @@ def _kind(name: str, module: nn.Module, representation_prefixes: Sequence[str]) 
 
 def _representation_prefixes(model: nn.Module) -> list[str]:
     """Module names of PyKEEN representation modules (entity/relation embeddings and the like)."""
-    try:
-        from pykeen.nn.representation import Representation
-    except ImportError:  # pragma: no cover - pykeen is a dependency
+    import sys
+
+    if "pykeen" not in sys.modules:  # no PyKEEN model can exist (a replica's tables are nn.Embedding)
         return []
+    from pykeen.nn.representation import Representation
+
     return [name for name, m in model.named_modules() if isinstance(m, Representation)]
 
 

@@ -47,11 +47,13 @@ def train_run(
     random_seed: int = 42,
     device: str = "cpu",
     progress: bool = True,
+    inverse_triples: bool | None = None,
 ) -> Path:
     """Train ``model`` on a bundled dataset or on TSV files and write a run directory to ``out``.
 
     A checkpoint is written every ``checkpoint_every`` epochs and after the final epoch. ``loss``
-    None keeps the model's PyKEEN default (e.g. BCEAfterSigmoidLoss for ConvE). Every file in
+    None keeps the model's PyKEEN default (e.g. BCEAfterSigmoidLoss for ConvE). ``inverse_triples``
+    None: as PyKEEN advises (ConvE trains with inverse triples, the others without). Every file in
     ``out`` is written atomically; ``model.pt`` appears only when training has finished.
     Returns ``out``.
     """
@@ -73,7 +75,7 @@ def train_run(
         _loss_class(loss)  # fail before training, not inside PyKEEN
     torch_device = _device(device)
 
-    create_inverse_triples = model_cls.__name__ in _INVERSE_TRIPLE_MODELS
+    create_inverse_triples = model_cls.__name__ in _INVERSE_TRIPLE_MODELS if inverse_triples is None else inverse_triples
     splits = _load_splits(dataset, train_path, valid_path, test_path, create_inverse_triples)
     training = splits.training
 

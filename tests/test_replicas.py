@@ -1,0 +1,57 @@
+"""Plain-torch replicas: the PyKEEN model's scores and gradients, and a query that never imports PyKEEN."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import make_model
+from tracin_index.gradients import GradientComputer
+from tracin_index.index import GradientIndex
+from tracin_index.layers import select_parameters
+from tracin_index.replicas import ConvEReplica, build_replica, replica_spec
+
+
+@pytest.mark.parametrize("name,mode", [("ConvE", "last"), ("ConvE", "all"), ("DistMult", "last")])
+def test_a_replica_scores_and_differentiates_like_the_pykeen_model(nations, name, mode):
+    model = make_model(name, nations.training, dtype=torch.float64)
+    replica = build_replica(replica_spec(model)).double()
+    replica.load_state_dict(model.state_dict())
+    batch = nations.training.mapped_triples[:40]
+    torch.testing.assert_close(replica.score_hrt(batch), model.score_hrt(batch), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(replica.score_t(batch[:, :2]), model.score_t(batch[:, :2]), rtol=1e-12, atol=1e-12)
+    for loss in ("bce", "ce"):
+        ours = GradientComputer(replica, select_parameters(replica, mode=mode), loss).compute(batch).to_dense()
+        theirs = GradientComputer(model, select_parameters(model, mode=mode), loss).compute(batch).to_dense()
+        assert set(ours) == set(theirs)
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-10, atol=1e-12, msg=key)
+
+
+QUERY = """
+import sys
+from tracin_index.index import GradientIndex
+index = GradientIndex.open(sys.argv[1])
+result = index.query([[0, 0, 1]], top_k=3)[0]
+print(type(index.run.model).__name__, "pykeen" in sys.modules, [p.train_index for p in result.proponents])
+"""
+
+
+def test_a_query_of_a_conve_index_never_imports_pykeen(tiny_run, tmp_path):
+    out = tmp_path / "index"
+    built = GradientIndex.build(out, model_path=tiny_run, sketch_dim=16)
+    assert built.manifest["replica"]["model"] == "ConvE"
+    expected = [p.train_index for p in built.query([[0, 0, 1]], top_k=3)[0].proponents]
+    found = subprocess.run([sys.executable, "-c", QUERY, str(out)], capture_output=True, text=True, env=os.environ.copy())
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip().split(maxsplit=2) == ["ConvEReplica", "False", str(expected)]
+
+
+def test_a_replica_that_disagrees_is_not_used(tiny_run, tmp_path, monkeypatch):
+    original = ConvEReplica.score_hrt
+    monkeypatch.setattr(ConvEReplica, "score_hrt", lambda self, hrt: original(self, hrt) * 1.001)
+    index = GradientIndex.build(tmp_path / "index", model_path=tiny_run, sketch_dim=16)
+    assert index.manifest["replica"] is None
+    assert type(GradientIndex.open(tmp_path / "index").run.model).__name__ == "ConvE"

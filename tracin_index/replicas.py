@@ -1,0 +1,167 @@
+"""Plain-torch twins of some PyKEEN models, so that a query need not import PyKEEN.
+
+Importing PyKEEN takes 2-3 s (it pulls in scikit-learn and SciPy), more than a whole query of a
+small index. A replica has the PyKEEN model's module and parameter names (its state dicts and
+checkpoints load as they are) and computes ``score_hrt`` and ``score_t`` the same way. It is used
+only where the build checked it against the PyKEEN model itself: the same scores and the same
+per-example gradients of the selected parameters on sample triples, at the first checkpoint.
+Otherwise queries load the model through PyKEEN as usual.
+
+Replicas: ConvE and DistMult (PyKEEN 1.11). Everything here needs torch only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Largest relative difference of scores and gradient inner products a replica may show.
+TOLERANCE = 1e-5
+
+
+class _Regularizer(nn.Module):
+    """The buffers of PyKEEN's ``LpRegularizer`` (they are in the state dict; training uses them, scoring does not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(()))
+        self.register_buffer("regularization_term", torch.zeros(1))
+
+
+class _Table(nn.Module):
+    """PyKEEN's ``Embedding`` representation: an ``nn.Embedding`` named ``_embeddings``."""
+
+    def __init__(self, rows: int, dim: int, regularized: bool = False):
+        super().__init__()
+        if regularized:
+            self.regularizer = _Regularizer()
+        self._embeddings = nn.Embedding(rows, dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._embeddings(ids)
+
+
+class ConvEInteraction(nn.Module):
+    """PyKEEN's ConvE interaction (same name: the 1-N ``ce`` gradients know it is linear in the tail)."""
+
+    tail_indices = range(0, 2)  # the tail's embedding and bias
+
+    def __init__(self, shape: dict[str, int], batch_norm: bool):
+        super().__init__()
+        self.shape = shape
+        channels, out = shape["input_channels"], shape["output_channels"]
+        layers_2d = [nn.BatchNorm2d(channels) if batch_norm else None, nn.Dropout(),
+                     nn.Conv2d(channels, out, (shape["kernel_height"], shape["kernel_width"])),
+                     nn.BatchNorm2d(out) if batch_norm else None, nn.ReLU(), nn.Dropout2d()]  # fmt: skip
+        self.hr2d = nn.Sequential(*(layer for layer in layers_2d if layer is not None))
+        features = out * (2 * shape["image_height"] - shape["kernel_height"] + 1) * (shape["image_width"] - shape["kernel_width"] + 1)
+        layers_1d = [nn.Linear(features, shape["embedding_dim"]), nn.Dropout(),
+                     nn.BatchNorm1d(shape["embedding_dim"]) if batch_norm else None, nn.ReLU()]  # fmt: skip
+        self.hr1d = nn.Sequential(*(layer for layer in layers_1d if layer is not None))
+
+    def encode(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The (head, relation) vector that is dotted with the tail: (B, d)."""
+        s = self.shape
+        image = (-1, s["input_channels"], s["image_height"], s["image_width"])
+        x = torch.cat([h.view(image), r.view(image)], dim=-2)
+        x = self.hr2d(x)
+        return self.hr1d(x.view(x.shape[0], -1))
+
+
+class ConvEReplica(nn.Module):
+    """PyKEEN 1.11's ConvE: ``score(h, r, t) = <hr1d(hr2d([h; r])), t> + b_t``."""
+
+    def __init__(self, num_entities: int, num_relations: int, shape: dict[str, int], batch_norm: bool):
+        super().__init__()
+        dim = shape["embedding_dim"]
+        self.num_entities, self.num_relations = num_entities, num_relations
+        self.interaction = ConvEInteraction(shape, batch_norm)
+        self.entity_representations = nn.ModuleList([_Table(num_entities, dim), _Table(num_entities, 1)])
+        self.relation_representations = nn.ModuleList([_Table(num_relations, dim)])
+
+    def score_hrt(self, hrt: torch.Tensor) -> torch.Tensor:
+        x = self.interaction.encode(self.entity_representations[0](hrt[:, 0]), self.relation_representations[0](hrt[:, 1]))
+        t = self.entity_representations[0](hrt[:, 2])
+        bias = self.entity_representations[1](hrt[:, 2]).view(-1)
+        return ((x * t).sum(-1) + bias).view(-1, 1)
+
+    def score_t(self, hr: torch.Tensor) -> torch.Tensor:
+        x = self.interaction.encode(self.entity_representations[0](hr[:, 0]), self.relation_representations[0](hr[:, 1]))
+        return x @ self.entity_representations[0]._embeddings.weight.T + self.entity_representations[1]._embeddings.weight.view(1, -1)
+
+
+class DistMultInteraction(nn.Module):
+    """PyKEEN's DistMult interaction (parameter-free)."""
+
+    tail_indices = range(0, 1)
+
+
+class DistMultReplica(nn.Module):
+    """PyKEEN 1.11's DistMult: ``score(h, r, t) = sum(h * r * t)``."""
+
+    def __init__(self, num_entities: int, num_relations: int, dim: int):
+        super().__init__()
+        self.num_entities, self.num_relations = num_entities, num_relations
+        self.interaction = DistMultInteraction()
+        self.entity_representations = nn.ModuleList([_Table(num_entities, dim)])
+        self.relation_representations = nn.ModuleList([_Table(num_relations, dim, regularized=True)])
+
+    def score_hrt(self, hrt: torch.Tensor) -> torch.Tensor:
+        e, r = self.entity_representations[0], self.relation_representations[0]
+        return (e(hrt[:, 0]) * r(hrt[:, 1]) * e(hrt[:, 2])).sum(-1).view(-1, 1)
+
+    def score_t(self, hr: torch.Tensor) -> torch.Tensor:
+        e, r = self.entity_representations[0], self.relation_representations[0]
+        return (e(hr[:, 0]) * r(hr[:, 1])) @ e._embeddings.weight.T
+
+
+def replica_spec(model: nn.Module) -> dict[str, Any] | None:
+    """What it takes to rebuild ``model`` (a PyKEEN model) as a replica, or None if there is no replica of it."""
+    name = type(model).__name__
+    state = model.state_dict()
+    expected_keys = None
+    if name == "ConvE":
+        info = model.interaction.shape_info
+        shape = {k: int(getattr(info, k)) for k in ("embedding_dim", "input_channels", "image_height", "image_width",
+                                                     "output_channels", "kernel_height", "kernel_width")}  # fmt: skip
+        batch_norm = any(isinstance(m, nn.BatchNorm1d) for m in model.interaction.hr1d)
+        spec = {"model": name, "num_entities": model.num_entities, "num_relations": model.num_relations,
+                "shape": shape, "batch_norm": batch_norm}  # fmt: skip
+    elif name == "DistMult":
+        spec = {"model": name, "num_entities": model.num_entities, "num_relations": model.num_relations,
+                "dim": int(state["entity_representations.0._embeddings.weight"].shape[1])}  # fmt: skip
+    else:
+        return None
+    expected_keys = set(build_replica(spec).state_dict())
+    return spec if expected_keys == set(state) else None
+
+
+def build_replica(spec: dict[str, Any]) -> nn.Module:
+    """An untrained replica of the recorded shape (load a state dict into it), in eval mode."""
+    if spec["model"] == "ConvE":
+        model = ConvEReplica(spec["num_entities"], spec["num_relations"], spec["shape"], spec["batch_norm"])
+    elif spec["model"] == "DistMult":
+        model = DistMultReplica(spec["num_entities"], spec["num_relations"], spec["dim"])
+    else:
+        raise ValueError(f"no replica of {spec['model']}")
+    return model.eval()
+
+
+def replica_agrees(replica: nn.Module, model: nn.Module, hrt: torch.Tensor, gradients_of) -> bool:
+    """The replica (with ``model``'s weights) gives ``model``'s scores and per-example gradients on ``hrt``.
+
+    ``gradients_of(m)``: the per-example gradients of the selected parameters of model ``m`` on ``hrt``.
+    """
+    replica.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ours, theirs = replica.score_hrt(hrt).view(-1), model.score_hrt(hrt).view(-1)
+    if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=TOLERANCE, atol=TOLERANCE * float(theirs.abs().max())):
+        return False
+    g_ours, g_theirs = gradients_of(replica), gradients_of(model)
+    gram_ours, gram_theirs = g_ours.dot(g_ours), g_theirs.dot(g_theirs)
+    scale = float(gram_theirs.abs().max())
+    return bool(torch.allclose(gram_ours, gram_theirs, rtol=TOLERANCE, atol=TOLERANCE * scale)) and bool(
+        torch.allclose(g_ours.dot(g_theirs), gram_theirs, rtol=TOLERANCE, atol=TOLERANCE * scale)
+    )

@@ -128,21 +128,14 @@ def _git(*args: str) -> str | None:
 
 
 def versions() -> dict[str, Any]:
-    """python, torch, pykeen, faiss, numpy, tracin_index versions; git commit and uncommitted tracked files."""
-    faiss_version = None
-    try:
-        import faiss
-
-        faiss_version = getattr(faiss, "__version__", None)
-    except ImportError:
-        pass
+    """python, torch, pykeen, numpy, h5py, tracin_index versions; git commit and uncommitted tracked files."""
     modified = _git("status", "--porcelain", "--untracked-files=no")
     return {
         "python": platform.python_version(),
         "torch": _version("torch"),
         "pykeen": _version("pykeen"),
-        "faiss": faiss_version or _version("faiss-cpu") or _version("faiss-gpu-cu12"),
         "numpy": _version("numpy"),
+        "h5py": _version("h5py"),
         "tracin_index": _version("tracin-index"),
         "git_commit": (_git("rev-parse", "HEAD") or "").strip() or None,
         # the benchmarks run the working tree: tracked files that differ from the commit are named here
@@ -358,3 +351,32 @@ def update_summary(keys: dict[str, Any], *, path: str | os.PathLike | None = Non
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return summary
+
+
+#: The settings whose default query and size the issue's accuracy and size targets are about.
+ACCURACY_SETTINGS = (("agreement", "umls-conve"), ("agreement", "kinships-conve"), ("scale", "1m"))
+
+
+def update_accuracy_summary() -> dict[str, Any]:
+    """Write ``recall_at_10_proponents`` / ``recall_at_10_opponents`` (the lowest over UMLS and Kinships
+    ConvE in agreement.json and the 1M graph in scale.json, default query) and ``index_bytes_per_triple_ckpt``
+    (the largest of them) from whichever of those results files exist; the settings they cover are listed."""
+    found = []
+    for name, setting in ACCURACY_SETTINGS:
+        path = RESULTS / f"{name}.json"
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        row = data.get("results", {}).get(setting)
+        if row is None:
+            continue
+        default = row["indexes"][str(data["default_sketch_dim"])]
+        found.append((f"{name}:{setting}", default["default"], default["bytes_per_triple_checkpoint"]))
+    if not found:
+        return {}
+    return update_summary({
+        "recall_at_10_proponents": round(min(f[1]["recall_at_10_proponents"] for f in found), 4),
+        "recall_at_10_opponents": round(min(f[1]["recall_at_10_opponents"] for f in found), 4),
+        "index_bytes_per_triple_ckpt": round(max(f[2] for f in found)),
+        "accuracy_settings": [f[0] for f in found],
+    })

@@ -30,15 +30,10 @@ Protocol (issue 5):
   Hits@1, raw score ``score_t(h, r)[t]`` and log-probability ``log softmax(score_t(h, r))[t]`` are
   recorded. Removal sets (``METHODS``):
 
-  - ``proponents``: top-k proponents from a ``GradientIndex`` (loss ``ce``, parameters ``last``,
-    which for DistMult/ComplEx falls back to the embeddings; projected to ``--projection-dim``
-    (default 1024) numbers per parameter block and checkpoint, float32, flat FAISS index). At the
-    library's default of 4096 every Nations DistMult/ComplEx table fits whole, i.e. the index would
-    be exact there; 1024 projects the relation tables (and on UMLS every table), see
-    ``index_projection_blocks`` in the JSON;
-  - ``proponents_small`` (nations-distmult and nations-complex only): an index projected to
-    ``--small-projection-dim`` (default 256), every table projected;
-  - ``proponents_rerank``: the same index with ``rerank=--rerank`` (candidates rescored exactly);
+  - ``proponents``: top-k proponents from a ``GradientIndex`` with its defaults (loss ``ce``,
+    parameters ``last``, which for DistMult/ComplEx falls back to the embeddings), default query:
+    exact TracIn by construction (its block plans are in ``index_plans`` in the JSON);
+  - ``proponents_approximate``: the same index's estimates (``approximate=True``, nothing rescored);
   - ``proponents_exact``: exact TracIn, ``TracInAnalyzer(..., loss="ce", use_last_layers_only=True)``;
   - ``proponents_exact_all`` (ConvE only): exact TracIn over all parameters;
   - ``random_neighbours``: k random training triples sharing an entity (in either position) with the target;
@@ -111,10 +106,10 @@ SETTINGS: dict[str, Setting] = {
 
 DEFAULT_ORDER = ["nations-distmult", "nations-complex", "umls-distmult", "umls-complex", "nations-conve"]
 
-METHODS = ("proponents", "proponents_rerank", "proponents_exact", "proponents_exact_all", "proponents_small",
+METHODS = ("proponents", "proponents_approximate", "proponents_exact", "proponents_exact_all",
            "random_neighbours", "random", "opponents")  # fmt: skip
 CONVE_ONLY = {"proponents_exact_all"}
-#: the two settings the issue's targets are stated for: more targets, and the small-projection variant
+#: the two settings the issue's targets are stated for: more targets
 MAIN_SETTINGS = ("nations-distmult", "nations-complex")
 
 
@@ -310,8 +305,7 @@ def prepare(name: str, setting: Setting, args, log) -> dict:
     index_dir = args.work / name / "index"
     if index_dir.exists():
         shutil.rmtree(index_dir)
-    index = GradientIndex.build(index_dir, model_path=run_dir, loss="ce", projection_dim=args.projection_dim,
-                                dtype="float32", device="cpu", progress=False)  # fmt: skip
+    index = GradientIndex.build(index_dir, model_path=run_dir, loss="ce", device="cpu")
     timings["index_build_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     plain = index.query(targets, top_k=kmax)
@@ -319,21 +313,11 @@ def prepare(name: str, setting: Setting, args, log) -> dict:
     removal["proponents"] = [[p.train_index for p in r.proponents] for r in plain]
     removal["opponents"] = [[p.train_index for p in r.opponents] for r in plain]
     t0 = time.perf_counter()
-    reranked = index.query(targets, top_k=kmax, rerank=args.rerank)
-    timings["index_rerank_query_s"] = time.perf_counter() - t0
-    removal["proponents_rerank"] = [[p.train_index for p in r.proponents] for r in reranked]
+    estimated = index.query(targets, top_k=kmax, approximate=True)
+    timings["index_approximate_query_s"] = time.perf_counter() - t0
+    removal["proponents_approximate"] = [[p.train_index for p in r.proponents] for r in estimated]
     selection = index.selection.describe()
-    layouts = {args.projection_dim: index.manifest["settings"]["projection"]["blocks"]}
-    if "proponents_small" in methods_of(name, setting, args.methods):
-        small_dir = args.work / name / "index-small"
-        if small_dir.exists():
-            shutil.rmtree(small_dir)
-        t0 = time.perf_counter()
-        small = GradientIndex.build(small_dir, model_path=run_dir, loss="ce", projection_dim=args.small_projection_dim,
-                                    dtype="float32", device="cpu", progress=False)  # fmt: skip
-        removal["proponents_small"] = [[p.train_index for p in r.proponents] for r in small.query(targets, top_k=kmax)]
-        timings["index_small_build_and_query_s"] = time.perf_counter() - t0
-        layouts[args.small_projection_dim] = small.manifest["settings"]["projection"]["blocks"]
+    layouts = {"default": index.manifest["plans"]}
 
     checkpoints = find_checkpoints([run_dir / "checkpoints"])
     exact_scores = {}
@@ -362,7 +346,7 @@ def prepare(name: str, setting: Setting, args, log) -> dict:
     # how the index's proponents compare with exact TracIn's (top-k overlap)
     overlap = {}
     exact = removal["proponents_exact"]
-    for method in ("proponents", "proponents_rerank", "proponents_small"):
+    for method in ("proponents", "proponents_approximate"):
         if method not in removal:
             continue
         for k in args.ks:
@@ -383,8 +367,7 @@ def prepare(name: str, setting: Setting, args, log) -> dict:
 
 
 def methods_of(name: str, setting: Setting, wanted: list[str]) -> list[str]:
-    return [m for m in wanted if (m not in CONVE_ONLY or setting.model == "ConvE")
-            and (m != "proponents_small" or name in MAIN_SETTINGS)]  # fmt: skip
+    return [m for m in wanted if m not in CONVE_ONLY or setting.model == "ConvE"]
 
 
 def summarise(prep: dict, after: dict, args) -> dict:
@@ -494,7 +477,7 @@ def run_setting(name: str, setting: Setting, args, pool, log) -> dict:
         "worker_retrain_nothing_removed_max_abs_score_diff": reproduced,
         "training_scores_vs_model_score_t_max_abs_diff": prep["fast_path_diff"],
         "index_parameters": prep["selection"],
-        "index_projection_blocks": {str(dim): blocks for dim, blocks in prep["layouts"].items()},
+        "index_plans": prep["layouts"]["default"],
         "methods": methods,
         "distinct_retrains": len(tasks),
         "retrain_seconds_mean": float(np.mean(seconds)) if seconds else None,
@@ -603,9 +586,6 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--epochs", type=int, default=None, help="override every setting's epochs (smoke runs)")
     parser.add_argument("--checkpoints", type=int, default=4, help="checkpoints per training, evenly spaced")
-    parser.add_argument("--projection-dim", type=int, default=1024, help="index projection per block and checkpoint")
-    parser.add_argument("--small-projection-dim", type=int, default=256, help="the proponents_small index")
-    parser.add_argument("--rerank", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="retrain processes (1 torch thread each)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tracin-faithfulness")
@@ -653,10 +633,9 @@ def write_out(results: dict, args, wall: float, complete: bool, foreign: float |
         "other_processes_cores_during_run": foreign,
         "protocol": {
             "targets_per_setting": args.targets, "ks": args.ks, "seed": args.seed, "methods": args.methods,
-            "checkpoints": args.checkpoints, "projection_dim": args.projection_dim, "rerank": args.rerank,
-            "small_projection_dim": args.small_projection_dim, "main_settings": list(MAIN_SETTINGS),
+            "checkpoints": args.checkpoints, "main_settings": list(MAIN_SETTINGS),
             "main_targets": args.main_targets,
-            "workers": args.workers, "index": "GradientIndex, loss ce, parameters last (embeddings for DistMult/ComplEx), float32, flat",
+            "workers": args.workers, "index": "GradientIndex defaults, loss ce, parameters last (embeddings for DistMult/ComplEx)",
             "before": "the model trained on all training triples with the same seed (targets all at filtered rank 1)",
             "rank": "filtered tail rank among all entities (other true tails of (h, r) in train+valid+test removed), ties count half",
             "top1_lost": "target no longer at filtered rank 1 (= -delta Hits@1)",

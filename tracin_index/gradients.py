@@ -409,15 +409,12 @@ class GradientComputer:
             return FactoredBlock(a, a.new_zeros(batch_size, 1, module.out_features), True, has_bias)
         a_parts, d_parts = [], []
         for call, delta in calls:
-            x = call.inputs[0]
-            x = x.reshape(-1, x.shape[-1])
             d = (torch.zeros_like(call.output) if delta is None else delta).reshape(-1, module.out_features)
-            x = self._per_example(x, batch_size, selected.name)
-            if has_bias:
-                x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
-            a_parts.append(x)
+            a_parts.append(self._per_example(with_bias_column(call.inputs[0], has_bias), batch_size, selected.name))
             d_parts.append(self._per_example(d, batch_size, selected.name))
-        return FactoredBlock(torch.cat(a_parts, 1), torch.cat(d_parts, 1), True, has_bias)
+        # one call (ConvE): no copy of the (batch x 10,369) inputs beyond the one that appends the bias column
+        a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, 1)
+        return FactoredBlock(a, d_parts[0] if len(d_parts) == 1 else torch.cat(d_parts, 1), True, has_bias)
 
     def _dense_block(self, selected: SelectedModule, calls: list, batch_size: int) -> DenseBlock:
         module = selected.module
@@ -482,6 +479,52 @@ class GradientComputer:
             q = q.reshape(hrt.shape[0], -1)
             assert isinstance(block, RowsBlock)
             blocks[name] = RowsBlock(block.num_rows, block.ids, block.rows, coef, q)
+
+
+def with_bias_column(x: torch.Tensor, bias: bool) -> torch.Tensor:
+    """A Linear layer's inputs as rows (n, in), with a column of ones appended when its bias is selected."""
+    x = x.reshape(-1, x.shape[-1])
+    if not bias:
+        return x
+    out = x.new_empty(x.shape[0], x.shape[1] + 1)
+    out[:, :-1] = x
+    out[:, -1] = 1
+    return out
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the inputs it waits for are recorded: the rest of the forward pass is not needed."""
+
+
+def linear_inputs(model: nn.Module, modules: dict[str, tuple[nn.Linear, bool]], hrt: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The inputs (with bias column where asked) of the named Linear layers for the triples ``hrt``, by a
+    forward pass that stops before the first of them runs its product: no gradients, no later layers.
+
+    ``modules``: name -> (module, with bias column).
+    """
+    found: dict[str, torch.Tensor] = {}
+
+    def hook(name: str, bias: bool):
+        def record(module, args):
+            found[name] = with_bias_column(args[0].detach(), bias)
+            if len(found) == len(modules):
+                raise _StopForward
+
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(name, bias)) for name, (module, bias) in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model.score_hrt(hrt)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return found
 
 
 def _batch_norm_gradients(module: nn.Module, names: tuple[str, ...], xs: torch.Tensor, ds: torch.Tensor) -> torch.Tensor | None:

@@ -235,3 +235,39 @@ def test_build_with_a_missing_training_file(capsys, tiny_run, tmp_path):
     code, _, err = run_cli(capsys, "build", "--model-path", tiny_run, "--train", tmp_path / "none.tsv",
                            "--out", tmp_path / "index")  # fmt: skip
     assert_one_line_error(code, err, "none.tsv")
+
+
+# -- input that is not what it should be (issue [2/5]) ---------------------------------------------
+
+
+def test_a_garbage_checkpoint_is_said_not_to_be_a_checkpoint(capsys, tiny_run, tmp_path):
+    garbage = tmp_path / "epoch-9.pt"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    code, _, err = run_cli(capsys, "exact", "--model-path", tiny_run, "--checkpoints", garbage, "--use-last-layers-only")
+    assert_one_line_error(code, err, "epoch-9.pt", "is not a PyTorch file")
+    assert "Python objects" not in err
+
+
+def test_a_header_line_in_the_training_file_is_named_as_such(capsys, tiny_run, tmp_path):
+    train = tmp_path / "train.tsv"
+    train.write_text("head\trelation\ttail\n" + (tiny_run / "train.tsv").read_text())
+    code, _, err = run_cli(capsys, "exact", "--model-path", tiny_run, "--train", train, "--use-last-layers-only")
+    assert_one_line_error(code, err, f"{train}:1", "header")
+
+
+def test_a_file_of_ids_passed_as_labels_says_what_was_expected(capsys, tiny_run, tmp_path):
+    ids = tmp_path / "numeric_triples.tsv"
+    ids.write_text("0\t3\t5\n1\t2\t4\n")
+    code, _, err = run_cli(capsys, "exact", "--model-path", tiny_run, "--train", ids, "--use-last-layers-only")
+    assert_one_line_error(code, err, "integer ids", "labels")
+
+
+def test_duplicate_training_lines_are_counted_and_named(capsys, tiny_run, tmp_path):
+    lines = (tiny_run / "train.tsv").read_text().splitlines()
+    train = tmp_path / "train.tsv"
+    train.write_text("\n".join(lines + [lines[3], lines[7]]) + "\n")
+    code, _, err = run_cli(capsys, "exact", "--model-path", tiny_run, "--train", train, "--use-last-layers-only",
+                           "--top-k", "2")  # fmt: skip
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if "repeat an earlier line" in line]
+    assert warning and "2 training triple(s)" in warning[0] and f"{len(lines) + 1}, {len(lines) + 2}" in warning[0]

@@ -316,3 +316,9 @@ def test_run_directory_without_model_pt_falls_back_to_its_last_checkpoint(pipeli
 
     assert any(issubclass(w.category, TracInWarning) and "epoch-0002.pt" in str(w.message) for w in caught)
     _assert_same_state(run.model, result.model)
+
+
+def test_pykeen_trained_model_pkl_given_itself_finds_the_id_maps_beside_it(pipeline_run):
+    root, _ = pipeline_run
+    run = load_model(root / "pykeen" / "trained_model.pkl", allow_pickle=True)
+    assert run.id_maps is not None and run.id_maps.num_entities == run.model.num_entities

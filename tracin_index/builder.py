@@ -497,6 +497,7 @@ def _describe_plans(plans: list[BlockPlan], num_rows: int, num_groups: int | Non
 
 def load_inputs(*, model_path, allow_pickle, training_path, checkpoint_paths, entity_to_id, relation_to_id, log) -> _Inputs:
     from .models import find_checkpoints, load_model
+    from .triples import warn_duplicates
 
     run = load_model(model_path, allow_pickle=allow_pickle)
     id_maps = run.resolve_id_maps(entity_to_id, relation_to_id)
@@ -504,6 +505,7 @@ def load_inputs(*, model_path, allow_pickle, training_path, checkpoint_paths, en
     if training_file is None:
         raise InputError(f"{model_path}: no training triples found; pass --train")
     hrt = id_maps.read_ids(training_file)  # streamed: the labels of millions of rows are never held at once
+    warn_duplicates(hrt, str(training_file))
     checkpoints = find_checkpoints(checkpoint_paths) if checkpoint_paths else run.checkpoints
     if not checkpoints:
         log("no checkpoints: the model itself is the only checkpoint (learning rate 1.0)")

@@ -71,12 +71,32 @@ def _load_plain(path: Path) -> Any:
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if not _looks_like_torch_file(path):
+            raise ModelLoadError(_NOT_TORCH.format(path=path)) from error
         raise _NeedsPickle(str(error)) from error
     except Exception as error:  # torch raises KeyError, EOFError, RuntimeError ... for non-torch files
         raise ModelLoadError(
             f"{path}: is not a PyTorch file that can be read with weights_only=True ({type(error).__name__}: "
             f"{error}); only torch.save files of plain tensors and numbers are accepted"
         ) from error
+
+
+_NOT_TORCH = ("{path}: is not a PyTorch file (neither a torch.save archive nor a pickle); expected a checkpoint "
+              "written by torch.save, e.g. {{'model_state_dict': model.state_dict(), 'learning_rate': 0.001, 'epoch': 5}}")
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """A torch.save archive (a zip holding a data.pkl) or a legacy pickle (protocol 2+ starts with 0x80)."""
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith("data.pkl") for name in archive.namelist())
+        with open(path, "rb") as f:
+            return f.read(1) == b"\x80"
+    except OSError:
+        return False
 
 
 def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -164,7 +164,7 @@ def exact(
     from .analyzer import TracInAnalyzer
     from .models import find_checkpoints, load_model
     from .results import render, write_results
-    from .triples import read_labeled_triples
+    from .triples import read_labeled_triples, warn_duplicates
 
     run = load_model(model_path, allow_pickle=allow_pickle)
     id_maps = run.resolve_id_maps(entity_to_id, relation_to_id)
@@ -197,6 +197,7 @@ def exact(
         highlight=False,
     )
     train_ids = id_maps.to_ids(training)
+    warn_duplicates(train_ids, str(train_file), training.line_numbers)
     test_ids = id_maps.to_ids(test)[indices]
     results = analyzer.compute_influences(test_ids, train_ids, top_k=top_k, test_indices=indices)
     config = {

@@ -270,7 +270,9 @@ def load_model(path: str | Path, *, allow_pickle: bool = False) -> LoadedRun:
             f"{path}: neither a run directory (no {CONFIG_FILE}) nor a PyKEEN results directory "
             f"(no {PYKEEN_PICKLE_FILE}); train one with `tracin-index train`"
         )
-    return _load_pickled(path, allow_pickle=allow_pickle, maps_dir=None)
+    # trained_model.pkl given itself: its save_to_directory folder keeps the id maps beside it
+    beside = path.parent / PYKEEN_TRAINING_DIR
+    return _load_pickled(path, allow_pickle=allow_pickle, maps_dir=beside if beside.is_dir() else None)
 
 
 def _load_run_directory(directory: Path) -> LoadedRun:

@@ -266,6 +266,14 @@ class IdMaps:
         if len(unknown):
             row, column = (int(x) for x in unknown[0])
             where = f"{triples.source}:{int(triples.line_numbers[row])}"
+            known = (ids[row] >= 0).any()
+            if row == 0 and not known and _looks_like_header(triples.labels[row]):
+                raise InputError(f"{where}: {' '.join(triples.labels[row])!r} looks like a header line; expected "
+                                 f"{TRIPLES_FORMAT} from the first line on: remove the header")  # fmt: skip
+            if not known and all(_INTEGER.fullmatch(str(x).strip()) for x in triples.labels[row]):
+                raise InputError(f"{where}: holds integer ids ({' '.join(triples.labels[row])}) where labels are "
+                                 f"expected ({TRIPLES_FORMAT}); PyKEEN's numeric_triples files hold ids: give the "
+                                 "labelled triples (e.g. the run directory's train.tsv)")  # fmt: skip
             raise self._unknown_label(where, column, triples.labels[row, column])
         return torch.from_numpy(ids)
 
@@ -339,6 +347,44 @@ class IdMaps:
         else:
             hint = "no similar labels; see the id map"
         return LabelError(f"{where}: unknown {_KINDS[column]} {label!r}; {hint}")
+
+
+_HEADER_WORDS = {"head", "relation", "tail", "h", "r", "t", "subject", "predicate", "object", "source", "target",
+                 "label", "head_label", "relation_label", "tail_label", "head_id", "relation_id", "tail_id", "s", "p", "o"}
+
+
+def _looks_like_header(row) -> bool:
+    return all(str(x).strip().lower() in _HEADER_WORDS for x in row)
+
+
+def duplicate_rows(hrt: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Rows (0-based) that repeat an earlier row of the same triples."""
+    array = hrt.numpy() if isinstance(hrt, torch.Tensor) else np.asarray(hrt)
+    if len(array) == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, first = np.unique(array, axis=0, return_index=True)
+    seen = np.zeros(len(array), dtype=bool)
+    seen[first] = True
+    return np.flatnonzero(~seen)
+
+
+def warn_duplicates(hrt: torch.Tensor | np.ndarray, source: str, line_numbers: np.ndarray | None = None) -> int:
+    """Warn (TracInWarning) when training triples repeat; returns how many rows repeat an earlier one."""
+    import warnings
+
+    from .errors import TracInWarning
+
+    repeats = duplicate_rows(hrt)
+    if len(repeats):
+        first = ", ".join(str(int(line_numbers[r]) if line_numbers is not None else int(r)) for r in repeats[:5])
+        where = "lines" if line_numbers is not None else "rows (0-based train rows)"
+        warnings.warn(
+            f"{source}: {len(repeats):,} training triple(s) repeat an earlier line ({where} {first}"
+            f"{', ...' if len(repeats) > 5 else ''}); PyKEEN trains on each distinct triple once per epoch, while "
+            "every line here stays a row of its own: a repeated triple is listed (and scores) once per line",
+            TracInWarning, stacklevel=2,
+        )
+    return len(repeats)
 
 
 def make_id_maps(triples: LabeledTriples | np.ndarray) -> IdMaps:

@@ -11,7 +11,7 @@ def loss_of_one_triple(model: nn.Module, triple: torch.Tensor, loss: str) -> tor
     h, r, t = (int(x) for x in triple)
     if loss == "bce":
         score = model.score_hrt(torch.tensor([[h, r, t]])).view(())
-        return -torch.log(torch.sigmoid(score))
+        return -torch.nn.functional.logsigmoid(score)  # -log sigmoid, without rounding sigmoid(large) to 1
     scores = model.score_t(torch.tensor([[h, r]])).view(-1)
     return -torch.log_softmax(scores, dim=0)[t]
 

@@ -140,6 +140,8 @@ class TracInAnalyzer:
         train_norms = torch.zeros(training.shape[0], dtype=torch.float64, device=self.device)
         with self._at_checkpoints() as learning_rates:
             for c, lr in enumerate(learning_rates):
+                if c == 0:
+                    self.gradients.check(training[:8])
                 g_test = self.gradients.compute(test)
                 test_norms += g_test.squared_norms().double()
                 for start in self._batches(training, f"checkpoint {c + 1}: scoring training triples"):

@@ -186,6 +186,7 @@ class Builder:
     def plan(self) -> list[BlockPlan]:
         """Block plans from checks at the first checkpoint; refuses gradients that vanish everywhere."""
         check = self.inputs.hrt[torch.as_tensor(self.sample_rows[:CHECK_ROWS])].to(self.device)
+        self.computer(0).check(check[:8])
         plans = plan_blocks(self.models.model(0), self.selection, self.computer(0), check, self.inputs.run.model.num_entities,
                             self.settings.sketch_dim, self.settings.seed, share_pairs=self.settings.share_pairs)  # fmt: skip
         norms = torch.zeros(len(check), dtype=torch.float64)

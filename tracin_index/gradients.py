@@ -89,6 +89,16 @@ class FactoredBlock:
     def index(self, rows: torch.Tensor | slice) -> "FactoredBlock":
         return FactoredBlock(self.a[rows], self.delta[rows], self.has_weight, self.has_bias)
 
+    def summed(self) -> list[torch.Tensor]:
+        """[weight, bias] gradients (those selected) summed over the examples."""
+        out = []
+        if self.has_weight:
+            a = self.a[..., :-1] if self.has_bias else self.a
+            out.append(torch.einsum("bln,blm->nm", self.delta, a))
+        if self.has_bias:
+            out.append(self.delta.sum((0, 1)))
+        return out
+
 
 @dataclass
 class DenseBlock:
@@ -113,6 +123,13 @@ class DenseBlock:
 
     def index(self, rows: torch.Tensor | slice) -> "DenseBlock":
         return DenseBlock(self.values[rows], self.shapes)
+
+    def summed(self) -> list[torch.Tensor]:
+        total, out, start = self.values.sum(0), [], 0
+        for shape in self.shapes:
+            out.append(total[start : start + shape.numel()].reshape(shape))
+            start += shape.numel()
+        return out
 
 
 @dataclass
@@ -173,6 +190,13 @@ class RowsBlock:
             dense = dense + self.coef[:, :, None] * self.vec[:, None, :]
         return [dense]
 
+    def summed(self) -> list[torch.Tensor]:
+        D = self.rows.shape[-1]
+        table = self.rows.new_zeros(self.num_rows, D).index_add_(0, self.ids.reshape(-1), self.rows.reshape(-1, D))
+        if self.coef is not None:
+            table = table + self.coef.T @ self.vec
+        return [table]
+
     def index(self, rows: torch.Tensor | slice) -> "RowsBlock":
         return RowsBlock(
             self.num_rows,
@@ -214,6 +238,11 @@ class PerExampleGradients:
 
     def index(self, rows: torch.Tensor | slice) -> "PerExampleGradients":
         return PerExampleGradients({n: b.index(rows) for n, b in self.blocks.items()}, self.parameter_names)
+
+    def summed(self) -> dict[str, torch.Tensor]:
+        """Gradients summed over the examples, by parameter name (what one backward of the summed loss gives)."""
+        return {name: tensor for module_name, block in self.blocks.items()
+                for name, tensor in zip(self.parameter_names[module_name], block.summed())}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,6 +410,33 @@ class GradientComputer:
         names = {m.name: m.full_parameter_names for m in self.selection.modules}
         return PerExampleGradients(blocks, names)
 
+    def check(self, hrt: torch.Tensor) -> None:
+        """Refuse (:class:`LossError`) a model and selection whose per-example gradients, as this class
+        takes them from the selected modules' inputs and outputs, do not add up to the gradient of the
+        summed loss: a parameter used outside its module's forward (ERMLP's hidden layer under 1-N
+        scoring, for one) would otherwise give silently wrong influences."""
+        hrt = hrt.to(self.device)
+        summed = self.compute(hrt).summed()
+        parameters = dict(self.model.named_parameters())
+        names = [n for n in summed if n in parameters]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with only_selected_require_grad(self.model, self.selection):
+                total = per_example_losses(self.model, hrt, self.loss).sum()
+                reference = torch.autograd.grad(total, [parameters[n] for n in names], allow_unused=True)
+        finally:
+            self.model.train(was_training)
+        for name, expected in zip(names, reference):
+            expected = torch.zeros_like(summed[name]) if expected is None else expected
+            scale = float(expected.abs().max())
+            if float((summed[name] - expected).abs().max()) > 1e-3 * scale + 1e-30:
+                raise LossError(
+                    f"parameter {name!r} is used outside its module's forward pass for --loss {self.loss} (its per-example "
+                    f"gradients cannot be read off the module's inputs and outputs); "
+                    + ("use --loss bce or select other layers" if self.loss == "ce" else "select other layers")
+                )
+
     # -- blocks -------------------------------------------------------------------------------
 
     def _block(self, selected: SelectedModule, calls: list, batch_size: int) -> Block:
@@ -427,7 +483,9 @@ class GradientComputer:
                 continue
             (x,) = [a for a in call.inputs if torch.is_tensor(a)][:1] or [None]
             if x is None or len([a for a in call.inputs if torch.is_tensor(a)]) != 1:
-                raise LossError(f"layer {selected.name!r} takes other than one tensor input; select other layers")
+                raise LossError(f"layer {selected.name!r} is fed several tensors (e.g. a core tensor applied to head and "
+                                "relation): its per-example gradients are not supported; select other layers "
+                                "(the default `last` passes over such layers)")
             xs = self._per_example(x, batch_size, selected.name)
             ds = self._per_example(delta, batch_size, selected.name)
             closed = _batch_norm_gradients(module, selected.parameter_names, xs, ds)

@@ -61,6 +61,8 @@ class ParameterSelection:
     num_last_layers: int | None = None
     requested_names: tuple[str, ...] = ()
     embedding_fallback: bool = False
+    #: modules "last" passed over: fed several tensors, they have no per-example gradient from their input and output
+    skipped: tuple[str, ...] = ()
 
     @property
     def parameter_names(self) -> list[str]:
@@ -78,7 +80,8 @@ class ParameterSelection:
         what = {"last": f"last {self.num_last_layers} layers", "names": "named layers", "all": "all parameters"}
         if self.embedding_fallback:
             what["last"] = "embeddings (the model has no layers besides them; kept sparse)"
-        return f"{what[self.mode]}: {', '.join(m.name for m in self.modules)} ({self.num_parameters:,} parameters)"
+        skipped = f"; passed over (fed several tensors): {', '.join(self.skipped)}" if self.skipped else ""
+        return f"{what[self.mode]}: {', '.join(m.name for m in self.modules)} ({self.num_parameters:,} parameters){skipped}"
 
     def to_json(self) -> dict:
         return {
@@ -87,7 +90,27 @@ class ParameterSelection:
             "requested_names": list(self.requested_names),
             "parameters": self.parameter_names,
             "embedding_fallback": self.embedding_fallback,
+            "skipped": list(self.skipped),
         }
+
+
+_GRAPH = ("message-passing models compute every entity's representation from the whole training graph, so "
+          "one triple's gradient is not its own (and a run directory does not record the graph)")
+_LITERALS = "it needs numeric literals, which a run directory does not record"
+#: PyKEEN models tracin-index refuses, and why.
+UNSUPPORTED_MODELS = {
+    "RGCN": _GRAPH, "CompGCN": _GRAPH, "NodePiece": _GRAPH, "InductiveNodePiece": _GRAPH,
+    "InductiveNodePieceGNN": _GRAPH, "ComplExLiteral": _LITERALS, "DistMultLiteral": _LITERALS,
+    "DistMultLiteralGated": _LITERALS,
+}  # fmt: skip
+
+
+def check_supported(model_or_name) -> None:
+    """Refuse (:class:`SelectionError`) a model of a kind whose per-example gradients tracin-index cannot take."""
+    name = model_or_name if isinstance(model_or_name, str) else type(model_or_name).__name__
+    if name in UNSUPPORTED_MODELS:
+        raise SelectionError(f"{name} is not supported: {UNSUPPORTED_MODELS[name]}; train another model "
+                             "(e.g. ConvE, ComplEx, DistMult, TuckER)")  # fmt: skip
 
 
 def _is_embedding(name: str, module: nn.Module, representation_prefixes: Sequence[str]) -> bool:
@@ -120,11 +143,25 @@ def parametrised_modules_in_execution_order(model: nn.Module) -> list[tuple[str,
 
     Modules never called by the forward pass (e.g. unused heads) come last, in definition order.
     """
+    return _trace(model)[0]
+
+
+def _trace(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], set[str]]:
+    """The modules of :func:`parametrised_modules_in_execution_order`, and the names of those called
+    with more than one tensor input (an interaction holding a core tensor, say): their per-example
+    gradients cannot be taken from one input and one output."""
     owners = [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
     order: list[str] = []
+    several: set[str] = set()
     handles = []
+
+    def hook(mod, args, out, name):
+        order.append(name)
+        if sum(1 for a in args if torch.is_tensor(a)) != 1:
+            several.add(name)
+
     for name, module in owners:
-        handles.append(module.register_forward_hook(lambda mod, args, out, name=name: order.append(name)))
+        handles.append(module.register_forward_hook(lambda mod, args, out, name=name: hook(mod, args, out, name)))
     was_training = model.training
     model.eval()
     try:
@@ -141,7 +178,7 @@ def parametrised_modules_in_execution_order(model: nn.Module) -> list[tuple[str,
     by_name = dict(owners)
     called = sorted(first_call, key=first_call.__getitem__)
     uncalled = [n for n, _ in owners if n not in first_call]
-    return [(n, by_name[n]) for n in called + uncalled]
+    return [(n, by_name[n]) for n in called + uncalled], several
 
 
 def _own_parameter_names(module: nn.Module) -> tuple[str, ...]:
@@ -172,7 +209,8 @@ def select_parameters(
       ``interaction.linear``; ``*`` globs allowed). Unknown names raise :class:`SelectionError`.
     - ``all``: every parameter.
     """
-    ordered = parametrised_modules_in_execution_order(model)
+    check_supported(model)
+    ordered, several_inputs = _trace(model)
     rep_prefixes = _representation_prefixes(model)
     for name, module in ordered:
         if _is_embedding(name, module, rep_prefixes) and not isinstance(module, nn.Embedding):
@@ -195,16 +233,20 @@ def select_parameters(
     if mode == "last":
         if num_last_layers < 1:
             raise SelectionError(f"num_last_layers must be at least 1, got {num_last_layers}")
-        layers = [(n, m) for n, m in ordered if not _is_embedding(n, m, rep_prefixes)]
+        # a module fed several tensors (TuckER's core tensor, ProjE's and CrossE's interactions) has no
+        # per-example gradient from one input and one output: "last" takes the layers that do
+        skipped = tuple(n for n, m in ordered if not _is_embedding(n, m, rep_prefixes) and n in several_inputs)
+        layers = [(n, m) for n, m in ordered if not _is_embedding(n, m, rep_prefixes) and n not in several_inputs]
         if not layers:
-            embeddings = tuple(selected(n, m) for n, m in ordered)
+            embeddings = tuple(selected(n, m) for n, m in ordered if n not in several_inputs)
             return ParameterSelection(
-                embeddings, mode="last", num_last_layers=num_last_layers, embedding_fallback=True
+                embeddings, mode="last", num_last_layers=num_last_layers, embedding_fallback=True, skipped=skipped
             )
         return ParameterSelection(
             tuple(selected(n, m) for n, m in layers[-num_last_layers:]),
             mode="last",
             num_last_layers=num_last_layers,
+            skipped=skipped,
         )
 
     if mode != "names":

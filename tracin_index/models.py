@@ -195,6 +195,9 @@ def build_model(config: ModelConfig) -> Model:
     from pykeen.models import model_resolver
 
     cls = model_class(config.model)
+    from .layers import check_supported
+
+    check_supported(cls.__name__)
     factory = CoreTriplesFactory.create(
         mapped_triples=torch.zeros((1, 3), dtype=torch.long),
         num_entities=config.num_entities,
@@ -353,6 +356,9 @@ def _load_pickled(path: Path, *, allow_pickle: bool, maps_dir: Path | None) -> L
         raise ModelLoadError(f"{path}: unpickling failed ({type(error).__name__}: {error})") from error
     if not isinstance(obj, Model):
         raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a PyKEEN model")
+    from .layers import check_supported
+
+    check_supported(obj)
     model = obj.cpu().eval()
 
     id_maps = None

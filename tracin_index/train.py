@@ -69,6 +69,9 @@ def train_run(
         model_cls = model_class(model)
     except ModelLoadError as error:
         raise InputError(str(error)) from error
+    from .layers import check_supported
+
+    check_supported(model_cls.__name__)  # before any training: its gradients could not be explained
     loop_cls = _lookup(training_loop_resolver, training_loop, "training loop")
     optimizer_cls = _optimizer_class(optimizer)
     if loss is not None:

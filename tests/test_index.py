@@ -365,3 +365,15 @@ def test_out_at_a_file_is_refused_in_one_line(tiny_run, tmp_path, capsys, where)
     code, _, err = run_cli(capsys, "build", "--model-path", tiny_run, "--out", out)
     assert code == 2 and "Traceback" not in err and "is a file" in err
     assert blocker.read_text() == "keep me\n"
+
+
+def test_a_checkpoint_whose_gradients_overflow_is_refused_before_writing(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    last = sorted((run / "checkpoints").iterdir())[-1]
+    saved = torch.load(last, weights_only=True)
+    saved["model_state_dict"]["interaction.hr1d.0.weight"] *= float("inf")
+    torch.save(saved, last)
+    with pytest.raises(InputError, match="checkpoint 2: the gradients of sampled training triples are not finite"):
+        GradientIndex.build(tmp_path / "index", model_path=run, sketch_dim=16)
+    assert not (tmp_path / "index").exists()

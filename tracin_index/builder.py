@@ -192,6 +192,8 @@ class Builder:
         norms = torch.zeros(len(check), dtype=torch.float64)
         for c in sorted({0, len(self.models) - 1}):
             norms += self.computer(c).compute(check).squared_norms().double().cpu()
+            if not bool(torch.isfinite(norms).all()):
+                raise InputError(_not_finite(c, "sampled training triples"))
         if bool(vanished(norms).all()):
             raise VanishingGradientError(vanishing_message(f"all {len(check)} sampled training triples", self.settings.loss))
         return plans
@@ -376,6 +378,9 @@ class Builder:
             norms.append(grads.squared_norms().double().cpu())
         arrays = {key: torch.cat(values).numpy() for key, values in parts.items()}
         arrays["squared_norms"] = torch.cat(norms).numpy()
+        for key, value in arrays.items():
+            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                raise InputError(_not_finite(task.checkpoint, f"training rows {task.row_start}..{task.row_stop - 1}"))
         return arrays
 
     # -- the manifest -------------------------------------------------------------------------
@@ -457,6 +462,11 @@ class Builder:
         if query_bytes > available:
             self.log(f"warning: queries hold the stored factors in memory ({_mib(query_bytes)}), more than the "
                      f"{_mib(available)} available now")  # fmt: skip
+
+
+def _not_finite(c: int, rows: str) -> str:
+    return (f"checkpoint {c + 1}: the gradients of {rows} are not finite (inf or NaN: the model's scores or "
+            "weights overflow float32); check that checkpoint, or select other layers")  # fmt: skip
 
 
 def available_memory() -> int | None:

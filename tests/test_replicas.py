@@ -14,12 +14,16 @@ from tracin_index.layers import select_parameters
 from tracin_index.replicas import ConvEReplica, build_replica, replica_spec
 
 
-@pytest.mark.parametrize("name,mode", [("ConvE", "last"), ("ConvE", "all"), ("DistMult", "last")])
-def test_a_replica_scores_and_differentiates_like_the_pykeen_model(nations, name, mode):
+@pytest.mark.parametrize("name,mode,pairs", [("ConvE", "last", False), ("ConvE", "last", True), ("ConvE", "all", False),
+                                             ("DistMult", "last", False)])  # fmt: skip
+def test_a_replica_scores_and_differentiates_like_the_pykeen_model(nations, name, mode, pairs):
     model = make_model(name, nations.training, dtype=torch.float64)
     replica = build_replica(replica_spec(model)).double()
     replica.load_state_dict(model.state_dict())
+    replica.pair_forward = pairs  # the layers before the last Linear once per (head, relation) pair
     batch = nations.training.mapped_triples[:40]
+    repeated = torch.tensor([[h, r, t] for (h, r), t in zip(batch[:10, :2].tolist(), batch[10:20, 2].tolist())])
+    batch = torch.cat([batch, repeated])  # ten (head, relation) pairs twice, with other tails
     torch.testing.assert_close(replica.score_hrt(batch), model.score_hrt(batch), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(replica.score_t(batch[:, :2]), model.score_t(batch[:, :2]), rtol=1e-12, atol=1e-12)
     for loss in ("bce", "ce"):

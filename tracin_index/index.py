@@ -30,6 +30,7 @@ from .errors import InputError, TracInWarning
 from .factors import BlockPlan, Stored, checkpoint_estimate
 from .gradients import GradientComputer, PerExampleGradients, vanished, vanishing_message
 from .layers import ParameterSelection
+from .replicas import pair_forward_applies
 from .results import Influence, InfluenceResult, Triple, ranked_rows
 from .sketch import Basis
 from .store import TRIPLES, bases_path, read_arrays, read_manifest, read_triples, resolve_path, sha256_file
@@ -171,6 +172,8 @@ class GradientIndex:
         if c not in self._computers or self._computers[c].model is not model:
             # the selection holds the modules to hook: each model copy needs its own
             selection = self.selection if model is self.run.model else selection_from_manifest(model, self.manifest)
+            if pair_forward_applies(model, selection):  # candidates sharing a (head, relation) pair: one product
+                model.pair_forward = True
             self._computers[c] = GradientComputer(model, selection, self.loss)
         return self._computers[c]
 

@@ -43,6 +43,19 @@ class _Table(nn.Module):
         return self._embeddings(ids)
 
 
+class PairLinear(nn.Linear):
+    """A Linear layer that may be computed once per distinct (head, relation) pair: when ``row_map`` is
+    set, its input holds one row per pair and its output one row per triple (``output[i] = y[row_map[i]]``).
+    Per-example gradients then still come per triple (:mod:`tracin_index.gradients` expands the input
+    by ``row_map``), while the product, the expensive part of ConvE, is done once per pair."""
+
+    row_map: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y if self.row_map is None else y.index_select(0, self.row_map)
+
+
 class ConvEInteraction(nn.Module):
     """PyKEEN's ConvE interaction (same name: the 1-N ``ce`` gradients know it is linear in the tail)."""
 
@@ -57,7 +70,7 @@ class ConvEInteraction(nn.Module):
                      nn.BatchNorm2d(out) if batch_norm else None, nn.ReLU(), nn.Dropout2d()]  # fmt: skip
         self.hr2d = nn.Sequential(*(layer for layer in layers_2d if layer is not None))
         features = out * (2 * shape["image_height"] - shape["kernel_height"] + 1) * (shape["image_width"] - shape["kernel_width"] + 1)
-        layers_1d = [nn.Linear(features, shape["embedding_dim"]), nn.Dropout(),
+        layers_1d = [PairLinear(features, shape["embedding_dim"]), nn.Dropout(),
                      nn.BatchNorm1d(shape["embedding_dim"]) if batch_norm else None, nn.ReLU()]  # fmt: skip
         self.hr1d = nn.Sequential(*(layer for layer in layers_1d if layer is not None))
 
@@ -71,7 +84,12 @@ class ConvEInteraction(nn.Module):
 
 
 class ConvEReplica(nn.Module):
-    """PyKEEN 1.11's ConvE: ``score(h, r, t) = <hr1d(hr2d([h; r])), t> + b_t``."""
+    """PyKEEN 1.11's ConvE: ``score(h, r, t) = <hr1d(hr2d([h; r])), t> + b_t``.
+
+    ``pair_forward``: compute the layers up to the final Linear once per distinct (head, relation)
+    pair of a batch (they depend on nothing else), and the rest per triple. Only for selections that
+    hold nothing before the Linear's input (their gradients would come per pair).
+    """
 
     def __init__(self, num_entities: int, num_relations: int, shape: dict[str, int], batch_norm: bool):
         super().__init__()
@@ -80,9 +98,19 @@ class ConvEReplica(nn.Module):
         self.interaction = ConvEInteraction(shape, batch_norm)
         self.entity_representations = nn.ModuleList([_Table(num_entities, dim), _Table(num_entities, 1)])
         self.relation_representations = nn.ModuleList([_Table(num_relations, dim)])
+        self.pair_forward = False
 
     def score_hrt(self, hrt: torch.Tensor) -> torch.Tensor:
-        x = self.interaction.encode(self.entity_representations[0](hrt[:, 0]), self.relation_representations[0](hrt[:, 1]))
+        linear = self.interaction.hr1d[0]
+        if self.pair_forward:
+            pairs, linear.row_map = torch.unique(hrt[:, :2], dim=0, return_inverse=True)
+        else:
+            pairs, linear.row_map = hrt[:, :2], None
+        try:
+            x = self.interaction.encode(self.entity_representations[0](pairs[:, 0]),
+                                        self.relation_representations[0](pairs[:, 1]))  # fmt: skip
+        finally:
+            linear.row_map = None
         t = self.entity_representations[0](hrt[:, 2])
         bias = self.entity_representations[1](hrt[:, 2]).view(-1)
         return ((x * t).sum(-1) + bias).view(-1, 1)
@@ -147,6 +175,12 @@ def build_replica(spec: dict[str, Any]) -> nn.Module:
     else:
         raise ValueError(f"no replica of {spec['model']}")
     return model.eval()
+
+
+def pair_forward_applies(model: nn.Module, selection) -> bool:
+    """Whether ``model`` is a replica that can compute per (head, relation) pair for ``selection``: every
+    selected module comes at or after ConvE's final Linear (``interaction.hr1d``)."""
+    return isinstance(model, ConvEReplica) and all(m.name.startswith("interaction.hr1d.") for m in selection.modules)
 
 
 def replica_agrees(replica: nn.Module, model: nn.Module, hrt: torch.Tensor, gradients_of) -> bool:

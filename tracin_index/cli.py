@@ -398,8 +398,8 @@ def verify(index_dir: Path = typer.Argument(..., help="Index directory.")):
 @app.command()
 def demo(
     out_dir: Path = typer.Option(Path("tracin-demo"), "--out", help="Working directory (run and index)."),
-    epochs: int = typer.Option(12),
-    checkpoint_every: int = typer.Option(4),
+    epochs: int = typer.Option(9),
+    checkpoint_every: int = typer.Option(3),
     top_k: int = typer.Option(5),
 ):
     """Train a small ConvE on the bundled UMLS, build its gradient index and explain a test triple."""

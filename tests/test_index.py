@@ -377,3 +377,17 @@ def test_a_checkpoint_whose_gradients_overflow_is_refused_before_writing(tiny_ru
     with pytest.raises(InputError, match="checkpoint 2: the gradients of sampled training triples are not finite"):
         GradientIndex.build(tmp_path / "index", model_path=run, sketch_dim=16)
     assert not (tmp_path / "index").exists()
+
+
+def test_a_batch_without_new_groups_stores_no_group_rows():
+    from tracin_index.factors import BlockPlan, encode
+    from tracin_index.gradients import FactoredBlock, PerExampleGradients
+    from tracin_index.sketch import Basis, fit_basis
+
+    a, delta = torch.rand(6, 1, 40), torch.randn(6, 1, 3)
+    plan = BlockPlan("linear", "factored", (3, 40), (0, 8), grouped=True)
+    basis = Basis.from_half(fit_basis(a[:, 0], 8, seed=0))
+    grads = PerExampleGradients({"linear": FactoredBlock(a, delta, True, False)})
+    arrays = encode([plan], grads, {("linear", "in"): basis}, torch.zeros(0, dtype=torch.long))
+    assert arrays["linear/in/values"].shape == (0, 1, 8) and arrays["linear/in/rho"].shape == (0, 1)
+    assert arrays["linear/out/values"].shape == (6, 1, 3)

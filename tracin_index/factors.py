@@ -29,6 +29,7 @@ entries span many orders of magnitude), which the bounds include.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -180,7 +181,9 @@ def _derive_batch_norm_sides(model, selection, plans, grads) -> list[BlockPlan]:
 
 def to_half(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float16 values scaled so that each row's largest magnitude is 1, and the float32 scales."""
-    flat = x.reshape(x.shape[0], -1)
+    flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))
+    if flat.shape[0] == 0:
+        return x.half(), torch.zeros(0, dtype=torch.float32, device=x.device)
     scale = flat.abs().amax(1).float().clamp_min(torch.finfo(torch.float32).tiny)
     values = (x / scale.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)).half()
     return values, scale
@@ -191,7 +194,7 @@ def _side_arrays(x: torch.Tensor, basis: Basis | None) -> dict[str, torch.Tensor
     residual norms). ``norm``: of what is stored (the side, or its coordinates), per row [and example]."""
     if basis is not None:
         s, rho = basis.sketch(x.reshape(-1, x.shape[-1]))
-        x = s.view(*x.shape[:-1], -1)
+        x = s.view(*x.shape[:-1], s.shape[-1])  # (no -1: a batch may hold no new group at all)
     values, scale = to_half(x)
     arrays = {"values": values.cpu(), "scale": scale.cpu(), "norm": x.double().norm(dim=-1).float().cpu()}
     if basis is not None:

@@ -391,3 +391,26 @@ def test_a_batch_without_new_groups_stores_no_group_rows():
     arrays = encode([plan], grads, {("linear", "in"): basis}, torch.zeros(0, dtype=torch.long))
     assert arrays["linear/in/values"].shape == (0, 1, 8) and arrays["linear/in/rho"].shape == (0, 1)
     assert arrays["linear/out/values"].shape == (6, 1, 3)
+
+
+def test_loose_sketches_are_refined_by_recomputing_the_candidates_linear_inputs(tiny_run, tmp_path, conve_reference,
+                                                                                monkeypatch):  # fmt: skip
+    import tracin_index.index as index_module
+
+    index = GradientIndex.build(tmp_path / "index", model_path=tiny_run, sketch_dim=4)  # a sketch far too small
+    _, _, test = run_ids(tiny_run)
+    reference = conve_reference["bce"]
+    grads = index.test_gradients(test[:NUM_TEST])
+    rows = np.arange(index.num_rows)
+    for t in range(NUM_TEST):
+        value, error = index.refine(grads, t, rows)
+        assert bool(((value - reference[t]).abs() <= error).all())
+        assert float(error.max()) < float(index.estimates(grads, t)[1].max()) / 10  # what is left: float16 rounding
+    refined = index.query(test[:NUM_TEST], top_k=10)
+    refined_candidates = index.last_query.candidates
+    monkeypatch.setattr(index_module, "REFINE_ABOVE", 10**9)
+    unrefined = index.query(test[:NUM_TEST], top_k=10)
+    for a, b in zip(refined, unrefined):  # the same lists (values to float32 rounding: other batches)
+        assert [i.train_index for i in a.proponents + a.opponents] == [i.train_index for i in b.proponents + b.opponents]
+    assert sum(refined_candidates) < sum(index.last_query.candidates)
+    assert_matches(refined, reference)

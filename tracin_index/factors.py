@@ -264,6 +264,12 @@ class Stored:
     def device(self) -> torch.device:
         return next(iter(self.arrays.values())).device if self.arrays else torch.device("cpu")
 
+    def subset(self, rows: torch.Tensor, plans: list[BlockPlan]) -> "Stored":
+        """The same stored data for ``rows`` only (group tables stay whole; the rows' group ids come along)."""
+        per_group = tuple(f"{p.name}/in/" for p in plans if p.grouped)
+        arrays = {k: (v if k.startswith(per_group) else v[rows]) for k, v in self.arrays.items()}
+        return Stored(arrays, self.bases, {k: v[rows] for k, v in self.groups.items()}, len(rows))
+
     def to(self, device: torch.device | str) -> "Stored":
         """The same arrays on ``device`` (a GPU scans them much faster)."""
         return Stored({k: v.to(device) for k, v in self.arrays.items()},
@@ -328,9 +334,11 @@ def _combine(out: _Estimate, inp: _Estimate) -> _Estimate:
 
 
 def scan_block(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, query: PerExampleGradients,
-               modules: dict[str, nn.Module], query_norm: float) -> _Estimate:  # fmt: skip
+               modules: dict[str, nn.Module], query_norm: float,
+               exact_inputs: dict[str, torch.Tensor] | None = None) -> _Estimate:  # fmt: skip
     """Estimate and bound of <g_row, g_query> for this block, every row (``query``: one test triple;
-    ``modules``: the model's modules at this checkpoint, for batch norm scales)."""
+    ``modules``: the model's modules at this checkpoint, for batch norm scales). ``exact_inputs``:
+    the rows' Linear input sides recomputed (rows, d), used instead of their sketches."""
     n = stored.num_rows
     block = query.blocks[plan.name]
     arrays = stored.arrays
@@ -341,10 +349,13 @@ def scan_block(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, que
         total = _Estimate(zeros, zeros.clone())
         for j in range(block.a.shape[1]):  # the query's examples (positions)
             out = _out_side(plan, plans, stored, block.delta[0, j], modules)
-            inp = _side_estimate(arrays, f"{plan.name}/in", block.a[0, j], stored.bases.get((plan.name, "in")))
-            if plan.grouped:
-                group = stored.groups[plan.name]
-                inp = _Estimate(inp.value[group], inp.error[group])
+            if exact_inputs is not None and plan.name in exact_inputs:
+                inp = _exact_side(exact_inputs[plan.name], block.a[0, j])
+            else:
+                inp = _side_estimate(arrays, f"{plan.name}/in", block.a[0, j], stored.bases.get((plan.name, "in")))
+                if plan.grouped:
+                    group = stored.groups[plan.name]
+                    inp = _Estimate(inp.value[group], inp.error[group])
             part = _combine(out, inp)
             total = _Estimate(total.value + part.value, total.error + part.error)
         return total
@@ -352,6 +363,15 @@ def scan_block(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, que
         return _rows_estimate(plan, stored, block)
     norm = arrays[f"{plan.name}/opaque/norm"].double()
     return _Estimate(torch.zeros(n, dtype=torch.float64, device=norm.device), norm * query_norm)
+
+
+def _exact_side(x: torch.Tensor, query: torch.Tensor) -> _Estimate:
+    """<x_row, query> from recomputed float32 rows: a relative 1e-6 covers float32 rounding (and the
+    difference from a batch computed another way)."""
+    x = x.to(query.device)
+    value = (x.float() @ query.float()).double()
+    error = 1e-6 * torch.linalg.vector_norm(x.float(), dim=-1).double() * float(query.double().norm())
+    return _Estimate(value, error)
 
 
 def _out_side(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, delta_q: torch.Tensor,
@@ -392,14 +412,14 @@ def _rows_estimate(plan: BlockPlan, stored: Stored, block: RowsBlock) -> _Estima
 
 
 def checkpoint_estimate(plans: list[BlockPlan], stored: Stored, query: PerExampleGradients,
-                        modules: dict[str, nn.Module]) -> _Estimate:  # fmt: skip
-    """Sum over blocks of :func:`scan_block`: one query, one checkpoint, every row."""
+                        modules: dict[str, nn.Module], exact_inputs: dict[str, torch.Tensor] | None = None) -> _Estimate:  # fmt: skip
+    """Sum over blocks of :func:`scan_block`: one query, one checkpoint, every row of ``stored``."""
     query_norm = float(query.squared_norms()[0].double().clamp_min(0).sqrt())
     by_name = {p.name: p for p in plans}
     total = torch.zeros(stored.num_rows, dtype=torch.float64, device=stored.device)
     error = torch.zeros(stored.num_rows, dtype=torch.float64, device=stored.device)
     for plan in plans:
-        part = scan_block(plan, by_name, stored, query, modules, query_norm)
+        part = scan_block(plan, by_name, stored, query, modules, query_norm, exact_inputs)
         total += part.value
         error += part.error
     return _Estimate(total, error)

@@ -370,7 +370,7 @@ def update_accuracy_summary() -> dict[str, Any]:
         row = data.get("results", {}).get(setting)
         if row is None:
             continue
-        default = row["indexes"][str(data["default_sketch_dim"])]
+        default = row["indexes"]["default"]
         found.append((f"{name}:{setting}", default["default"], default["bytes_per_triple_checkpoint"]))
     if not found:
         return {}

@@ -393,24 +393,27 @@ def test_a_batch_without_new_groups_stores_no_group_rows():
     assert arrays["linear/out/values"].shape == (6, 1, 3)
 
 
-def test_loose_sketches_are_refined_by_recomputing_the_candidates_linear_inputs(tiny_run, tmp_path, conve_reference,
-                                                                                monkeypatch):  # fmt: skip
-    import tracin_index.index as index_module
+def test_loose_bounds_are_settled_by_rescoring_in_rounds_most_promising_first(tiny_run, tmp_path, conve_reference):
+    from tracin_index.index import _candidates
 
     index = GradientIndex.build(tmp_path / "index", model_path=tiny_run, sketch_dim=4)  # a sketch far too small
     _, _, test = run_ids(tiny_run)
-    reference = conve_reference["bce"]
+    results = index.query(test[:NUM_TEST], top_k=10)
+    assert_matches(results, conve_reference["bce"])
     grads = index.test_gradients(test[:NUM_TEST])
-    rows = np.arange(index.num_rows)
+    at_once = []
     for t in range(NUM_TEST):
-        value, error = index.refine(grads, t, rows)
-        assert bool(((value - reference[t]).abs() <= error).all())
-        assert float(error.max()) < float(index.estimates(grads, t)[1].max()) / 10  # what is left: float16 rounding
-    refined = index.query(test[:NUM_TEST], top_k=10)
-    refined_candidates = index.last_query.candidates
-    monkeypatch.setattr(index_module, "REFINE_ABOVE", 10**9)
-    unrefined = index.query(test[:NUM_TEST], top_k=10)
-    for a, b in zip(refined, unrefined):  # the same lists (values to float32 rounding: other batches)
-        assert [i.train_index for i in a.proponents + a.opponents] == [i.train_index for i in b.proponents + b.opponents]
-    assert sum(refined_candidates) < sum(index.last_query.candidates)
-    assert_matches(refined, reference)
+        value, error = index.estimates(grads, t)
+        at_once.append(len(np.union1d(*_candidates(value - error, value + error, 10))))
+    assert max(index.last_query.rounds) > 1  # several rounds were needed ...
+    assert sum(index.last_query.candidates) < sum(at_once)  # ... and spared rescoring every candidate
+
+
+@pytest.mark.parametrize("allowed,expected", [(1.0, 128), (0.0, 256)])
+def test_the_default_sketch_widens_where_128_directions_leave_too_much_out(conve_run, tmp_path, monkeypatch, allowed,
+                                                                           expected):  # fmt: skip
+    import tracin_index.builder as builder
+
+    monkeypatch.setattr(builder, "AUTO_RESIDUAL", allowed)
+    index = GradientIndex.build(tmp_path / "index", model_path=conve_run)
+    assert index.plans[0].sketch == (0, expected) and index.manifest["settings"]["sketch_dim"] is None

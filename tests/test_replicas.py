@@ -59,3 +59,17 @@ def test_a_replica_that_disagrees_is_not_used(tiny_run, tmp_path, monkeypatch):
     index = GradientIndex.build(tmp_path / "index", model_path=tiny_run, sketch_dim=16)
     assert index.manifest["replica"] is None
     assert type(GradientIndex.open(tmp_path / "index").run.model).__name__ == "ConvE"
+
+
+def test_linear_inputs_of_a_replica_computing_per_pair_come_in_row_order(nations):
+    from tracin_index.gradients import linear_inputs
+
+    model = make_model("ConvE", nations.training, dtype=torch.float64)
+    replica = build_replica(replica_spec(model)).double()
+    replica.load_state_dict(model.state_dict())
+    replica.pair_forward = True
+    rows = nations.training.mapped_triples[torch.randperm(200, generator=torch.Generator().manual_seed(3))]
+    ours = linear_inputs(replica, {"fc": (replica.interaction.hr1d[0], True)}, rows)["fc"]
+    theirs = linear_inputs(model, {"fc": (model.interaction.hr1d[0], True)}, rows)["fc"]
+    assert len(torch.unique(rows[:, :2], dim=0)) < len(rows)  # pairs repeat, and torch.unique sorts them
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)

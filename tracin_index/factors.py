@@ -211,6 +211,12 @@ def encode(plans: list[BlockPlan], grads: PerExampleGradients, bases: dict[tuple
         block = grads.blocks[plan.name]
         if plan.kind == "dense":
             arrays = _side_arrays(block.values, bases.get((plan.name, "values")))
+            if not plan.sketch[0] and len(plan.sizes) > 1:
+                # one array per parameter (same row scale): a derived side reads its part alone
+                whole, start = arrays.pop("values"), 0
+                for i, size in enumerate(plan.sizes):
+                    arrays[f"values{i}"] = whole[:, start : start + size].contiguous()
+                    start += size
             out.update({f"{plan.name}/values/{k}": v for k, v in arrays.items()})
         elif plan.kind == "factored":
             if plan.derived is None:
@@ -264,12 +270,6 @@ class Stored:
     def device(self) -> torch.device:
         return next(iter(self.arrays.values())).device if self.arrays else torch.device("cpu")
 
-    def subset(self, rows: torch.Tensor, plans: list[BlockPlan]) -> "Stored":
-        """The same stored data for ``rows`` only (group tables stay whole; the rows' group ids come along)."""
-        per_group = tuple(f"{p.name}/in/" for p in plans if p.grouped)
-        arrays = {k: (v if k.startswith(per_group) else v[rows]) for k, v in self.arrays.items()}
-        return Stored(arrays, self.bases, {k: v[rows] for k, v in self.groups.items()}, len(rows))
-
     def to(self, device: torch.device | str) -> "Stored":
         """The same arrays on ``device`` (a GPU scans them much faster)."""
         return Stored({k: v.to(device) for k, v in self.arrays.items()},
@@ -312,7 +312,16 @@ def _side_estimate(arrays: dict[str, torch.Tensor], prefix: str, query: torch.Te
     if basis is not None:
         s, rho = basis.sketch(query.reshape(1, -1))
         query, rho_q = basis.query(s)[0], float(rho[0])
-    estimate = _mv(arrays[f"{prefix}/values"], arrays[f"{prefix}/scale"], query)
+    scale = arrays[f"{prefix}/scale"]
+    if f"{prefix}/values" in arrays:
+        estimate = _mv(arrays[f"{prefix}/values"], scale, query)
+    else:  # parameter by parameter (a whole dense block)
+        estimate, start, i = None, 0, 0
+        while f"{prefix}/values{i}" in arrays:
+            part = arrays[f"{prefix}/values{i}"]
+            piece = _mv(part, scale, query[start : start + part.shape[-1]])
+            estimate = piece if estimate is None else estimate + piece
+            start, i = start + part.shape[-1], i + 1
     error = EPS * arrays[f"{prefix}/norm"].double() * float(query.double().norm())
     if basis is not None:
         error = error + arrays[f"{prefix}/rho"].double() * rho_q
@@ -334,11 +343,9 @@ def _combine(out: _Estimate, inp: _Estimate) -> _Estimate:
 
 
 def scan_block(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, query: PerExampleGradients,
-               modules: dict[str, nn.Module], query_norm: float,
-               exact_inputs: dict[str, torch.Tensor] | None = None) -> _Estimate:  # fmt: skip
+               modules: dict[str, nn.Module], query_norm: float) -> _Estimate:  # fmt: skip
     """Estimate and bound of <g_row, g_query> for this block, every row (``query``: one test triple;
-    ``modules``: the model's modules at this checkpoint, for batch norm scales). ``exact_inputs``:
-    the rows' Linear input sides recomputed (rows, d), used instead of their sketches."""
+    ``modules``: the model's modules at this checkpoint, for batch norm scales)."""
     n = stored.num_rows
     block = query.blocks[plan.name]
     arrays = stored.arrays
@@ -349,13 +356,10 @@ def scan_block(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, que
         total = _Estimate(zeros, zeros.clone())
         for j in range(block.a.shape[1]):  # the query's examples (positions)
             out = _out_side(plan, plans, stored, block.delta[0, j], modules)
-            if exact_inputs is not None and plan.name in exact_inputs:
-                inp = _exact_side(exact_inputs[plan.name], block.a[0, j])
-            else:
-                inp = _side_estimate(arrays, f"{plan.name}/in", block.a[0, j], stored.bases.get((plan.name, "in")))
-                if plan.grouped:
-                    group = stored.groups[plan.name]
-                    inp = _Estimate(inp.value[group], inp.error[group])
+            inp = _side_estimate(arrays, f"{plan.name}/in", block.a[0, j], stored.bases.get((plan.name, "in")))
+            if plan.grouped:
+                group = stored.groups[plan.name]
+                inp = _Estimate(inp.value[group], inp.error[group])
             part = _combine(out, inp)
             total = _Estimate(total.value + part.value, total.error + part.error)
         return total
@@ -365,27 +369,18 @@ def scan_block(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, que
     return _Estimate(torch.zeros(n, dtype=torch.float64, device=norm.device), norm * query_norm)
 
 
-def _exact_side(x: torch.Tensor, query: torch.Tensor) -> _Estimate:
-    """<x_row, query> from recomputed float32 rows: a relative 1e-6 covers float32 rounding (and the
-    difference from a batch computed another way)."""
-    x = x.to(query.device)
-    value = (x.float() @ query.float()).double()
-    error = 1e-6 * torch.linalg.vector_norm(x.float(), dim=-1).double() * float(query.double().norm())
-    return _Estimate(value, error)
-
-
 def _out_side(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, delta_q: torch.Tensor,
               modules: dict[str, nn.Module]) -> _Estimate:  # fmt: skip
     if plan.derived is None:
         return _side_estimate(stored.arrays, f"{plan.name}/out", delta_q, stored.bases.get((plan.name, "out")))
     dense_name, part = plan.derived
-    sizes = plans[dense_name].sizes
-    start = sum(sizes[:part])
-    scale = batch_norm_scale(modules[dense_name]).to(delta_q)
-    # <s * bias_grad_row, delta_q> = <bias_grad_row, s * delta_q>: a query over the batch norm's stored values
-    query = torch.zeros(sum(sizes), dtype=delta_q.dtype, device=delta_q.device)
-    query[start : start + sizes[part]] = scale * delta_q
-    return _side_estimate(stored.arrays, f"{dense_name}/values", query, None)
+    # <s * bias_grad_row, delta_q> = <bias_grad_row, s * delta_q>: a query over the batch norm's stored bias part
+    query = batch_norm_scale(modules[dense_name]).to(delta_q) * delta_q
+    prefix = f"{dense_name}/values"
+    values = stored.arrays.get(f"{prefix}/values{part}", stored.arrays.get(f"{prefix}/values"))
+    estimate = _mv(values, stored.arrays[f"{prefix}/scale"], query)
+    # the whole row's norm bounds the part's: a little looser, never wrong
+    return _Estimate(estimate, EPS * stored.arrays[f"{prefix}/norm"].double() * float(query.double().norm()))
 
 
 def _rows_estimate(plan: BlockPlan, stored: Stored, block: RowsBlock) -> _Estimate:
@@ -412,14 +407,14 @@ def _rows_estimate(plan: BlockPlan, stored: Stored, block: RowsBlock) -> _Estima
 
 
 def checkpoint_estimate(plans: list[BlockPlan], stored: Stored, query: PerExampleGradients,
-                        modules: dict[str, nn.Module], exact_inputs: dict[str, torch.Tensor] | None = None) -> _Estimate:  # fmt: skip
-    """Sum over blocks of :func:`scan_block`: one query, one checkpoint, every row of ``stored``."""
+                        modules: dict[str, nn.Module]) -> _Estimate:  # fmt: skip
+    """Sum over blocks of :func:`scan_block`: one query, one checkpoint, every row."""
     query_norm = float(query.squared_norms()[0].double().clamp_min(0).sqrt())
     by_name = {p.name: p for p in plans}
     total = torch.zeros(stored.num_rows, dtype=torch.float64, device=stored.device)
     error = torch.zeros(stored.num_rows, dtype=torch.float64, device=stored.device)
     for plan in plans:
-        part = scan_block(plan, by_name, stored, query, modules, query_norm, exact_inputs)
+        part = scan_block(plan, by_name, stored, query, modules, query_norm)
         total += part.value
         error += part.error
     return _Estimate(total, error)

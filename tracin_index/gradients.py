@@ -570,7 +570,8 @@ def linear_inputs(model: nn.Module, modules: dict[str, tuple[nn.Linear, bool]], 
 
     def hook(name: str, bias: bool):
         def record(module, args):
-            found[name] = with_bias_column(args[0].detach(), bias)
+            # a layer computed once per group (a replica's PairLinear) holds its rows in the group order
+            found[name] = with_bias_column(args[0].detach(), bias, getattr(module, "row_map", None))
             if len(found) == len(modules):
                 raise _StopForward
 

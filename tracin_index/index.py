@@ -28,17 +28,18 @@ from .builder import BuildSettings, build_index, selection_from_manifest
 from .checkpoints import Checkpoint, CheckpointModels
 from .errors import InputError, TracInWarning
 from .factors import BlockPlan, Stored, checkpoint_estimate
-from .gradients import GradientComputer, PerExampleGradients, linear_inputs, vanished, vanishing_message
+from .gradients import GradientComputer, PerExampleGradients, vanished, vanishing_message
 from .layers import ParameterSelection
 from .replicas import pair_forward_applies
 from .results import Influence, InfluenceResult, Triple, ranked_rows
 from .sketch import Basis
 from .store import TRIPLES, bases_path, read_arrays, read_manifest, read_triples, resolve_path, sha256_file
 
-#: Candidates are rescored at once up to this many; beyond, their bounds are first tightened (:meth:`GradientIndex.refine`).
-REFINE_ABOVE = 64
-#: Rows refined at a time (their recomputed Linear inputs: 2,048 x 10,369 float32 = 85 MB for ConvE).
-REFINE_CHUNK = 2048
+#: Rows rescored exactly in the first round of a query; each further round takes twice as many, up to
+#: MAX_ROUND: small rounds stop soon after the k-th lower bound has risen enough, large ones keep the
+#: overhead per row down.
+FIRST_ROUND = 64
+MAX_ROUND = 2048
 
 
 def default_device() -> str:
@@ -58,9 +59,11 @@ class SelfInfluence:
 
 @dataclass
 class QueryStats:
-    """What the last query did: candidates rescored exactly per test triple (proponents + opponents side)."""
+    """What the last query did, per test triple: rows rescored exactly (``candidates``), in how many
+    rounds (``rounds``)."""
 
     candidates: list[int]
+    rounds: list[int]
 
 
 class GradientIndex:
@@ -197,6 +200,9 @@ class GradientIndex:
             parts = [read_arrays(self.directory / s["file"]) for s in shards]
             arrays = {key: torch.from_numpy(np.concatenate([p[key] for p in parts]))
                       for key in parts[0] if key != "squared_norms"}  # fmt: skip
+            for key in arrays:  # the per-row numbers of the bounds in float64 once, not at every query
+                if key.endswith(("/scale", "/norm", "/rho")):
+                    arrays[key] = arrays[key].double()
             bases = {}
             if any(dim for p in self.plans for _, _, dim in p.sides()):
                 name = bases_path(c)
@@ -283,7 +289,7 @@ class GradientIndex:
         labels = self._row_labels()
         indices = list(test_indices) if test_indices is not None else [None] * len(hrt)
         test_norms = sum(g.squared_norms().double().cpu() for g in test)
-        results, counts = [], []
+        results, counts, rounds_of = [], [], []
         for t in range(len(hrt)):
             triple = Triple(*labels.of(hrt[t].tolist()))
             if bool(vanished(test_norms[t : t + 1])[0]):
@@ -291,6 +297,7 @@ class GradientIndex:
                               + "; it has no proponents or opponents", TracInWarning, stacklevel=2)  # fmt: skip
                 results.append(InfluenceResult(indices[t], triple, (), (), 0, 0))
                 counts.append(0)
+                rounds_of.append(0)
                 continue
             value, error = self.estimates(test, t)
             low, high = value - error, value + error
@@ -298,25 +305,18 @@ class GradientIndex:
                 results.append(self._result(indices[t], triple, value.numpy(), np.arange(self.num_rows), top_k, labels,
                                             low, high, exact_rows=None))  # fmt: skip
                 counts.append(0)
+                rounds_of.append(0)
                 continue
             if candidates is not None:
-                pro, opp = _best_estimates(value, candidates)
+                rows = np.union1d(*_best_estimates(value, candidates))
+                exact = self.exact_scores([g.index(slice(t, t + 1)) for g in test], rows)[0].numpy()
+                rounds = 1
             else:
-                pro, opp = _candidates(low, high, top_k)
-                rows = np.union1d(pro, opp)
-                if len(rows) > REFINE_ABOVE and self._refinable():
-                    # many candidates: the sketches' bounds are loose (inputs far from low-rank); tighten
-                    # them with the candidates' Linear inputs recomputed (a forward pass to that layer)
-                    refined_value, refined_error = self.refine(test, t, rows)
-                    where = torch.as_tensor(rows)
-                    low[where] = torch.maximum(low[where], refined_value - refined_error)
-                    high[where] = torch.minimum(high[where], refined_value + refined_error)
-                    pro, opp = _candidates(low, high, top_k)
-            rows = np.union1d(pro, opp)
-            exact = self.exact_scores([g.index(slice(t, t + 1)) for g in test], rows)[0].numpy()
+                rows, exact, rounds = self._rescore_until_settled(test, t, low, high, top_k)
+            rounds_of.append(rounds)
             results.append(self._result(indices[t], triple, exact, rows, top_k, labels, low, high, exact_rows=rows))
             counts.append(len(rows))
-        self.last_query = QueryStats(counts)
+        self.last_query = QueryStats(counts, rounds_of)
         return results
 
     def _result(self, index, triple, scores: np.ndarray, rows: np.ndarray, top_k: int, labels, low, high,
@@ -337,49 +337,41 @@ class GradientIndex:
         return InfluenceResult(index, triple, make(+1), make(-1), int((estimate > 0).sum()), int((estimate < 0).sum()),
                                counts_exact=not bool(unsettled.any()))  # fmt: skip
 
-    def _refinable(self) -> list[BlockPlan]:
-        """Blocks whose bounds recomputing their input side tightens: Linear layers with a sketched input."""
-        return [p for p in self.plans if p.kind == "factored" and p.sketch[1] and p.examples == 1]
+    def _rescore_until_settled(self, test, t: int, low: torch.Tensor, high: torch.Tensor, k: int):
+        """Rescore candidates exactly in rounds, the most promising first (the highest upper bounds for
+        proponents, the lowest lower bounds for opponents), until no row left unscored can still enter
+        either top k: each round's exact scores raise the k-th lower bound towards the k-th influence
+        and rule out more of the rest (a threshold algorithm). The first round takes at most
+        :data:`FIRST_ROUND` rows, each next one twice as many (up to :data:`MAX_ROUND`).
 
-    def refine(self, test: list[PerExampleGradients], t: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Estimates and bounds of ``rows`` with their sketched Linear inputs recomputed exactly (one
-        forward pass that stops at the layer, once per (head, relation) group where inputs are shared):
-        what is left of a bound is float16 rounding. In chunks of :data:`REFINE_CHUNK` rows."""
-        value = torch.zeros(len(rows), dtype=torch.float64)
-        error = torch.zeros(len(rows), dtype=torch.float64)
-        refinable = self._refinable()
-        for c in range(self.num_checkpoints):
-            computer = self._computer(c)
-            selected = {m.name: m for m in computer.selection.modules}
-            query = test[c].index(slice(t, t + 1))
-            lr = self.checkpoints[c].learning_rate
-            for start in range(0, len(rows), REFINE_CHUNK):
-                chunk = rows[start : start + REFINE_CHUNK]
-                stored = self.stored(c).subset(torch.as_tensor(chunk, device=self.stored(c).device), self.plans)
-                exact = {p.name: self._layer_inputs(computer.model, selected[p.name], chunk, p.grouped) for p in refinable}
-                part = checkpoint_estimate(self.plans, stored, query, self._modules_of(c), exact)
-                value[start : start + len(chunk)] += lr * part.value.cpu()
-                error[start : start + len(chunk)] += lr * part.error.cpu()
-        return value, error
-
-    def _layer_inputs(self, model, selected, rows: np.ndarray, grouped: bool) -> torch.Tensor:
-        """The input side (with its bias column) of a Linear layer for training ``rows``, recomputed."""
-        if grouped:  # one forward per (head, relation) group, expanded to the rows
-            _, first, inverse = np.unique(self.groups[rows], return_index=True, return_inverse=True)
-            compute = rows[first]
-        else:
-            compute, inverse = rows, np.arange(len(rows))
-        # a replica computing per pair would hand the layer one row per pair: fine for distinct groups only
-        pause = bool(getattr(model, "pair_forward", False)) and not grouped
-        if pause:
-            model.pair_forward = False
-        try:
-            found = linear_inputs(model, {selected.name: (selected.module, "bias" in selected.parameter_names)},
-                                  torch.as_tensor(self.hrt[compute]).to(self.device))[selected.name]  # fmt: skip
-        finally:
-            if pause:
-                model.pair_forward = True
-        return found[torch.as_tensor(inverse.reshape(-1), device=found.device)]
+        Updates ``low``/``high`` in place (exact where scored); returns the scored rows, their exact
+        scores and the number of rounds."""
+        scored = torch.zeros(len(low), dtype=torch.bool)
+        rows_parts, score_parts = [], []
+        step, rounds = FIRST_ROUND, 0
+        grads = [g.index(slice(t, t + 1)) for g in test]
+        while True:
+            pro, opp = _candidates(low, high, k)
+            pro = pro[~scored[torch.as_tensor(pro, dtype=torch.long)].numpy()]
+            opp = opp[~scored[torch.as_tensor(opp, dtype=torch.long)].numpy()]
+            if len(pro) + len(opp) == 0:
+                break
+            half, step = max(1, step // 2), min(2 * step, MAX_ROUND)
+            if len(pro) > half:
+                pro = pro[torch.topk(high[torch.as_tensor(pro)], half).indices.numpy()]
+            if len(opp) > half:
+                opp = opp[torch.topk(-low[torch.as_tensor(opp)], half).indices.numpy()]
+            rows = np.union1d(pro, opp)
+            exact = self.exact_scores(grads, rows)[0]
+            where = torch.as_tensor(rows)
+            low[where] = high[where] = exact
+            scored[where] = True
+            rows_parts.append(rows)
+            score_parts.append(exact.numpy())
+            rounds += 1
+        if not rows_parts:
+            return np.zeros(0, dtype=np.int64), np.zeros(0), 0
+        return np.concatenate(rows_parts), np.concatenate(score_parts), rounds
 
     def _check_ids(self, hrt: torch.Tensor) -> None:
         for column, (name, size) in enumerate(

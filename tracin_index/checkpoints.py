@@ -136,11 +136,16 @@ class Checkpoint:
     def load_state_dict(self) -> dict[str, torch.Tensor]:
         if self.path is None:
             raise ValueError("this checkpoint stands for the loaded model itself; it has no file to load")
-        try:
-            obj = _load_plain(self.path)
-        except _NeedsPickle as error:
-            raise ModelLoadError(_not_plain_message(self.path)) from error
-        return _state_dict_of(obj, self.path)
+        return read_state_dict(self.path)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a torch file of plain tensors and numbers (``weights_only``: runs no code)."""
+    try:
+        obj = _load_plain(path)
+    except _NeedsPickle as error:
+        raise ModelLoadError(_not_plain_message(path)) from error
+    return _state_dict_of(obj, path)
 
 
 def _not_plain_message(path: Path) -> str:

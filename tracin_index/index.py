@@ -410,18 +410,13 @@ class _ReplicaRun:
 
 def _replica_run(spec: dict, source: Path, has_checkpoints: bool) -> _ReplicaRun:
     """The run directory's model as a plain-torch replica (no PyKEEN import): the build checked that it agrees."""
-    from .checkpoints import _load_plain, _NeedsPickle, _not_plain_message, _state_dict_of, load_state_dict_into
-    from .errors import ModelLoadError
+    from .checkpoints import load_state_dict_into, read_state_dict
     from .replicas import build_replica
 
     model = build_replica(spec)
     weights = source / "model.pt"
     if weights.is_file():
-        try:
-            state = _state_dict_of(_load_plain(weights), weights)
-        except _NeedsPickle as error:
-            raise ModelLoadError(_not_plain_message(weights)) from error
-        load_state_dict_into(model, state, str(weights))
+        load_state_dict_into(model, read_state_dict(weights), str(weights))
     elif not has_checkpoints:
         raise InputError(f"{weights}: missing, and the index has no checkpoints to load weights from")
     return _ReplicaRun(model.eval())

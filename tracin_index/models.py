@@ -36,10 +36,9 @@ from .checkpoints import (
     Checkpoint,
     _load_plain,
     _NeedsPickle,
-    _not_plain_message,
-    _state_dict_of,
     find_checkpoints,
     load_state_dict_into,
+    read_state_dict,
 )
 from .errors import InputError, ModelLoadError, PickleRefusedError, TracInWarning
 from .files import write_atomic, write_json_atomic
@@ -295,11 +294,7 @@ def _load_run_directory(directory: Path) -> LoadedRun:
 
     model_path = directory / MODEL_FILE
     if model_path.is_file():
-        try:
-            state_dict = _state_dict_of(_load_plain(model_path), model_path)
-        except _NeedsPickle as error:
-            raise ModelLoadError(_not_plain_message(model_path)) from error
-        load_state_dict_into(model, state_dict, str(model_path))
+        load_state_dict_into(model, read_state_dict(model_path), str(model_path))
     elif checkpoints:
         # an interrupted training leaves checkpoints but no final model
         last = checkpoints[-1]

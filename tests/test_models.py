@@ -158,6 +158,14 @@ def test_checkpoint_without_learning_rate_warns_and_counts_with_one(nations, tmp
     assert checkpoint.learning_rate == 1.0
 
 
+@pytest.mark.parametrize("rate", [-0.001, float("nan"), float("inf")])
+def test_a_negative_or_non_finite_learning_rate_is_refused_naming_the_checkpoint(nations, tmp_path, rate):
+    state = build_model(_distmult_config(nations)).state_dict()
+    path = _save(tmp_path / "epoch-0003.pt", model_state_dict=state, epoch=3, learning_rate=rate)
+    with pytest.raises(ModelLoadError, match="epoch-0003.pt: 'learning_rate'"):
+        find_checkpoints([path])
+
+
 def test_checkpoint_state_dict_loads_into_the_model(nations, tmp_path):
     trained = build_model(_distmult_config(nations))
     torch.nn.init.normal_(trained.entity_representations[0]._embeddings.weight)

@@ -35,16 +35,26 @@ def test_the_analyzer_refuses_vanished_gradients_and_suggests_ce(nations):
     assert result.proponents and result.opponents
 
 
-def test_exact_says_so_in_one_line(nations, tmp_path, capsys):
+@pytest.fixture
+def saturated_run(nations, tmp_path):
     training = nations.training
-    model = saturated_rescal(training)
     run = tmp_path / "run"
-    id_maps = IdMaps.from_triples_factory(training)
     labels = training.label_triples(training.mapped_triples)
-    save_run_directory(run, model=model, config=ModelConfig("RESCAL", {"embedding_dim": 8}, training.num_entities,
-                                                            training.real_num_relations),
-                       id_maps=id_maps, training=labels, testing=labels[:3])  # fmt: skip
-    code, out, err = run_cli(capsys, "exact", "--model-path", run, "--top-k", "3")
+    save_run_directory(run, model=saturated_rescal(training),
+                       config=ModelConfig("RESCAL", {"embedding_dim": 8}, training.num_entities, training.real_num_relations),
+                       id_maps=IdMaps.from_triples_factory(training), training=labels, testing=labels[:3])  # fmt: skip
+    return run
+
+
+def test_exact_says_so_in_one_line(saturated_run, capsys):
+    code, out, err = run_cli(capsys, "exact", "--model-path", saturated_run, "--top-k", "3")
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "vanish" in errors[0] and "--loss ce" in errors[0]
     assert "Proponents" not in out
+
+
+def test_a_build_whose_gradients_all_vanish_is_refused_before_writing(saturated_run, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "build", "--model-path", saturated_run, "--out", tmp_path / "index")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "vanish" in errors[0] and "--loss ce" in errors[0]
+    assert not (tmp_path / "index").exists()

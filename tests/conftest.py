@@ -107,6 +107,21 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_train_gradients(tiny_run):
+    """test_index.training_gradients(tiny_run, loss), computed once per test session and loss (the slow part)."""
+    from test_index import training_gradients
+
+    cache = {}
+
+    def get(loss: str):
+        if loss not in cache:
+            cache[loss] = training_gradients(tiny_run, loss)
+        return cache[loss]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def conve_run(tmp_path_factory):
     """`tracin-index train` defaults on Nations (ConvE, embedding dim 200), 4 epochs, checkpoints after 2 and 4."""
     from tracin_index.train import train_run

@@ -31,18 +31,33 @@ def run_ids(run_dir):
     return run, train, test
 
 
-def brute_force(run_dir, loss: str, parameter_names=None) -> torch.Tensor:
-    """sum_c lr_c <g(train), g(test)> from one autograd backward per triple, float64 (independent of the package)."""
-    run, train, test = run_ids(run_dir)
+def training_gradients(run_dir, loss: str, parameter_names=None) -> list[tuple[float, torch.Tensor]]:
+    """Per checkpoint: its learning rate and every training triple's gradient (as trained), flat, float64,
+    from one autograd backward per triple (independent of the package)."""
+    run, train, _ = run_ids(run_dir)
     model = run.model.double()
     names = parameter_names or [n for n in dict(model.named_parameters()) if n.startswith("interaction.hr1d")]
-    scores = torch.zeros(NUM_TEST, len(train), dtype=torch.float64)
+    out = []
     for checkpoint in run.checkpoints:
         state = torch.load(checkpoint.path, weights_only=True)["model_state_dict"]
         model.load_state_dict({k: v.double() for k, v in state.items()})
-        g_train = flat(per_triple_gradients(model, train, names, loss))
-        g_test = flat(per_triple_gradients(model, test[:NUM_TEST], names, loss))
-        scores += checkpoint.learning_rate * g_test @ g_train.T
+        out.append((checkpoint.learning_rate, flat(per_triple_gradients(model, train, names, loss))))
+    return out
+
+
+def brute_force(run_dir, loss: str, parameter_names=None, direction: str = "tail", num_test: int = NUM_TEST,
+                train_gradients=None) -> torch.Tensor:  # fmt: skip
+    """sum_c lr_c <g(train), g(test)> from one autograd backward per triple, float64 (independent of the package)."""
+    run, _, test = run_ids(run_dir)
+    model = run.model.double()
+    names = parameter_names or [n for n in dict(model.named_parameters()) if n.startswith("interaction.hr1d")]
+    train_gradients = train_gradients or training_gradients(run_dir, loss, parameter_names)
+    scores = torch.zeros(num_test, train_gradients[0][1].shape[0], dtype=torch.float64)
+    for checkpoint, (lr, g_train) in zip(run.checkpoints, train_gradients):
+        state = torch.load(checkpoint.path, weights_only=True)["model_state_dict"]
+        model.load_state_dict({k: v.double() for k, v in state.items()})
+        g_test = flat(per_triple_gradients(model, test[:num_test], names, loss, direction))
+        scores += lr * g_test @ g_train.T
     return scores
 
 
@@ -54,8 +69,8 @@ def expected_rows(scores: torch.Tensor, k: int, sign: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def conve_reference(tiny_run):
-    return {loss: brute_force(tiny_run, loss) for loss in ("bce", "ce")}
+def conve_reference(tiny_run, tiny_train_gradients):
+    return {loss: brute_force(tiny_run, loss, train_gradients=tiny_train_gradients(loss)) for loss in ("bce", "ce")}
 
 
 def assert_matches(results, reference, k=10):

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 from torch import nn
 
+from .directions import DEFAULT_DIRECTION, TRAIN, check_direction, training_examples
 from .errors import InputError
 from .gradients import GradientComputer, LossName, PerExampleGradients, check_gradients
 from .layers import ParameterSelection, select_parameters
@@ -48,6 +49,9 @@ class TracInAnalyzer:
     :param last_layer_names: explicit module or parameter names (overrides the two above).
     :param checkpoints: :class:`~tracin_index.models.Checkpoint` objects, each with its learning rate.
     :param loss: ``bce`` (default) or ``ce`` (1-N softmax), see DESIGN.md.
+    :param direction: the test predictions explained, for a model trained with inverse triples:
+        ``tail`` (default, f(h, r, t)), ``head`` (f(t, r_inv, h)) or ``both``. A training triple's
+        gradient is always that of every example it was trained as (see :mod:`tracin_index.directions`).
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class TracInAnalyzer:
         batch_size: int = 256,
         id_maps: "IdMaps | None" = None,
         progress: bool = False,
+        direction: str = DEFAULT_DIRECTION,
     ):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
@@ -74,6 +79,8 @@ class TracInAnalyzer:
             self.selection = select_parameters(model, mode="all")
         self.loss = loss
         self.gradients = GradientComputer(self.model, self.selection, loss)
+        check_direction(direction, self.gradients.inverse)
+        self.direction = direction
         self.checkpoints = list(checkpoints or [])
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
@@ -83,9 +90,10 @@ class TracInAnalyzer:
 
     # -- gradients at the model's current weights ---------------------------------------------
 
-    def compute_gradient(self, triple) -> dict[str, torch.Tensor]:
-        """The loss gradient of one (head, relation, tail) id triple, by parameter name (dense)."""
-        grads = self.gradients.compute(_as_id_triples(triple, "triple")).to_dense()
+    def compute_gradient(self, triple, direction: str = TRAIN) -> dict[str, torch.Tensor]:
+        """The loss gradient of one (head, relation, tail) id triple, by parameter name (dense): as a
+        training triple (every example it was trained as), or of one test ``direction``."""
+        grads = self.gradients.compute(_as_id_triples(triple, "triple"), direction).to_dense()
         return {name: g[0] for name, g in grads.items()}
 
     def compute_batch_individual_gradients(self, triples) -> PerExampleGradients:
@@ -141,8 +149,8 @@ class TracInAnalyzer:
         with self._at_checkpoints() as learning_rates:
             for c, lr in enumerate(learning_rates):
                 if c == 0:
-                    self.gradients.check(training[:8])
-                g_test = self.gradients.compute(test)
+                    self.gradients.check(training_examples(training[:8], self.gradients.inverse))
+                g_test = self.gradients.compute(test, self.direction)
                 test_norms += g_test.squared_norms().double()
                 for start in self._batches(training, f"checkpoint {c + 1}: scoring training triples"):
                     g_train = self.gradients.compute(training[start : start + self.batch_size])

@@ -27,7 +27,8 @@ from . import __version__
 from .checkpoints import Checkpoint, CheckpointModels
 from .errors import InputError, VanishingGradientError
 from .factors import DEFAULT_SKETCH_DIM, BlockPlan, encode, plan_blocks, sketch_sample
-from .gradients import LOSSES, GradientComputer, linear_inputs, vanished, vanishing_message
+from .directions import examples_per_fact, training_examples, uses_inverse_triples
+from .gradients import LOSSES, GradientComputer, linear_inputs, merge_examples, vanished, vanishing_message
 from .layers import ParameterSelection, select_parameters
 from .sketch import Basis, fit_basis, stable_seed
 from .store import (
@@ -176,7 +177,12 @@ class Builder:
         GradientComputer(model, self.selection, settings.loss)  # refuses impossible loss/selection pairs now
         # one model at a time: the build goes checkpoint by checkpoint
         self.models = CheckpointModels(model, inputs.checkpoints, max_bytes=0)
-        self.num_rows = int(inputs.hrt.shape[0])
+        # the stored rows are the examples the model was trained on: with inverse triples, rows 2i and
+        # 2i + 1 are fact i's (h, 2r, t) and (t, 2r + 1, h) (see tracin_index.directions)
+        self.per_fact = examples_per_fact(uses_inverse_triples(model))
+        self.examples = training_examples(inputs.hrt, self.per_fact == 2)
+        self.num_facts = int(inputs.hrt.shape[0])
+        self.num_rows = int(self.examples.shape[0])
         rng = np.random.default_rng(stable_seed(settings.seed, "sample"))
         self.sample_rows = np.sort(rng.choice(self.num_rows, size=min(self.num_rows, SKETCH_SAMPLE), replace=False))
         self._computers: dict[int, GradientComputer] = {}
@@ -193,7 +199,7 @@ class Builder:
 
     def plan(self) -> list[BlockPlan]:
         """Block plans from checks at the first checkpoint; refuses gradients that vanish everywhere."""
-        check = self.inputs.hrt[torch.as_tensor(self.sample_rows[:CHECK_ROWS])].to(self.device)
+        check = self.examples[torch.as_tensor(self.sample_rows[:CHECK_ROWS])].to(self.device)
         self.computer(0).check(check[:8])
         def plan_with(dim: int) -> list[BlockPlan]:
             return plan_blocks(self.models.model(0), self.selection, self.computer(0), check, self.inputs.run.model.num_entities,
@@ -204,11 +210,11 @@ class Builder:
             plans = plan_with(WIDE_SKETCH_DIM)
         norms = torch.zeros(len(check), dtype=torch.float64)
         for c in sorted({0, len(self.models) - 1}):
-            norms += self.computer(c).compute(check).squared_norms().double().cpu()
+            norms += self.computer(c).compute_examples(check).squared_norms().double().cpu()
             if not bool(torch.isfinite(norms).all()):
                 raise InputError(_not_finite(c, "sampled training triples"))
         if bool(vanished(norms).all()):
-            raise VanishingGradientError(vanishing_message(f"all {len(check)} sampled training triples", self.settings.loss))
+            raise VanishingGradientError(vanishing_message(f"all {len(check)} sampled training examples", self.settings.loss))
         return plans
 
     def _residual_energy(self, plans: list[BlockPlan]) -> float:
@@ -227,12 +233,12 @@ class Builder:
     def estimate_bytes(self, plans: list[BlockPlan], num_groups: int) -> dict[str, float]:
         per_group = self.num_rows / max(1, num_groups)
         checkpoints = len(self.models)
-        shards = self.num_rows * checkpoints * (8 + sum(p.row_bytes(per_group) for p in plans))
+        shards = checkpoints * (8 * self.num_facts + self.num_rows * sum(p.row_bytes(per_group) for p in plans))
         bases = checkpoints * sum(2 * dim * size for p in plans for _, size, dim in p.sides() if dim)
         labels = sum(len(x) + 8 for x in self.inputs.id_maps.entity_to_id) + sum(
             len(x) + 8 for x in self.inputs.id_maps.relation_to_id
         )
-        triples = self.num_rows * (24 + (8 if any(p.grouped for p in plans) else 0)) + labels
+        triples = self.num_facts * 24 + self.num_rows * (8 if any(p.grouped for p in plans) else 0) + labels
         return {"shards": shards, "bases": bases, "triples": triples, "total": shards + bases + triples}
 
     # -- running it ---------------------------------------------------------------------------
@@ -247,11 +253,11 @@ class Builder:
         spec = replica_spec(model)
         if spec is None:
             return None
-        check = self.inputs.hrt[torch.as_tensor(self.sample_rows[:32])].to(self.device)
+        check = self.examples[torch.as_tensor(self.sample_rows[:32])].to(self.device)
         replica = build_replica(spec).to(self.device)
 
         def gradients_of(m):
-            return GradientComputer(m, self.settings.select(m), self.settings.loss).compute(check)
+            return GradientComputer(m, self.settings.select(m), self.settings.loss).compute_examples(check)
 
         if not replica_agrees(replica, model, check, gradients_of):
             return None
@@ -267,14 +273,17 @@ class Builder:
         plans = self.plan()
         grouped = any(p.grouped for p in plans)
         hrt_np = self.inputs.hrt.numpy()
-        groups, group_first = group_rows(hrt_np, self.inputs.run.model.num_relations) if grouped else (None, None)
+        groups, group_first = group_rows(self.examples.numpy(), self.inputs.run.model.num_relations) if grouped else (None, None)
         self.groups = groups
         sizes = self.estimate_bytes(plans, len(group_first) if grouped else self.num_rows)
         checkpoints = len(self.models)
         self.log(f"parameters: {self.selection.describe()}")
         self.log(_describe_plans(plans, self.num_rows, len(group_first) if grouped else None))
-        self.log(f"{self.num_rows:,} training triples x {checkpoints} checkpoint(s): about {_mib(sizes['total'])} "
-                 f"({sizes['total'] / (self.num_rows * checkpoints):,.0f} bytes per triple and checkpoint)")  # fmt: skip
+        if self.per_fact == 2:
+            self.log(f"the model was trained with inverse triples: each training triple is 2 examples, (h, r, t) "
+                     f"and (t, r_inv, h); {self.num_rows:,} stored rows")  # fmt: skip
+        self.log(f"{self.num_facts:,} training triples x {checkpoints} checkpoint(s): about {_mib(sizes['total'])} "
+                 f"({sizes['total'] / (self.num_facts * checkpoints):,.0f} bytes per triple and checkpoint)")  # fmt: skip
         self._check_room(sizes, plans)
 
         inputs_json = self._inputs_json()
@@ -289,7 +298,9 @@ class Builder:
                                                            ids_maps.id_to_relation, str(self.inputs.training_path), groups)  # fmt: skip
             manifest["replica"] = self.replica()
             write_manifest(self.out, manifest)
-            tasks = plan_shards(self.num_rows, self.settings.shard_size, checkpoints)
+            # a shard holds whole facts (their examples' rows are adjacent), so it can store their exact norms
+            shard_rows = self.settings.shard_size * self.per_fact
+            tasks = plan_shards(self.num_rows, shard_rows, checkpoints)
             for c in range(checkpoints):
                 self._run_checkpoint(c, plans, [t for t in tasks if t.checkpoint == c], manifest, groups, group_first)
             manifest["complete"] = True
@@ -370,7 +381,7 @@ class Builder:
                 # rows of one (head, relation) group have the same input: one row each, weighted by its count
                 _, first, counts = np.unique(self.groups[rows], return_index=True, return_counts=True)
                 rows, weights = rows[first], torch.from_numpy(np.sqrt(counts)).float()[:, None]
-            sample = self.inputs.hrt[torch.as_tensor(rows)].to(self.device)
+            sample = self.examples[torch.as_tensor(rows)].to(self.device)
             linears = {name: (modules[name].module, "bias" in modules[name].parameter_names) for name, _ in wanted}
             for start in range(0, len(sample), self.settings.batch_size):
                 found = linear_inputs(model, linears, sample[start : start + self.settings.batch_size])
@@ -379,44 +390,58 @@ class Builder:
             if weights is not None:
                 return {key: torch.cat(value) * weights for key, value in parts.items()}
         else:
-            sample = self.inputs.hrt[torch.as_tensor(rows)].to(self.device)
+            sample = self.examples[torch.as_tensor(rows)].to(self.device)
             computer = self.computer(c)
             for start in range(0, len(sample), self.settings.batch_size):
-                found = sketch_sample(plans, computer.compute(sample[start : start + self.settings.batch_size]))
+                found = sketch_sample(plans, computer.compute_examples(sample[start : start + self.settings.batch_size]))
                 for key in wanted:
                     parts[key].append(found[key].float().cpu())
         return {key: torch.cat(value) for key, value in parts.items()}
 
     def compute_shard(self, task: ShardTask, plans, bases, groups, group_first) -> dict[str, np.ndarray]:
-        """The task: the stored factors and squared norms of rows [row_start, row_stop) at one checkpoint.
+        """The task: the stored factors of rows [row_start, row_stop) at one checkpoint, and the exact
+        squared norms of their facts' gradients (self-influence).
 
-        With a replica that computes per (head, relation) pair, the rows go through in the order of
-        their groups, so that a batch holds few pairs (UMLS: 6.4 rows per pair); the per-row arrays are
-        put back in row order, the per-group ones come out in group order as they should.
+        A batch holds whole facts: with inverse triples, the forward examples of its facts, then their
+        inverse examples, so that the facts' gradients (the sums) come from the same pass. With a
+        replica that computes per (head, relation) pair, the facts go through in the order of their
+        (forward) groups, so that a batch holds few pairs (UMLS: 6.4 rows per pair). Per-row arrays
+        are put back in row order, per-fact norms in fact order, and per-group arrays in group order
+        (the groups that first appear in a range of rows are a range of group ids).
         """
         computer = self.computer(task.checkpoint)
-        rows = np.arange(task.row_start, task.row_stop)
+        k = self.per_fact
+        facts = np.arange(task.row_start // k, task.row_stop // k)
         if groups is not None and getattr(computer.model, "pair_forward", False):
-            rows = rows[np.argsort(groups[task.row_start : task.row_stop], kind="stable")]
+            facts = facts[np.argsort(groups[facts * k], kind="stable")]
         per_group = {f"{p.name}/in/" for p in plans if p.grouped}
         parts: dict[str, list[torch.Tensor]] = {}
-        norms = []
-        for start in range(0, len(rows), self.settings.batch_size):
-            batch = rows[start : start + self.settings.batch_size]
-            grads = computer.compute(self.inputs.hrt[torch.from_numpy(batch)].to(self.device))
+        norms, order, group_order = [], [], []
+        step = max(1, self.settings.batch_size // k)
+        for start in range(0, len(facts), step):
+            batch_facts = facts[start : start + step]
+            batch = (batch_facts[None, :] * k + np.arange(k)[:, None]).reshape(-1)  # example j of every fact, then j + 1
+            grads = computer.compute_examples(self.examples[torch.from_numpy(batch)].to(self.device))
             first = None
             if groups is not None:
-                first = torch.as_tensor(np.flatnonzero(group_first[groups[batch]] == batch), dtype=torch.long)
+                at = np.flatnonzero(group_first[groups[batch]] == batch)
+                first = torch.as_tensor(at, dtype=torch.long)
+                group_order.append(groups[batch[at]])
             for key, value in encode(plans, grads, bases, first).items():
                 parts.setdefault(key, []).append(value)
-            norms.append(grads.squared_norms().double().cpu())
-        parts["squared_norms"] = norms
+            fact_grads = grads if k == 1 else merge_examples(grads, k)
+            norms.append(fact_grads.squared_norms().double().cpu())
+            order.append(batch)
+        rows = np.concatenate(order)
         position = np.empty(len(rows), dtype=np.int64)
         position[rows - task.row_start] = np.arange(len(rows))  # where each row (in row order) was computed
-        arrays = {}
+        fact_position = np.empty(len(facts), dtype=np.int64)
+        fact_position[facts - task.row_start // k] = np.arange(len(facts))
+        group_position = np.argsort(np.concatenate(group_order), kind="stable") if group_order else None
+        arrays = {"squared_norms": torch.cat(norms).numpy()[fact_position]}
         for key, values in parts.items():
             value = torch.cat(values).numpy()
-            arrays[key] = value if any(key.startswith(g) for g in per_group) else value[position]
+            arrays[key] = value[group_position] if any(key.startswith(g) for g in per_group) else value[position]
         for key, value in arrays.items():
             if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
                 raise InputError(_not_finite(task.checkpoint, f"training rows {task.row_start}..{task.row_stop - 1}"))
@@ -438,7 +463,7 @@ class Builder:
                  "learning_rate": c.learning_rate, "epoch": c.epoch}
                 for c in self.models.checkpoints
             ],  # fmt: skip
-            "training": {"source": relative_path(inputs.training_path, out), "num_triples": self.num_rows,
+            "training": {"source": relative_path(inputs.training_path, out), "num_triples": self.num_facts,
                          "fingerprint": _fingerprint_ids(inputs.hrt.numpy())},  # fmt: skip
         }
 
@@ -468,6 +493,9 @@ class Builder:
             "selection": self.selection.to_json(),
             "plans": plans_json,
             "num_groups": num_groups,
+            # a training triple's stored rows: 2 for a model trained with inverse triples (see tracin_index.directions)
+            "examples_per_triple": self.per_fact,
+            "num_rows": self.num_rows,
             "files": {},
             "shards": [],
             "complete": False,

@@ -36,6 +36,16 @@ class Loss(str, Enum):
     ce = "ce"
 
 
+class Direction(str, Enum):
+    tail = "tail"
+    head = "head"
+    both = "both"
+
+
+_DIRECTION_HELP = ("The prediction explained, for a model trained with inverse triples: tail = f(h, r, t); "
+                   "head = f(t, r_inv, h), how PyKEEN scores heads; both = the sum.")
+
+
 class Mode(str, Enum):
     single = "single"
     all = "all"
@@ -156,6 +166,7 @@ def exact(
     checkpoints: Optional[List[Path]] = typer.Option(None, help="Checkpoint files or folders [run dir's]."),
     top_k: int = typer.Option(10),
     loss: Loss = typer.Option(Loss.bce),
+    direction: Direction = typer.Option(Direction.tail, help=_DIRECTION_HELP),
     batch_size: int = typer.Option(256),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... [cuda when available]."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
@@ -189,6 +200,7 @@ def exact(
         batch_size=batch_size,
         id_maps=id_maps,
         progress=True,
+        direction=direction.value,
     )
     console.print(f"parameters: {analyzer.selection.describe()}", highlight=False)
     console.print(
@@ -208,6 +220,8 @@ def exact(
         "checkpoints": [{"path": str(c.path), "epoch": c.epoch, "learning_rate": c.learning_rate} for c in ckpts],
         "parameters": analyzer.selection.to_json(),
         "loss": loss.value,
+        "direction": direction.value,
+        "inverse_triples": analyzer.gradients.inverse,
         "top_k": top_k,
     }
     if output:
@@ -307,6 +321,7 @@ def query(
         "not guaranteed to be the exact top k)."
     ),
     approximate: bool = typer.Option(False, "--approximate", help="Print the index's estimates; rescore nothing."),
+    direction: Direction = typer.Option(Direction.tail, help=_DIRECTION_HELP),
     output: Optional[Path] = typer.Option(None, help="Write results as JSON (.json) or TSV (.tsv)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda ... [cuda when available]."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
@@ -336,7 +351,8 @@ def query(
         test = read_labeled_triples(test_path)
         indices = _checked_indices(list(test_indices) if test_indices else list(range(len(test))), test_path, len(test))
         hrt = maps.to_ids(test)[indices]
-    results = index_.query(hrt, top_k=top_k, candidates=candidates, approximate=approximate, test_indices=indices)
+    results = index_.query(hrt, top_k=top_k, candidates=candidates, approximate=approximate, test_indices=indices,
+                           direction=direction.value)  # fmt: skip
     config = {
         "command": "query",
         "index": str(index_dir),
@@ -344,6 +360,8 @@ def query(
         "scores": "approximate" if approximate else "exact",
         "candidates": None if approximate else (candidates or "all the bounds leave"),
         "loss": index_.loss,
+        "direction": direction.value,
+        "inverse_triples": index_.inverse_triples,
         "parameters": index_.manifest["selection"],
         "checkpoints": index_.manifest["inputs"]["checkpoints"],
     }

@@ -118,11 +118,11 @@ def plan_blocks(model: nn.Module, selection: ParameterSelection, computer: Gradi
     """The storage plan of each selected block, from its type and from checks on ``sample`` triples:
     whether a Linear's input depends on (head, relation) only (the same for other tails), and whether
     its output gradient is a batch norm's bias gradient times the norm's scale."""
-    grads = computer.compute(sample)
+    grads = computer.compute_examples(sample)
     generator = torch.Generator().manual_seed(seed)
     other_tails = sample.clone()
     other_tails[:, 2] = torch.randint(0, num_entities, (len(sample),), generator=generator).to(sample.device)
-    swapped = computer.compute(other_tails)
+    swapped = computer.compute_examples(other_tails)
     plans: list[BlockPlan] = []
     for m in selection.modules:
         block = grads.blocks[m.name]

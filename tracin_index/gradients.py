@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
+from .directions import TRAIN, example_batches, uses_inverse_triples
 from .errors import LossError, TracInWarning, VanishingGradientError
 from .layers import ParameterSelection, SelectedModule
 
@@ -339,7 +340,14 @@ class GradientComputer:
         self.model = model
         self.selection = selection
         self.loss = loss
+        self.inverse = uses_inverse_triples(model)
         self._tail_tables = self._tail_tables_for_ce() if loss == "ce" else {}
+        if self._tail_tables and self.inverse:
+            raise LossError(
+                "--loss ce with entity embeddings selected is not supported for a model trained with inverse "
+                "triples (a fact's two 1-N terms would make its gradient rank two); use --loss bce, or select "
+                "layers without the entity embeddings"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -388,8 +396,17 @@ class GradientComputer:
             for h in handles:
                 h.remove()
 
-    def compute(self, hrt: torch.Tensor) -> PerExampleGradients:
-        """Per-example gradients of the loss of each triple in ``hrt`` (shape (B, 3), ids)."""
+    def compute(self, hrt: torch.Tensor, direction: str = TRAIN) -> PerExampleGradients:
+        """Per-fact gradients of the facts ``hrt`` ((B, 3), the label maps' ids), as trained (``direction``
+        "train": the sum over the fact's training examples) or one test direction ("tail", "head",
+        "both"); see :mod:`tracin_index.directions`."""
+        parts = example_batches(hrt, self.inverse, direction)
+        if len(parts) == 1:
+            return self.compute_examples(parts[0])
+        return merge_examples(self.compute_examples(torch.cat(parts)), len(parts))
+
+    def compute_examples(self, hrt: torch.Tensor) -> PerExampleGradients:
+        """Per-example gradients of the loss of each example in ``hrt`` (shape (B, 3), the model's ids)."""
         model = self.model
         hrt = hrt.to(self.device)
         batch_size = hrt.shape[0]
@@ -418,7 +435,7 @@ class GradientComputer:
         summed loss: a parameter used outside its module's forward (ERMLP's hidden layer under 1-N
         scoring, for one) would otherwise give silently wrong influences."""
         hrt = hrt.to(self.device)
-        summed = self.compute(hrt).summed()
+        summed = self.compute_examples(hrt).summed()
         parameters = dict(self.model.named_parameters())
         names = [n for n in summed if n in parameters]
         was_training = self.model.training
@@ -540,6 +557,26 @@ class GradientComputer:
             q = q.reshape(hrt.shape[0], -1)
             assert isinstance(block, RowsBlock)
             blocks[name] = RowsBlock(block.num_rows, block.ids, block.rows, coef, q)
+
+
+def merge_examples(grads: PerExampleGradients, parts: int) -> PerExampleGradients:
+    """Gradients of B facts from those of their examples, computed as ``parts`` consecutive batches of
+    B (example j of fact i at row j * B + i): summed, kept factored (a Linear's factors side by side)."""
+    size = len(grads) // parts
+    pieces = [slice(j * size, (j + 1) * size) for j in range(parts)]
+    blocks: dict[str, Block] = {}
+    for name, block in grads.blocks.items():
+        if isinstance(block, FactoredBlock):
+            blocks[name] = FactoredBlock(torch.cat([block.a[p] for p in pieces], 1),
+                                         torch.cat([block.delta[p] for p in pieces], 1), block.has_weight, block.has_bias)  # fmt: skip
+        elif isinstance(block, DenseBlock):
+            blocks[name] = DenseBlock(sum(block.values[p] for p in pieces), block.shapes)
+        else:
+            if block.coef is not None:  # refused by GradientComputer
+                raise LossError("the 1-N tail term of several examples cannot be merged")
+            blocks[name] = RowsBlock(block.num_rows, torch.cat([block.ids[p] for p in pieces], 1),
+                                     torch.cat([block.rows[p] for p in pieces], 1))  # fmt: skip
+    return PerExampleGradients(blocks, grads.parameter_names)
 
 
 def with_bias_column(x: torch.Tensor, bias: bool, rows: torch.Tensor | None = None) -> torch.Tensor:

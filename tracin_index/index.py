@@ -26,6 +26,7 @@ import torch
 
 from .builder import BuildSettings, build_index, selection_from_manifest
 from .checkpoints import Checkpoint, CheckpointModels
+from .directions import DEFAULT_DIRECTION, check_direction
 from .errors import InputError, TracInWarning
 from .factors import BlockPlan, Stored, checkpoint_estimate
 from .gradients import GradientComputer, PerExampleGradients, vanished, vanishing_message
@@ -79,6 +80,8 @@ class GradientIndex:
         self.groups = groups
         self.device = device
         self.loss = manifest["settings"]["loss"]
+        #: stored rows per training triple: 2 (adjacent) for a model trained with inverse triples
+        self.per_fact = int(manifest.get("examples_per_triple", 1))
         self.plans = [BlockPlan.from_json(p) for p in manifest["plans"]]
         self.checkpoints = [
             Checkpoint(path=None if r["path"] is None else resolve_path(r["path"], directory), epoch=r["epoch"],
@@ -215,16 +218,17 @@ class GradientIndex:
                 if p.grouped and len(arrays[f"{p.name}/in/values"]) != self.manifest["num_groups"]:
                     raise InputError(f"{self.directory}: the shards of checkpoint {c + 1} do not hold every "
                                      "(head, relation) group; rebuild the index")  # fmt: skip
-            self._stored[c] = Stored(arrays, bases, groups, self.num_rows).to(self.device)
+            self._stored[c] = Stored(arrays, bases, groups, self.num_rows * self.per_fact).to(self.device)
         return self._stored[c]
 
     def squared_norms(self) -> np.ndarray:
-        """||g(z; theta_c)||^2 per checkpoint and row, (C, N) float64 (exact, stored at build time)."""
+        """||g(z; theta_c)||^2 per checkpoint and training triple, (C, N) float64 (exact, stored at build time)."""
         if self._squared_norms is None:
             norms = np.zeros((self.num_checkpoints, self.num_rows), dtype=np.float64)
+            k = self.per_fact
             for shard in self.manifest["shards"]:
                 path = self.directory / shard["file"]
-                norms[shard["checkpoint"], shard["row_start"] : shard["row_stop"]] = read_arrays(path, ["squared_norms"])["squared_norms"]
+                norms[shard["checkpoint"], shard["row_start"] // k : shard["row_stop"] // k] = read_arrays(path, ["squared_norms"])["squared_norms"]
             self._squared_norms = norms
         return self._squared_norms
 
@@ -242,21 +246,31 @@ class GradientIndex:
     def _row_labels(self) -> "_RowLabels":
         return _RowLabels(self.hrt, self.entity_labels, self.relation_labels)
 
-    def test_gradients(self, hrt: torch.Tensor) -> list[PerExampleGradients]:
-        """The test triples' gradients at every checkpoint."""
+    def test_gradients(self, hrt: torch.Tensor, direction: str = DEFAULT_DIRECTION) -> list[PerExampleGradients]:
+        """The test triples' gradients at every checkpoint, of the prediction ``direction`` ("tail",
+        "head" or "both"; see :mod:`tracin_index.directions`)."""
         hrt = torch.as_tensor(hrt, dtype=torch.long).view(-1, 3).to(self.device)
-        return [self._computer(c).compute(hrt) for c in range(self.num_checkpoints)]
+        return [self._computer(c).compute(hrt, direction) for c in range(self.num_checkpoints)]
+
+    @property
+    def inverse_triples(self) -> bool:
+        """Whether the model was trained with inverse triples (each training triple is two examples)."""
+        return self.per_fact == 2
 
     def estimates(self, test: list[PerExampleGradients], t: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Estimated influence of every row on test triple ``t`` and the bound on its error, (N,) float64 each."""
-        value = torch.zeros(self.num_rows, dtype=torch.float64, device=self.device)
-        error = torch.zeros(self.num_rows, dtype=torch.float64, device=self.device)
+        """Estimated influence of every training triple on test triple ``t`` and the bound on its error,
+        (N,) float64 each (a triple's stored rows, its examples, summed)."""
+        rows = self.num_rows * self.per_fact
+        value = torch.zeros(rows, dtype=torch.float64, device=self.device)
+        error = torch.zeros(rows, dtype=torch.float64, device=self.device)
         for c in range(self.num_checkpoints):
             query = test[c].index(slice(t, t + 1))
             part = checkpoint_estimate(self.plans, self.stored(c), query, self._modules_of(c))
             lr = self.checkpoints[c].learning_rate
             value += lr * part.value
             error += lr * part.error
+        if self.per_fact > 1:
+            value, error = value.view(-1, self.per_fact).sum(1), error.view(-1, self.per_fact).sum(1)
         return value.cpu(), error.cpu()
 
     def exact_scores(self, test: list[PerExampleGradients], rows: np.ndarray, batch_size: int = 256) -> torch.Tensor:
@@ -272,10 +286,11 @@ class GradientIndex:
         return scores
 
     def query(self, triples, top_k: int = 10, *, candidates: int | None = None, approximate: bool = False,
-              test_indices: Sequence[int | None] | None = None) -> list[InfluenceResult]:  # fmt: skip
+              test_indices: Sequence[int | None] | None = None, direction: str = DEFAULT_DIRECTION) -> list[InfluenceResult]:  # fmt: skip
         """Top-k proponents and opponents of test triples ((T, 3) ids), with exact TracIn scores.
 
-        By default the candidates rescored exactly are those that the bounds cannot rule out, so the
+        ``direction``: the prediction explained, for a model trained with inverse triples: "tail"
+        (f(h, r, t)), "head" (f(t, r_inv, h)) or "both" (see :mod:`tracin_index.directions`). By default the candidates rescored exactly are those that the bounds cannot rule out, so the
         lists are the exact top k. ``candidates=K``: rescore the K best estimates each way instead
         (faster, not guaranteed). ``approximate``: return the estimates themselves, rescoring nothing.
         """
@@ -285,7 +300,8 @@ class GradientIndex:
         if candidates is not None and candidates < top_k:
             raise InputError(f"--candidates {candidates} must be at least --top-k {top_k}")
         self._check_ids(hrt)
-        test = self.test_gradients(hrt)
+        check_direction(direction, self.inverse_triples)
+        test = self.test_gradients(hrt, direction)
         labels = self._row_labels()
         indices = list(test_indices) if test_indices is not None else [None] * len(hrt)
         test_norms = sum(g.squared_norms().double().cpu() for g in test)

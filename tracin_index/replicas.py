@@ -162,6 +162,8 @@ def replica_spec(model: nn.Module) -> dict[str, Any] | None:
                 "dim": int(state["entity_representations.0._embeddings.weight"].shape[1])}  # fmt: skip
     else:
         return None
+    # relations in the model's ids: with inverse triples, 2r forward and 2r + 1 inverse (num_relations counts both)
+    spec["inverse_triples"] = bool(getattr(model, "use_inverse_triples", False))
     expected_keys = set(build_replica(spec).state_dict())
     return spec if expected_keys == set(state) else None
 
@@ -174,6 +176,7 @@ def build_replica(spec: dict[str, Any]) -> nn.Module:
         model = DistMultReplica(spec["num_entities"], spec["num_relations"], spec["dim"])
     else:
         raise ValueError(f"no replica of {spec['model']}")
+    model.use_inverse_triples = bool(spec.get("inverse_triples", False))
     return model.eval()
 
 

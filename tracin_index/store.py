@@ -32,7 +32,7 @@ from . import files
 from .errors import InputError
 
 FORMAT = "tracin-index"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 TRIPLES = "triples.h5"
 LOCK = ".lock"

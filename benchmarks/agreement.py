@@ -83,7 +83,10 @@ def ensure_run(work: Path, name: str) -> Path:
 
 
 def exact_scores(work: Path, name: str, run_dir: Path, test: torch.Tensor, train: torch.Tensor) -> tuple[np.ndarray, float]:
-    cache = work / "exact" / f"{name}-{len(test)}.npz"
+    from tracin_index.store import FORMAT_VERSION
+
+    # keyed by the index format too: format 3 counts both examples of a model trained with inverse triples
+    cache = work / "exact" / f"{name}-{len(test)}-v{FORMAT_VERSION}.npz"
     if cache.is_file():
         data = np.load(cache)
         if np.array_equal(data["test"], test.numpy()):

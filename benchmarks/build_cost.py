@@ -58,6 +58,7 @@ os.environ.setdefault("PYSTOW_HOME", os.path.join(tempfile.gettempdir(), "pystow
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
+from tracin_index.directions import training_examples, uses_inverse_triples  # noqa: E402
 from common import QuietGuard, command_line, machine_info, update_summary, versions, write_results  # noqa: E402
 from gradient_throughput import time_batched, time_epoch, time_loop  # noqa: E402
 
@@ -269,8 +270,12 @@ def main(argv: list[str] | None = None) -> dict:
     num_ckpt = len(checkpoints)
     hrt = torch.as_tensor(loaded.id_maps.to_ids(read_labeled_triples(loaded.training_path))).long()
     n = hrt.shape[0]
+    inverse = uses_inverse_triples(model)
+    per_fact = 2 if inverse else 1
+    examples = training_examples(hrt, inverse)  # what the model was trained on, in its ids
+    # the epoch as `tracin-index train` ran it: with inverse triples, PyKEEN trains on both examples of each triple
     factory = CoreTriplesFactory.create(mapped_triples=hrt, num_entities=model.num_entities,
-                                        num_relations=model.num_relations)  # fmt: skip
+                                        num_relations=loaded.id_maps.num_relations, create_inverse_triples=inverse)  # fmt: skip
     selection = select_parameters(model, mode="last", num_last_layers=2)
     gc = GradientComputer(model, selection, "bce")
     batches = [hrt[i : i + args.batch_size] for i in range(0, n, args.batch_size)]
@@ -287,10 +292,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # warm-up (untimed)
     time_batched(gc, batches[:2])
-    time_loop(model, selection, hrt[:16], "bce")
+    time_loop(model, selection, examples[:16], "bce")
     time_epoch(model, factory, args.batch_size, args.seed)
     time_build(run, args.workdir / "idx-warmup", args.batch_size)
-    loss_check = captum_loss_check(copy.deepcopy(model), hrt[:32]) if captum_ok else None
+    loss_check = captum_loss_check(copy.deepcopy(model), examples[:32]) if captum_ok else None
 
     methods = ["build", "gradients", "epoch", "loop"] + (["captum"] if captum_ok else [])
     guard = QuietGuard(args.quiet_cores, args.max_wait, args.retries, run_start + args.budget)
@@ -308,8 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "build": lambda r=r: time_build(run, args.workdir / f"idx-{r}", args.batch_size),
                 "gradients": lambda: time_batched(gc, batches),
                 "epoch": lambda r=r: time_epoch(model, factory, args.batch_size, args.seed + 1 + r),
-                "loop": lambda: time_loop(model, selection, hrt[:loop_n], "bce"),
-                "captum": lambda: time_captum(copy.deepcopy(model), hrt, checkpoints, args.batch_size,
+                "loop": lambda: time_loop(model, selection, examples[: per_fact * loop_n], "bce"),
+                "captum": lambda: time_captum(copy.deepcopy(model), examples, checkpoints, args.batch_size,
                                               args.captum_projection_dim),  # fmt: skip
             }[method]
             m = guard.measure(fn)
@@ -358,12 +363,14 @@ def main(argv: list[str] | None = None) -> dict:
                      "fresh folder each repeat; whole call incl. the final open",
             "epoch": "SLCWATrainingLoop, Adam, basic negative sampler, 1 negative per positive, drop_last=False; "
                      "timed span PyKEEN's _train_epoch (gradient_throughput.time_epoch); over the same training "
-                     "triples as the build (the run's train.tsv, no inverse triples, although `tracin-index train` "
-                     "trained this ConvE with inverse triples, i.e. twice as many per epoch)",
-            "loop": f"one torch.autograd.grad per triple over the selected parameters, {loop_n} triples timed, "
-                    f"extrapolated to {n}",
+                     "triples as the build (the run's train.tsv)" + (", with inverse triples as `tracin-index train` "
+                     "trained this ConvE: two examples per triple, (h, r, t) and (t, r_inv, h)" if inverse else ""),
+            "inverse_triples": inverse,
+            "loop": f"one torch.autograd.grad per training example over the selected parameters, the {per_fact} "
+                    f"example(s) of {loop_n} triples timed, extrapolated to {n} triples",
             "captum": None if not captum_ok else (
-                f"TracInCPFastRandProj constructor, projection_dim {args.captum_projection_dim}, brute-force torch "
+                f"TracInCPFastRandProj constructor over the {len(examples)} training examples (the {n} triples' "
+                f"{per_fact} each), projection_dim {args.captum_projection_dim}, brute-force torch "
                 "inner-product neighbours, model wrapped so that its output is interaction.hr1d.0 (Linear 10368->200); the rest of "
                 "ConvE and softplus(-score) summed in loss_fn (same bce loss: max abs loss difference "
                 f"{loss_check:.2e} on 32 triples). Captum takes that Linear's weight gradient only (no bias, no "

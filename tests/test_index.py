@@ -401,7 +401,7 @@ def test_a_batch_without_new_groups_stores_no_group_rows():
 
     a, delta = torch.rand(6, 1, 40), torch.randn(6, 1, 3)
     plan = BlockPlan("linear", "factored", (3, 40), (0, 8), grouped=True)
-    basis = Basis.from_half(fit_basis(a[:, 0], 8, seed=0))
+    basis = Basis.from_matrix(fit_basis(a[:, 0], 8, seed=0))
     grads = PerExampleGradients({"linear": FactoredBlock(a, delta, True, False)})
     arrays = encode([plan], grads, {("linear", "in"): basis}, torch.zeros(0, dtype=torch.long))
     assert arrays["linear/in/values"].shape == (0, 1, 8) and arrays["linear/in/rho"].shape == (0, 1)

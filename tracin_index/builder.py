@@ -30,7 +30,7 @@ from .factors import DEFAULT_SKETCH_DIM, BlockPlan, encode, plan_blocks, sketch_
 from .directions import examples_per_fact, training_examples, uses_inverse_triples
 from .gradients import LOSSES, GradientComputer, linear_inputs, merge_examples, vanished, vanishing_message
 from .layers import ParameterSelection, select_parameters
-from .sketch import Basis, fit_basis, stable_seed
+from .sketch import Basis, dequantize, fit_basis, quantize, stable_seed
 from .store import (
     FORMAT,
     FORMAT_VERSION,
@@ -225,7 +225,8 @@ class Builder:
             return 0.0
         worst = 0.0
         for key, sample in self._sketch_sample(0, plans, wanted).items():
-            basis = Basis.from_half(fit_basis(sample, wanted[key], stable_seed(self.settings.seed, "basis", 0, *key)))
+            fitted = fit_basis(sample, wanted[key], stable_seed(self.settings.seed, "basis", 0, *key))
+            basis = Basis.from_matrix(dequantize(**quantize(fitted)))
             _, rho = basis.sketch(sample)
             worst = max(worst, float(rho.pow(2).sum() / sample.double().pow(2).sum().clamp_min(1e-300)))
         return worst
@@ -234,7 +235,7 @@ class Builder:
         per_group = self.num_rows / max(1, num_groups)
         checkpoints = len(self.models)
         shards = checkpoints * (8 * self.num_facts + self.num_rows * sum(p.row_bytes(per_group) for p in plans))
-        bases = checkpoints * sum(2 * dim * size for p in plans for _, size, dim in p.sides() if dim)
+        bases = checkpoints * sum(dim * (size + 4) for p in plans for _, size, dim in p.sides() if dim)  # int8 + a scale per row
         labels = sum(len(x) + 8 for x in self.inputs.id_maps.entity_to_id) + sum(
             len(x) + 8 for x in self.inputs.id_maps.relation_to_id
         )
@@ -349,8 +350,9 @@ class Builder:
         digest = manifest["files"].get(name)
         if digest is not None and _unchanged(self.out / name, digest):
             stored = read_arrays(self.out / name)
-            self._halves = {c: {key: torch.as_tensor(stored[f"{key[0]}/{key[1]}"]) for key in wanted}}
-            return {key: Basis.from_half(half, self.device) for key, half in self._halves[c].items()}
+            self._halves = {c: {key: dequantize(stored[f"{key[0]}/{key[1]}/q"], stored[f"{key[0]}/{key[1]}/scale"])
+                                for key in wanted}}  # fmt: skip
+            return {key: Basis.from_matrix(matrix, self.device) for key, matrix in self._halves[c].items()}
         stale = [s for s in manifest["shards"] if s["checkpoint"] == c]
         if digest is not None or stale:
             self.log(f"{name}: missing or changed; fitting it again and rebuilding the {len(stale)} shard(s) of checkpoint {c + 1}")
@@ -359,12 +361,14 @@ class Builder:
         manifest["files"].pop(name, None)
         samples = self._sketch_sample(c, plans, wanted)
         previous = self._halves.get(c - 1, {})
-        halves = {key: fit_basis(samples[key], dim, stable_seed(self.settings.seed, "basis", c, *key), start=previous.get(key))
+        stored = {key: quantize(fit_basis(samples[key], dim, stable_seed(self.settings.seed, "basis", c, *key),
+                                          start=previous.get(key)))
                   for key, dim in wanted.items()}  # fmt: skip
-        manifest["files"][name] = write_arrays(self.out / name, {f"{k[0]}/{k[1]}": v.numpy() for k, v in halves.items()})
+        arrays = {f"{k[0]}/{k[1]}/{part}": v.numpy() for k, parts in stored.items() for part, v in parts.items()}
+        manifest["files"][name] = write_arrays(self.out / name, arrays)
         write_manifest(self.out, manifest, durable=False)
-        self._halves = {c: halves}
-        return {key: Basis.from_half(half, self.device) for key, half in halves.items()}
+        self._halves = {c: {key: dequantize(**parts) for key, parts in stored.items()}}
+        return {key: Basis.from_matrix(matrix, self.device) for key, matrix in self._halves[c].items()}
 
     def _sketch_sample(self, c: int, plans: list[BlockPlan], wanted: dict) -> dict[tuple[str, str], torch.Tensor]:
         """The sampled factors each sketched side is fitted on, at checkpoint c. When only Linear inputs

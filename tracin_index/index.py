@@ -33,7 +33,7 @@ from .gradients import GradientComputer, PerExampleGradients, vanished, vanishin
 from .layers import ParameterSelection
 from .replicas import pair_forward_applies
 from .results import Influence, InfluenceResult, Triple, ranked_rows
-from .sketch import Basis
+from .sketch import Basis, dequantize
 from .store import TRIPLES, bases_path, read_arrays, read_manifest, read_triples, resolve_path, sha256_file
 
 #: Rows rescored exactly in the first round of a query; each further round takes twice as many, up to
@@ -210,8 +210,8 @@ class GradientIndex:
             if any(dim for p in self.plans for _, _, dim in p.sides()):
                 name = bases_path(c)
                 _check_file(self.directory / name, self.manifest["files"].get(name), "principal directions file")
-                halves = read_arrays(self.directory / name)
-                bases = {(p.name, side): Basis.from_half(torch.as_tensor(halves[f"{p.name}/{side}"]))
+                stored = read_arrays(self.directory / name)
+                bases = {(p.name, side): Basis.from_matrix(dequantize(stored[f"{p.name}/{side}/q"], stored[f"{p.name}/{side}/scale"]))
                          for p in self.plans for side, _, dim in p.sides() if dim}  # fmt: skip
             groups = {p.name: torch.as_tensor(self.groups) for p in self.plans if p.grouped}
             for p in self.plans:

@@ -40,6 +40,12 @@ def _as_id_triples(triples, name: str) -> torch.Tensor:
     return t
 
 
+def cosine(dots: torch.Tensor, test_squared: torch.Tensor, train_squared: torch.Tensor) -> torch.Tensor:
+    """Inner products (T, N) divided by the norms of both sides; 0 where either norm is 0."""
+    norms = test_squared.clamp_min(0).sqrt()[:, None] * train_squared.clamp_min(0).sqrt()[None, :]
+    return torch.where(norms > 0, dots / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(dots))
+
+
 class TracInAnalyzer:
     """Exact TracIn scores of PyKEEN models.
 
@@ -52,6 +58,9 @@ class TracInAnalyzer:
     :param direction: the test predictions explained, for a model trained with inverse triples:
         ``tail`` (default, f(h, r, t)), ``head`` (f(t, r_inv, h)) or ``both``. A training triple's
         gradient is always that of every example it was trained as (see :mod:`tracin_index.directions`).
+    :param normalize: the cosine form: each checkpoint's inner product divided by both gradients'
+        norms at that checkpoint (a gradient of norm 0 contributes 0), so that influence ranks by
+        the direction of the gradients, not their size.
     """
 
     def __init__(
@@ -68,6 +77,7 @@ class TracInAnalyzer:
         id_maps: "IdMaps | None" = None,
         progress: bool = False,
         direction: str = DEFAULT_DIRECTION,
+        normalize: bool = False,
     ):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
@@ -81,6 +91,7 @@ class TracInAnalyzer:
         self.gradients = GradientComputer(self.model, self.selection, loss)
         check_direction(direction, self.gradients.inverse)
         self.direction = direction
+        self.normalize = bool(normalize)
         self.checkpoints = list(checkpoints or [])
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
@@ -151,11 +162,16 @@ class TracInAnalyzer:
                 if c == 0:
                     self.gradients.check(training_examples(training[:8], self.gradients.inverse))
                 g_test = self.gradients.compute(test, self.direction)
-                test_norms += g_test.squared_norms().double()
+                test_squared = g_test.squared_norms().double()
+                test_norms += test_squared
                 for start in self._batches(training, f"checkpoint {c + 1}: scoring training triples"):
                     g_train = self.gradients.compute(training[start : start + self.batch_size])
-                    scores[:, start : start + self.batch_size] += lr * g_test.dot(g_train).double()
-                    train_norms[start : start + self.batch_size] += g_train.squared_norms().double()
+                    train_squared = g_train.squared_norms().double()
+                    dots = g_test.dot(g_train).double()
+                    if self.normalize:
+                        dots = cosine(dots, test_squared, train_squared)
+                    scores[:, start : start + self.batch_size] += lr * dots
+                    train_norms[start : start + self.batch_size] += train_squared
         return scores, test_norms, train_norms
 
     def self_influence(self, training_triples) -> torch.Tensor:

@@ -46,6 +46,10 @@ _DIRECTION_HELP = ("The prediction explained, for a model trained with inverse t
                    "head = f(t, r_inv, h), how PyKEEN scores heads; both = the sum.")
 
 
+_NORMALIZE_HELP = ("Cosine form: each checkpoint's inner product divided by both gradients' norms, so that "
+                   "influence ranks by gradient direction rather than size.")
+
+
 class Mode(str, Enum):
     single = "single"
     all = "all"
@@ -167,6 +171,7 @@ def exact(
     top_k: int = typer.Option(10),
     loss: Loss = typer.Option(Loss.bce),
     direction: Direction = typer.Option(Direction.tail, help=_DIRECTION_HELP),
+    normalize: bool = typer.Option(False, "--normalize", help=_NORMALIZE_HELP),
     batch_size: int = typer.Option(256),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... [cuda when available]."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
@@ -201,6 +206,7 @@ def exact(
         id_maps=id_maps,
         progress=True,
         direction=direction.value,
+        normalize=normalize,
     )
     console.print(f"parameters: {analyzer.selection.describe()}", highlight=False)
     console.print(
@@ -222,6 +228,7 @@ def exact(
         "loss": loss.value,
         "direction": direction.value,
         "inverse_triples": analyzer.gradients.inverse,
+        "normalize": normalize,
         "top_k": top_k,
     }
     if output:
@@ -322,6 +329,7 @@ def query(
     ),
     approximate: bool = typer.Option(False, "--approximate", help="Print the index's estimates; rescore nothing."),
     direction: Direction = typer.Option(Direction.tail, help=_DIRECTION_HELP),
+    normalize: bool = typer.Option(False, "--normalize", help=_NORMALIZE_HELP),
     output: Optional[Path] = typer.Option(None, help="Write results as JSON (.json) or TSV (.tsv)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda ... [cuda when available]."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
@@ -352,7 +360,7 @@ def query(
         indices = _checked_indices(list(test_indices) if test_indices else list(range(len(test))), test_path, len(test))
         hrt = maps.to_ids(test)[indices]
     results = index_.query(hrt, top_k=top_k, candidates=candidates, approximate=approximate, test_indices=indices,
-                           direction=direction.value)  # fmt: skip
+                           direction=direction.value, normalize=normalize)  # fmt: skip
     config = {
         "command": "query",
         "index": str(index_dir),
@@ -362,6 +370,7 @@ def query(
         "loss": index_.loss,
         "direction": direction.value,
         "inverse_triples": index_.inverse_triples,
+        "normalize": normalize,
         "parameters": index_.manifest["selection"],
         "checkpoints": index_.manifest["inputs"]["checkpoints"],
     }

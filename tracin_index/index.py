@@ -257,40 +257,61 @@ class GradientIndex:
         """Whether the model was trained with inverse triples (each training triple is two examples)."""
         return self.per_fact == 2
 
-    def estimates(self, test: list[PerExampleGradients], t: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def estimates(self, test: list[PerExampleGradients], t: int = 0, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Estimated influence of every training triple on test triple ``t`` and the bound on its error,
-        (N,) float64 each (a triple's stored rows, its examples, summed)."""
-        rows = self.num_rows * self.per_fact
-        value = torch.zeros(rows, dtype=torch.float64, device=self.device)
-        error = torch.zeros(rows, dtype=torch.float64, device=self.device)
+        (N,) float64 each (a triple's stored rows, its examples, summed). ``normalize``: of the cosine
+        form, each checkpoint's part divided by the exact norms (stored, and the test gradient's): a
+        positive factor per triple scales an estimate and its bound alike."""
+        value = torch.zeros(self.num_rows, dtype=torch.float64, device=self.device)
+        error = torch.zeros(self.num_rows, dtype=torch.float64, device=self.device)
         for c in range(self.num_checkpoints):
             query = test[c].index(slice(t, t + 1))
             part = checkpoint_estimate(self.plans, self.stored(c), query, self._modules_of(c))
-            lr = self.checkpoints[c].learning_rate
-            value += lr * part.value
-            error += lr * part.error
-        if self.per_fact > 1:
-            value, error = value.view(-1, self.per_fact).sum(1), error.view(-1, self.per_fact).sum(1)
+            weight: float | torch.Tensor = self.checkpoints[c].learning_rate
+            if normalize:
+                query_norm = float(query.squared_norms()[0].double().clamp_min(0).sqrt())
+                if query_norm == 0.0:
+                    continue
+                weight = (weight / query_norm) * self._inverse_norms(c).to(self.device)
+            value += weight * self._fold(part.value)
+            error += weight * self._fold(part.error)
         return value.cpu(), error.cpu()
 
-    def exact_scores(self, test: list[PerExampleGradients], rows: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    def _fold(self, per_row: torch.Tensor) -> torch.Tensor:
+        """Per stored row (example) -> per training triple: the sum of its rows."""
+        return per_row if self.per_fact == 1 else per_row.view(-1, self.per_fact).sum(1)
+
+    def _inverse_norms(self, c: int) -> torch.Tensor:
+        """1 / ||g(z; theta_c)|| per training triple (0 where the gradient is 0), float64."""
+        norms = torch.from_numpy(self.squared_norms()[c]).clamp_min(0).sqrt()
+        return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(norms))
+
+    def exact_scores(self, test: list[PerExampleGradients], rows: np.ndarray, batch_size: int = 256,
+                     normalize: bool = False) -> torch.Tensor:  # fmt: skip
         """Exact TracIn of the given training rows on the test triples, (T, len(rows)) float64: their
-        gradients recomputed at every checkpoint."""
+        gradients recomputed at every checkpoint (``normalize``: the cosine form)."""
+        from .analyzer import cosine
+
         train = torch.as_tensor(self.hrt[np.asarray(rows, dtype=np.int64)], dtype=torch.long).to(self.device)
         scores = torch.zeros(len(test[0]), len(train), dtype=torch.float64)
         for c in range(self.num_checkpoints):
             lr = self.checkpoints[c].learning_rate
             for start in range(0, len(train), batch_size):
                 g = self._computer(c).compute(train[start : start + batch_size])
-                scores[:, start : start + batch_size] += lr * test[c].dot(g).double().cpu()
+                dots = test[c].dot(g).double().cpu()
+                if normalize:
+                    dots = cosine(dots, test[c].squared_norms().double().cpu(), g.squared_norms().double().cpu())
+                scores[:, start : start + batch_size] += lr * dots
         return scores
 
     def query(self, triples, top_k: int = 10, *, candidates: int | None = None, approximate: bool = False,
-              test_indices: Sequence[int | None] | None = None, direction: str = DEFAULT_DIRECTION) -> list[InfluenceResult]:  # fmt: skip
+              test_indices: Sequence[int | None] | None = None, direction: str = DEFAULT_DIRECTION,
+              normalize: bool = False) -> list[InfluenceResult]:  # fmt: skip
         """Top-k proponents and opponents of test triples ((T, 3) ids), with exact TracIn scores.
 
         ``direction``: the prediction explained, for a model trained with inverse triples: "tail"
-        (f(h, r, t)), "head" (f(t, r_inv, h)) or "both" (see :mod:`tracin_index.directions`). By default the candidates rescored exactly are those that the bounds cannot rule out, so the
+        (f(h, r, t)), "head" (f(t, r_inv, h)) or "both" (see :mod:`tracin_index.directions`).
+        ``normalize``: the cosine form (each checkpoint's inner product over both gradients' norms). By default the candidates rescored exactly are those that the bounds cannot rule out, so the
         lists are the exact top k. ``candidates=K``: rescore the K best estimates each way instead
         (faster, not guaranteed). ``approximate``: return the estimates themselves, rescoring nothing.
         """
@@ -315,7 +336,7 @@ class GradientIndex:
                 counts.append(0)
                 rounds_of.append(0)
                 continue
-            value, error = self.estimates(test, t)
+            value, error = self.estimates(test, t, normalize)
             low, high = value - error, value + error
             if approximate:
                 results.append(self._result(indices[t], triple, value.numpy(), np.arange(self.num_rows), top_k, labels,
@@ -325,10 +346,10 @@ class GradientIndex:
                 continue
             if candidates is not None:
                 rows = np.union1d(*_best_estimates(value, candidates))
-                exact = self.exact_scores([g.index(slice(t, t + 1)) for g in test], rows)[0].numpy()
+                exact = self.exact_scores([g.index(slice(t, t + 1)) for g in test], rows, normalize=normalize)[0].numpy()
                 rounds = 1
             else:
-                rows, exact, rounds = self._rescore_until_settled(test, t, low, high, top_k)
+                rows, exact, rounds = self._rescore_until_settled(test, t, low, high, top_k, normalize)
             rounds_of.append(rounds)
             results.append(self._result(indices[t], triple, exact, rows, top_k, labels, low, high, exact_rows=rows))
             counts.append(len(rows))
@@ -353,7 +374,7 @@ class GradientIndex:
         return InfluenceResult(index, triple, make(+1), make(-1), int((estimate > 0).sum()), int((estimate < 0).sum()),
                                counts_exact=not bool(unsettled.any()))  # fmt: skip
 
-    def _rescore_until_settled(self, test, t: int, low: torch.Tensor, high: torch.Tensor, k: int):
+    def _rescore_until_settled(self, test, t: int, low: torch.Tensor, high: torch.Tensor, k: int, normalize: bool = False):
         """Rescore candidates exactly in rounds, the most promising first (the highest upper bounds for
         proponents, the lowest lower bounds for opponents), until no row left unscored can still enter
         either top k: each round's exact scores raise the k-th lower bound towards the k-th influence
@@ -378,7 +399,7 @@ class GradientIndex:
             if len(opp) > half:
                 opp = opp[torch.topk(-low[torch.as_tensor(opp)], half).indices.numpy()]
             rows = np.union1d(pro, opp)
-            exact = self.exact_scores(grads, rows)[0]
+            exact = self.exact_scores(grads, rows, normalize=normalize)[0]
             where = torch.as_tensor(rows)
             low[where] = high[where] = exact
             scored[where] = True

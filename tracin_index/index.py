@@ -273,8 +273,12 @@ class GradientIndex:
                 if query_norm == 0.0:
                     continue
                 weight = (weight / query_norm) * self._inverse_norms(c).to(self.device)
-            value += weight * self._fold(part.value)
-            error += weight * self._fold(part.error)
+            if normalize:
+                value.addcmul_(weight, self._fold(part.value))
+                error.addcmul_(weight, self._fold(part.error))
+            else:
+                value.add_(self._fold(part.value), alpha=weight)
+                error.add_(self._fold(part.error), alpha=weight)
         return value.cpu(), error.cpu()
 
     def _fold(self, per_row: torch.Tensor) -> torch.Tensor:

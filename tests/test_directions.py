@@ -89,3 +89,38 @@ def test_a_direction_the_model_cannot_explain_is_refused(nations, tmp_path, caps
     assert code != 0 and "needs a model trained with inverse triples" in err and "Traceback" not in err
     code, _, err = run_cli(capsys, "exact", "--model-path", run, "--direction", "sideways")
     assert code != 0 and "sideways" in err
+
+
+@pytest.mark.parametrize("name", ["TransE", "DistMult"])
+def test_embedding_models_trained_with_inverse_triples(nations, tmp_path, name):
+    """Through PyKEEN (TransE: no replica) and through the replica (DistMult): a training triple's rows
+    are its two examples, and the index's exact lists equal the per-triple autograd loop's."""
+    from pykeen.models import model_resolver
+    from pykeen.triples import TriplesFactory
+
+    from test_index import brute_force
+    from tracin_index.models import ModelConfig, save_run_directory
+    from tracin_index.triples import IdMaps
+
+    training = TriplesFactory(nations.training.mapped_triples, nations.training.entity_to_id,
+                              nations.training.relation_to_id, create_inverse_triples=True)  # fmt: skip
+    model = model_resolver.make(name, dict(embedding_dim=8), triples_factory=training, random_seed=3)
+    assert model.use_inverse_triples
+    run = tmp_path / "run"
+    config = ModelConfig(name, {"embedding_dim": 8}, training.num_entities, training.real_num_relations,
+                         create_inverse_triples=True)  # fmt: skip
+    save_run_directory(run, model=model, config=config, id_maps=IdMaps.from_triples_factory(training),
+                       training=training.label_triples(training.mapped_triples),
+                       testing=nations.testing.label_triples(nations.testing.mapped_triples))  # fmt: skip
+    (run / "checkpoints").mkdir()
+    torch.save({"model_state_dict": model.state_dict(), "learning_rate": 0.1, "epoch": 1}, run / "checkpoints" / "e1.pt")
+    names = [n for n, _ in model.named_parameters()]
+    reference = brute_force(run, "bce", names, num_test=3)
+    index = GradientIndex.build(tmp_path / "index", model_path=run)
+    assert index.inverse_triples and (index.manifest["replica"] is not None) == (name == "DistMult")
+    _, _, test = run_ids(run)
+    for t, result in enumerate(index.query(test[:3], top_k=5)):
+        for items, sign in ((result.proponents, +1), (result.opponents, -1)):
+            rows = expected_rows(reference[t], 5, sign)
+            assert [float(reference[t, i.train_index]) for i in items] == pytest.approx([float(reference[t, r]) for r in rows], rel=1e-6, abs=1e-12)
+            assert [i.influence for i in items] == pytest.approx([float(reference[t, r]) for r in rows], rel=1e-4, abs=1e-9)

@@ -169,13 +169,19 @@ def measure(index: GradientIndex, test: torch.Tensor, exact: np.ndarray) -> dict
     return row
 
 
-def run_setting(work: Path, name: str, dims: list[int], num_test: int, seed: int) -> dict:
+def load_setting(work: Path, name: str, num_test: int, seed: int):
+    """(run directory, loaded run, training ids, test ids, test rows): the setting's run (trained if
+    missing) and a seeded sample of ``num_test`` of its test triples, the same in every benchmark."""
     run_dir = ensure_run(work, name)
     run = load_model(run_dir)
     train = run.id_maps.to_ids(read_labeled_triples(run.training_path))
     test_all = run.id_maps.to_ids(read_labeled_triples(run.test_path))
-    rng = np.random.default_rng(seed)
-    test = test_all[torch.as_tensor(np.sort(rng.choice(len(test_all), size=min(num_test, len(test_all)), replace=False)))]
+    picks = np.sort(np.random.default_rng(seed).choice(len(test_all), size=min(num_test, len(test_all)), replace=False))
+    return run_dir, run, train, test_all[torch.as_tensor(picks)], picks
+
+
+def run_setting(work: Path, name: str, dims: list[int], num_test: int, seed: int) -> dict:
+    run_dir, run, train, test, _ = load_setting(work, name, num_test, seed)
     exact, exact_s = exact_scores(work, name, run_dir, test, train)
     entry = {"training_triples": len(train), "checkpoints": len(run.checkpoints), "test_triples": len(test),
              "exact_analyzer_seconds": exact_s, "indexes": {}}  # fmt: skip

@@ -58,7 +58,7 @@ os.environ.setdefault("PYSTOW_HOME", os.path.join(tempfile.gettempdir(), "pystow
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
-from tracin_index.directions import training_examples, uses_inverse_triples  # noqa: E402
+from tracin_index.directions import examples_per_fact, training_examples, uses_inverse_triples  # noqa: E402
 from common import QuietGuard, command_line, machine_info, update_summary, versions, write_results  # noqa: E402
 from gradient_throughput import time_batched, time_epoch, time_loop  # noqa: E402
 
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     hrt = torch.as_tensor(loaded.id_maps.to_ids(read_labeled_triples(loaded.training_path))).long()
     n = hrt.shape[0]
     inverse = uses_inverse_triples(model)
-    per_fact = 2 if inverse else 1
+    per_fact = examples_per_fact(inverse)
     examples = training_examples(hrt, inverse)  # what the model was trained on, in its ids
     # the epoch as `tracin-index train` ran it: with inverse triples, PyKEEN trains on both examples of each triple
     factory = CoreTriplesFactory.create(mapped_triples=hrt, num_entities=model.num_entities,

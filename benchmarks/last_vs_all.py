@@ -42,12 +42,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from agreement import ensure_run  # noqa: E402
+from agreement import load_setting  # noqa: E402
 from common import RESULTS, REPO, QuietGuard, update_summary, write_results  # noqa: E402
 
 from tracin_index.analyzer import TracInAnalyzer  # noqa: E402
 from tracin_index.models import load_model  # noqa: E402
-from tracin_index.triples import read_labeled_triples  # noqa: E402
 
 SETTING = "umls-conve"
 
@@ -73,12 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    run_dir = ensure_run(args.work, SETTING)
-    run = load_model(run_dir)
-    train = run.id_maps.to_ids(read_labeled_triples(run.training_path))
-    test_all = run.id_maps.to_ids(read_labeled_triples(run.test_path))
-    picks = np.sort(np.random.default_rng(args.seed).choice(len(test_all), size=min(args.num_test, len(test_all)), replace=False))
-    test = test_all[torch.as_tensor(picks)]
+    run_dir, run, train, test, picks = load_setting(args.work, SETTING, args.num_test, args.seed)
 
     analyzers = {
         "last": TracInAnalyzer(run.model, checkpoints=run.checkpoints, use_last_layers_only=True),

@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from agreement import ensure_run  # noqa: E402
+from agreement import load_setting  # noqa: E402
 from common import QuietGuard, command_line, machine_info, update_summary, versions, write_results  # noqa: E402
 from last_vs_all import SETTING, overlaps  # noqa: E402
 
@@ -51,7 +51,6 @@ from tracin_index.analyzer import TracInAnalyzer  # noqa: E402
 from tracin_index.gradients import GradientComputer  # noqa: E402
 from tracin_index.index import GradientIndex  # noqa: E402
 from tracin_index.models import load_model  # noqa: E402
-from tracin_index.triples import read_labeled_triples  # noqa: E402
 
 LAYERS = (1, 2, 3, 5)
 
@@ -78,12 +77,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    run_dir = ensure_run(args.work, SETTING)
-    run = load_model(run_dir)
-    train = run.id_maps.to_ids(read_labeled_triples(run.training_path))
-    test_all = run.id_maps.to_ids(read_labeled_triples(run.test_path))
-    picks = np.sort(np.random.default_rng(args.seed).choice(len(test_all), size=min(args.num_test, len(test_all)), replace=False))
-    test = test_all[torch.as_tensor(picks)]
+    run_dir, run, train, test, picks = load_setting(args.work, SETTING, args.num_test, args.seed)
     guard = QuietGuard(max_wait=20.0, retries=1)
 
     rows: dict[str, dict] = {}

@@ -20,7 +20,7 @@ from torch import nn
 
 from .directions import DEFAULT_DIRECTION, TRAIN, check_direction, training_examples
 from .errors import InputError
-from .gradients import GradientComputer, LossName, PerExampleGradients, check_gradients
+from .gradients import GradientComputer, LossName, PerExampleGradients, check_gradients, cosine
 from .layers import ParameterSelection, select_parameters
 from .results import InfluenceResult, Triple, sign_counts, top_influences
 
@@ -38,12 +38,6 @@ def _as_id_triples(triples, name: str) -> torch.Tensor:
     if t.ndim != 2 or t.shape[1] != 3:
         raise InputError(f"{name}: expected (head, relation, tail) id triples of shape (n, 3), got {tuple(t.shape)}")
     return t
-
-
-def cosine(dots: torch.Tensor, test_squared: torch.Tensor, train_squared: torch.Tensor) -> torch.Tensor:
-    """Inner products (T, N) divided by the norms of both sides; 0 where either norm is 0."""
-    norms = test_squared.clamp_min(0).sqrt()[:, None] * train_squared.clamp_min(0).sqrt()[None, :]
-    return torch.where(norms > 0, dots / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(dots))
 
 
 class TracInAnalyzer:

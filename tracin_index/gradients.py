@@ -559,6 +559,17 @@ class GradientComputer:
             blocks[name] = RowsBlock(block.num_rows, block.ids, block.rows, coef, q)
 
 
+def inverse_norms(squared_norms: torch.Tensor) -> torch.Tensor:
+    """1 / ||g|| from squared norms, float64; 0 where the gradient is 0 (it then contributes nothing)."""
+    norms = squared_norms.double().clamp_min(0).sqrt()
+    return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(norms))
+
+
+def cosine(dots: torch.Tensor, test_squared: torch.Tensor, train_squared: torch.Tensor) -> torch.Tensor:
+    """Inner products (T, N) divided by the norms of both sides (``--normalize``); 0 where either norm is 0."""
+    return dots * inverse_norms(test_squared)[:, None] * inverse_norms(train_squared)[None, :]
+
+
 def merge_examples(grads: PerExampleGradients, parts: int) -> PerExampleGradients:
     """Gradients of B facts from those of their examples, computed as ``parts`` consecutive batches of
     B (example j of fact i at row j * B + i): summed, kept factored (a Linear's factors side by side)."""

@@ -29,7 +29,7 @@ from .checkpoints import Checkpoint, CheckpointModels
 from .directions import DEFAULT_DIRECTION, check_direction
 from .errors import InputError, TracInWarning
 from .factors import BlockPlan, Stored, checkpoint_estimate
-from .gradients import GradientComputer, PerExampleGradients, vanished, vanishing_message
+from .gradients import GradientComputer, PerExampleGradients, cosine, inverse_norms, vanished, vanishing_message
 from .layers import ParameterSelection
 from .replicas import pair_forward_applies
 from .results import Influence, InfluenceResult, Triple, ranked_rows
@@ -98,6 +98,7 @@ class GradientIndex:
         self._stored: dict[int, Stored] = {}
         self._modules: dict[int, dict] = {}
         self._squared_norms: np.ndarray | None = None
+        self._inverse_norms: dict[int, torch.Tensor] = {}  # per checkpoint, for normalized queries
         self.last_query: QueryStats | None = None
 
     # ------------------------------------------------------------------------------------------
@@ -267,13 +268,11 @@ class GradientIndex:
         for c in range(self.num_checkpoints):
             query = test[c].index(slice(t, t + 1))
             part = checkpoint_estimate(self.plans, self.stored(c), query, self._modules_of(c))
-            weight: float | torch.Tensor = self.checkpoints[c].learning_rate
+            weight = self.checkpoints[c].learning_rate
             if normalize:
-                query_norm = float(query.squared_norms()[0].double().clamp_min(0).sqrt())
-                if query_norm == 0.0:
-                    continue
-                weight = (weight / query_norm) * self._inverse_norms(c).to(self.device)
-            if normalize:
+                if c not in self._inverse_norms:
+                    self._inverse_norms[c] = inverse_norms(torch.from_numpy(self.squared_norms()[c])).to(self.device)
+                weight = weight * float(inverse_norms(query.squared_norms())[0]) * self._inverse_norms[c]
                 value.addcmul_(weight, self._fold(part.value))
                 error.addcmul_(weight, self._fold(part.error))
             else:
@@ -285,26 +284,20 @@ class GradientIndex:
         """Per stored row (example) -> per training triple: the sum of its rows."""
         return per_row if self.per_fact == 1 else per_row.view(-1, self.per_fact).sum(1)
 
-    def _inverse_norms(self, c: int) -> torch.Tensor:
-        """1 / ||g(z; theta_c)|| per training triple (0 where the gradient is 0), float64."""
-        norms = torch.from_numpy(self.squared_norms()[c]).clamp_min(0).sqrt()
-        return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(norms))
-
     def exact_scores(self, test: list[PerExampleGradients], rows: np.ndarray, batch_size: int = 256,
                      normalize: bool = False) -> torch.Tensor:  # fmt: skip
         """Exact TracIn of the given training rows on the test triples, (T, len(rows)) float64: their
         gradients recomputed at every checkpoint (``normalize``: the cosine form)."""
-        from .analyzer import cosine
-
         train = torch.as_tensor(self.hrt[np.asarray(rows, dtype=np.int64)], dtype=torch.long).to(self.device)
         scores = torch.zeros(len(test[0]), len(train), dtype=torch.float64)
         for c in range(self.num_checkpoints):
             lr = self.checkpoints[c].learning_rate
+            test_squared = test[c].squared_norms().double().cpu() if normalize else None
             for start in range(0, len(train), batch_size):
                 g = self._computer(c).compute(train[start : start + batch_size])
                 dots = test[c].dot(g).double().cpu()
                 if normalize:
-                    dots = cosine(dots, test[c].squared_norms().double().cpu(), g.squared_norms().double().cpu())
+                    dots = cosine(dots, test_squared, g.squared_norms().double().cpu())
                 scores[:, start : start + batch_size] += lr * dots
         return scores
 

@@ -57,8 +57,11 @@ def test_index_and_exact_explain_each_direction(tiny_run, tmp_path, tiny_train_g
     index = GradientIndex.build(tmp_path / "index", model_path=tiny_run, sketch_dim=16)
     assert index.inverse_triples and index.manifest["num_rows"] == 2 * len(train)
     grads = index.test_gradients(test, direction)
+    everything = np.arange(index.num_rows)
     for t in range(len(test)):
         value, error = index.estimates(grads, t)
+        assert bool(((value - reference[t]).abs() <= error).all())
+        value, error = index.estimates(grads, t, rows=everything)  # refined: both examples' inputs recomputed
         assert bool(((value - reference[t]).abs() <= error).all())
     results = index.query(test, top_k=5, direction=direction)
     run, _, _ = run_ids(tiny_run)

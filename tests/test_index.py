@@ -16,6 +16,7 @@ import torch
 from conftest import run_cli
 from reference import flat, per_triple_gradients
 from tracin_index.errors import InputError
+from tracin_index.factors import refinable
 from tracin_index.index import GradientIndex
 from tracin_index.models import ModelConfig, load_model, save_run_directory
 from tracin_index.store import exclusive_lock
@@ -93,10 +94,18 @@ def assert_matches(results, reference, k=10):
 
 
 def assert_bounds_hold(index, test, reference):
+    """The scan's bounds hold for every row, and so do the refined ones (Linear inputs recomputed),
+    which are tighter where an input side is sketched."""
     grads = index.test_gradients(test[:NUM_TEST])
+    rows = np.arange(index.num_rows)
     for t in range(NUM_TEST):
         value, error = index.estimates(grads, t)
         assert bool(((value - reference[t]).abs() <= error).all())
+        if not refinable(index.plans):
+            continue
+        refined, refined_error = index.estimates(grads, t, rows=rows)
+        assert bool(((refined - reference[t]).abs() <= refined_error).all())
+        assert float(refined_error.sum()) < 0.5 * float(error.sum())
 
 
 @pytest.mark.parametrize("share_pairs", [True, False], ids=["pairs-shared", "per-row"])
@@ -421,6 +430,7 @@ def test_loose_bounds_are_settled_by_rescoring_in_rounds_most_promising_first(ti
         value, error = index.estimates(grads, t)
         at_once.append(len(np.union1d(*_candidates(value - error, value + error, 10))))
     assert max(index.last_query.rounds) > 1  # several rounds were needed ...
+    assert sum(index.last_query.refined) > sum(index.last_query.candidates)  # ... most of them refining bounds ...
     assert sum(index.last_query.candidates) < sum(at_once)  # ... and spared rescoring every candidate
 
 

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,6 +40,8 @@ def test_normalized_scores_are_cosines_in_exact_and_in_the_index(tiny_run, tmp_p
     grads = index.test_gradients(test[:NUM_TEST])
     for t in range(NUM_TEST):
         value, error = index.estimates(grads, t, normalize=True)
+        assert bool(((value - reference[t]).abs() <= error).all())
+        value, error = index.estimates(grads, t, normalize=True, rows=np.arange(index.num_rows))  # refined
         assert bool(((value - reference[t]).abs() <= error).all())
     results = index.query(test[:NUM_TEST], top_k=10, normalize=True)
     plain = index.query(test[:NUM_TEST], top_k=10)

@@ -48,6 +48,9 @@ MAX_EXACT_SIDE = 512
 MAX_EXACT_DENSE = 1024
 #: Default number of principal directions of a sketched side (UMLS ConvE: 0.977 of the inputs' energy).
 DEFAULT_SKETCH_DIM = 128
+#: Relative error allowed for an inner product of two float32 vectors recomputed at query time (a
+#: refined row's input side): far above float32's accumulated rounding over 10^4 terms, far below EPS.
+EPS_RECOMPUTED = 2.0**-16
 
 BlockKind = Literal["factored", "dense", "rows", "opaque"]
 
@@ -427,3 +430,57 @@ def checkpoint_estimate(plans: list[BlockPlan], stored: Stored, query: PerExampl
         total += part.value
         error += part.error
     return _Estimate(total, error)
+
+
+# ------------------------------------------------------------------------------------------------
+# Refining: tighter bounds for some rows, from their input sides recomputed exactly
+
+
+def refinable(plans: list[BlockPlan]) -> bool:
+    """Whether :func:`refined_estimate` applies: a Linear's input side is sketched (recomputing it, a
+    forward pass that stops at the Linear, is then much cheaper than the whole gradient and leaves only
+    float16 rounding in the bound), and every other stored side is whole (dense or factored)."""
+    sketched = False
+    for plan in plans:
+        if plan.kind == "factored" and plan.sketch[0] == 0:
+            sketched = sketched or plan.sketch[1] > 0
+        elif not (plan.kind == "dense" and plan.sketch[0] == 0):
+            return False
+    return sketched
+
+
+def refined_estimate(plans: list[BlockPlan], stored: Stored, query: PerExampleGradients, modules: dict[str, nn.Module],
+                     rows: torch.Tensor, inputs: dict[str, torch.Tensor]) -> _Estimate:  # fmt: skip
+    """Like :func:`checkpoint_estimate` for the stored ``rows`` only, with the Linear layers' input sides
+    given exactly (``inputs``: block name -> (len(rows), in) float32, bias column included): their
+    products then carry only the output side's float16 error, :math:`|X_2|\,e_1`, instead of the
+    sketch's residual bound. Needs :func:`refinable` plans."""
+    rows = rows.to(stored.device)
+    sub = Stored({k: v.index_select(0, rows) for k, v in stored.arrays.items() if not _input_key(k, plans)},
+                 {}, {}, len(rows))  # fmt: skip
+    by_name = {p.name: p for p in plans}
+    total = torch.zeros(len(rows), dtype=torch.float64, device=stored.device)
+    error = torch.zeros(len(rows), dtype=torch.float64, device=stored.device)
+    for plan in plans:
+        block = query.blocks[plan.name]
+        if plan.kind == "dense":
+            part = _side_estimate(sub.arrays, f"{plan.name}/values", block.values[0], None)
+        else:
+            a = inputs[plan.name].to(stored.device).double()
+            a_norm = a.norm(dim=-1)
+            part = _Estimate(torch.zeros_like(total), torch.zeros_like(total))
+            for j in range(block.a.shape[1]):  # the query's examples (positions)
+                out = _out_side(plan, by_name, sub, block.delta[0, j], modules)
+                a_q = block.a[0, j].to(a)
+                inp = _Estimate(a @ a_q, a_norm * (EPS_RECOMPUTED * float(a_q.norm())))
+                both = _combine(out, inp)
+                part.value.add_(both.value)
+                part.error.add_(both.error)
+        total += part.value
+        error += part.error
+    return _Estimate(total, error)
+
+
+def _input_key(key: str, plans: list[BlockPlan]) -> bool:
+    """An array of a Linear's stored input side (per row or per group; a refinement recomputes it)."""
+    return any(p.kind == "factored" and key.startswith(f"{p.name}/in/") for p in plans)

@@ -302,6 +302,21 @@ def check_gradients(train_squared_norms: torch.Tensor, test_squared_norms: torch
 
 
 @contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block, its mode restored after; no work where it is in eval mode
+    already (``train()`` visits every submodule: a query's many small forward passes felt it)."""
+    if not any(m.training for m in model.modules()):
+        yield
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
 def only_selected_require_grad(model: nn.Module, selection: ParameterSelection) -> Iterator[None]:
     """Turn requires_grad off everywhere but the selection, so backward stops at the selected layers."""
     selected = {id(getattr(m.module, p)) for m in selection.modules for p in m.parameter_names}
@@ -410,22 +425,17 @@ class GradientComputer:
         model = self.model
         hrt = hrt.to(self.device)
         batch_size = hrt.shape[0]
-        was_training = model.training
-        model.eval()
-        try:
-            with only_selected_require_grad(model, self.selection), self._recording() as calls:
-                losses = per_example_losses(model, hrt, self.loss)
-                outputs = [c.output for m in self.selection.modules for c in calls[m.name]]
-                grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else ()
-                deltas = iter(grads)
-                blocks = {}
-                for m in self.selection.modules:
-                    module_calls = [(c, next(deltas)) for c in calls[m.name]]
-                    blocks[m.name] = self._block(m, module_calls, batch_size)
-                if self._tail_tables:
-                    self._add_tail_rank_one(blocks, hrt)
-        finally:
-            model.train(was_training)
+        with evaluating(model), only_selected_require_grad(model, self.selection), self._recording() as calls:
+            losses = per_example_losses(model, hrt, self.loss)
+            outputs = [c.output for m in self.selection.modules for c in calls[m.name]]
+            grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else ()
+            deltas = iter(grads)
+            blocks = {}
+            for m in self.selection.modules:
+                module_calls = [(c, next(deltas)) for c in calls[m.name]]
+                blocks[m.name] = self._block(m, module_calls, batch_size)
+            if self._tail_tables:
+                self._add_tail_rank_one(blocks, hrt)
         names = {m.name: m.full_parameter_names for m in self.selection.modules}
         return PerExampleGradients(blocks, names)
 
@@ -438,14 +448,9 @@ class GradientComputer:
         summed = self.compute_examples(hrt).summed()
         parameters = dict(self.model.named_parameters())
         names = [n for n in summed if n in parameters]
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with only_selected_require_grad(self.model, self.selection):
-                total = per_example_losses(self.model, hrt, self.loss).sum()
-                reference = torch.autograd.grad(total, [parameters[n] for n in names], allow_unused=True)
-        finally:
-            self.model.train(was_training)
+        with evaluating(self.model), only_selected_require_grad(self.model, self.selection):
+            total = per_example_losses(self.model, hrt, self.loss).sum()
+            reference = torch.autograd.grad(total, [parameters[n] for n in names], allow_unused=True)
         for name, expected in zip(names, reference):
             expected = torch.zeros_like(summed[name]) if expected is None else expected
             scale = float(expected.abs().max())
@@ -626,17 +631,14 @@ def linear_inputs(model: nn.Module, modules: dict[str, tuple[nn.Linear, bool]], 
         return record
 
     handles = [module.register_forward_pre_hook(hook(name, bias)) for name, (module, bias) in modules.items()]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model.score_hrt(hrt)
     except _StopForward:
         pass
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return found
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -26,10 +26,11 @@ import torch
 
 from .builder import BuildSettings, build_index, selection_from_manifest
 from .checkpoints import Checkpoint, CheckpointModels
-from .directions import DEFAULT_DIRECTION, check_direction
+from .directions import DEFAULT_DIRECTION, check_direction, training_examples
 from .errors import InputError, TracInWarning
-from .factors import BlockPlan, Stored, checkpoint_estimate
-from .gradients import GradientComputer, PerExampleGradients, cosine, inverse_norms, vanished, vanishing_message
+from .factors import BlockPlan, Stored, checkpoint_estimate, refinable, refined_estimate
+from .gradients import (GradientComputer, PerExampleGradients, cosine, inverse_norms, linear_inputs, vanished,
+                        vanishing_message)
 from .layers import ParameterSelection
 from .replicas import pair_forward_applies
 from .results import Influence, InfluenceResult, Triple, ranked_rows
@@ -41,6 +42,10 @@ from .store import TRIPLES, bases_path, read_arrays, read_manifest, read_triples
 #: overhead per row down.
 FIRST_ROUND = 64
 MAX_ROUND = 2048
+#: Rows refined in the first round (where refining applies); each further round twice as many.
+FIRST_REFINE_ROUND = 64
+#: A row's state in a query: bounds from the scan, refined bounds, exact score.
+_SCANNED, _REFINED, _EXACT = 0, 1, 2
 
 
 def default_device() -> str:
@@ -60,11 +65,12 @@ class SelfInfluence:
 
 @dataclass
 class QueryStats:
-    """What the last query did, per test triple: rows rescored exactly (``candidates``), in how many
-    rounds (``rounds``)."""
+    """What the last query did, per test triple: rows rescored exactly (``candidates``), rows whose
+    bounds were refined first (``refined``), in how many rounds of either (``rounds``)."""
 
     candidates: list[int]
     rounds: list[int]
+    refined: list[int] = field(default_factory=list)
 
 
 class GradientIndex:
@@ -258,27 +264,49 @@ class GradientIndex:
         """Whether the model was trained with inverse triples (each training triple is two examples)."""
         return self.per_fact == 2
 
-    def estimates(self, test: list[PerExampleGradients], t: int = 0, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def estimates(self, test: list[PerExampleGradients], t: int = 0, normalize: bool = False,
+                  rows: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Estimated influence of every training triple on test triple ``t`` and the bound on its error,
         (N,) float64 each (a triple's stored rows, its examples, summed). ``normalize``: of the cosine
         form, each checkpoint's part divided by the exact norms (stored, and the test gradient's): a
-        positive factor per triple scales an estimate and its bound alike."""
-        value = torch.zeros(self.num_rows, dtype=torch.float64, device=self.device)
-        error = torch.zeros(self.num_rows, dtype=torch.float64, device=self.device)
+        positive factor per triple scales an estimate and its bound alike. ``rows``: only these
+        training triples, refined (their Linear inputs recomputed, :func:`~tracin_index.factors.refined_estimate`)."""
+        n = self.num_rows if rows is None else len(rows)
+        value = torch.zeros(n, dtype=torch.float64, device=self.device)
+        error = torch.zeros(n, dtype=torch.float64, device=self.device)
+        if rows is not None:
+            if not refinable(self.plans):
+                raise ValueError("this index's blocks cannot be refined (no sketched Linear input side)")
+            rows_t = torch.as_tensor(rows, dtype=torch.long)
+            examples = training_examples(torch.as_tensor(self.hrt[rows], dtype=torch.long), self.inverse_triples)
+            stored_rows = (rows_t[:, None] * self.per_fact + torch.arange(self.per_fact)).reshape(-1)
         for c in range(self.num_checkpoints):
             query = test[c].index(slice(t, t + 1))
-            part = checkpoint_estimate(self.plans, self.stored(c), query, self._modules_of(c))
+            if rows is None:
+                part = checkpoint_estimate(self.plans, self.stored(c), query, self._modules_of(c))
+            else:
+                inputs = self._linear_inputs(c, examples.to(self.device))
+                part = refined_estimate(self.plans, self.stored(c), query, self._modules_of(c), stored_rows, inputs)
             weight = self.checkpoints[c].learning_rate
             if normalize:
                 if c not in self._inverse_norms:
                     self._inverse_norms[c] = inverse_norms(torch.from_numpy(self.squared_norms()[c])).to(self.device)
-                weight = weight * float(inverse_norms(query.squared_norms())[0]) * self._inverse_norms[c]
+                norms = self._inverse_norms[c] if rows is None else self._inverse_norms[c][rows_t.to(self.device)]
+                weight = weight * float(inverse_norms(query.squared_norms())[0]) * norms
                 value.addcmul_(weight, self._fold(part.value))
                 error.addcmul_(weight, self._fold(part.error))
             else:
                 value.add_(self._fold(part.value), alpha=weight)
                 error.add_(self._fold(part.error), alpha=weight)
         return value.cpu(), error.cpu()
+
+    def _linear_inputs(self, c: int, examples: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The factored blocks' Linear inputs (bias column where selected) for training ``examples`` at
+        checkpoint c, from a forward pass that stops there."""
+        modules = self._modules_of(c)
+        wanted = {p.name: (modules[p.name], p.sizes[1] == modules[p.name].in_features + 1)
+                  for p in self.plans if p.kind == "factored"}  # fmt: skip
+        return linear_inputs(self._computer(c).model, wanted, examples)
 
     def _fold(self, per_row: torch.Tensor) -> torch.Tensor:
         """Per stored row (example) -> per training triple: the sum of its rows."""
@@ -323,8 +351,9 @@ class GradientIndex:
         labels = self._row_labels()
         indices = list(test_indices) if test_indices is not None else [None] * len(hrt)
         test_norms = sum(g.squared_norms().double().cpu() for g in test)
-        results, counts, rounds_of = [], [], []
+        results, counts, rounds_of, refined_of = [], [], [], []
         for t in range(len(hrt)):
+            refined_of.append(0)
             triple = Triple(*labels.of(hrt[t].tolist()))
             if bool(vanished(test_norms[t : t + 1])[0]):
                 warnings.warn(vanishing_message(f"({triple.head}, {triple.relation}, {triple.tail})", self.loss)
@@ -346,11 +375,12 @@ class GradientIndex:
                 exact = self.exact_scores([g.index(slice(t, t + 1)) for g in test], rows, normalize=normalize)[0].numpy()
                 rounds = 1
             else:
-                rows, exact, rounds = self._rescore_until_settled(test, t, low, high, top_k, normalize)
+                rows, exact, rounds, refined = self._rescore_until_settled(test, t, low, high, top_k, normalize)
+                refined_of[-1] = refined
             rounds_of.append(rounds)
             results.append(self._result(indices[t], triple, exact, rows, top_k, labels, low, high, exact_rows=rows))
             counts.append(len(rows))
-        self.last_query = QueryStats(counts, rounds_of)
+        self.last_query = QueryStats(counts, rounds_of, refined_of)
         return results
 
     def _result(self, index, triple, scores: np.ndarray, rows: np.ndarray, top_k: int, labels, low, high,
@@ -378,34 +408,60 @@ class GradientIndex:
         and rule out more of the rest (a threshold algorithm). The first round takes at most
         :data:`FIRST_ROUND` rows, each next one twice as many (up to :data:`MAX_ROUND`).
 
+        Where the plans allow it (a sketched Linear input side, :func:`~tracin_index.factors.refinable`),
+        candidates are first *refined* in such rounds: their Linear inputs recomputed (a forward pass
+        that stops at the Linear, a fraction of a gradient's cost), which leaves only float16 rounding
+        in their bounds; most then drop out, and only the refined rows that can still enter a top k are
+        rescored exactly.
+
         Updates ``low``/``high`` in place (exact where scored); returns the scored rows, their exact
-        scores and the number of rounds."""
-        scored = torch.zeros(len(low), dtype=torch.bool)
+        scores, the number of rounds (refining or rescoring) and the number of rows refined."""
+        state = torch.zeros(len(low), dtype=torch.int8)  # _SCANNED, _REFINED or _EXACT
+        refine = refinable(self.plans)
         rows_parts, score_parts = [], []
-        step, rounds = FIRST_ROUND, 0
+        steps, rounds = {_SCANNED: FIRST_REFINE_ROUND, _REFINED: FIRST_ROUND}, 0
         grads = [g.index(slice(t, t + 1)) for g in test]
+        refined = 0
         while True:
             pro, opp = _candidates(low, high, k)
-            pro = pro[~scored[torch.as_tensor(pro, dtype=torch.long)].numpy()]
-            opp = opp[~scored[torch.as_tensor(opp, dtype=torch.long)].numpy()]
+            pro, opp = pro[state[pro].numpy() != _EXACT], opp[state[opp].numpy() != _EXACT]
             if len(pro) + len(opp) == 0:
                 break
-            half, step = max(1, step // 2), min(2 * step, MAX_ROUND)
-            if len(pro) > half:
-                pro = pro[torch.topk(high[torch.as_tensor(pro)], half).indices.numpy()]
-            if len(opp) > half:
-                opp = opp[torch.topk(-low[torch.as_tensor(opp)], half).indices.numpy()]
-            rows = np.union1d(pro, opp)
-            exact = self.exact_scores(grads, rows, normalize=normalize)[0]
+            stage = _REFINED
+            if refine:
+                coarse_pro, coarse_opp = pro[state[pro].numpy() == _SCANNED], opp[state[opp].numpy() == _SCANNED]
+                if len(coarse_pro) + len(coarse_opp):
+                    stage, pro, opp = _SCANNED, coarse_pro, coarse_opp
+            rows = self._most_promising(pro, opp, low, high, steps[stage])
+            steps[stage] = min(2 * steps[stage], MAX_ROUND)
             where = torch.as_tensor(rows)
+            if stage == _SCANNED and refine:
+                value, error = self.estimates(grads, 0, normalize, rows=rows)
+                low[where] = torch.maximum(low[where], value - error)
+                high[where] = torch.minimum(high[where], value + error)
+                state[where] = _REFINED
+                refined += len(rows)
+                rounds += 1
+                continue
+            exact = self.exact_scores(grads, rows, normalize=normalize)[0]
             low[where] = high[where] = exact
-            scored[where] = True
+            state[where] = _EXACT
             rows_parts.append(rows)
             score_parts.append(exact.numpy())
             rounds += 1
         if not rows_parts:
-            return np.zeros(0, dtype=np.int64), np.zeros(0), 0
-        return np.concatenate(rows_parts), np.concatenate(score_parts), rounds
+            return np.zeros(0, dtype=np.int64), np.zeros(0), 0, refined
+        return np.concatenate(rows_parts), np.concatenate(score_parts), rounds, refined
+
+    @staticmethod
+    def _most_promising(pro: np.ndarray, opp: np.ndarray, low: torch.Tensor, high: torch.Tensor, step: int) -> np.ndarray:
+        """At most ``step // 2`` rows each way: the highest upper bounds of ``pro``, the lowest lower bounds of ``opp``."""
+        half = max(1, step // 2)
+        if len(pro) > half:
+            pro = pro[torch.topk(high[torch.as_tensor(pro)], half).indices.numpy()]
+        if len(opp) > half:
+            opp = opp[torch.topk(-low[torch.as_tensor(opp)], half).indices.numpy()]
+        return np.union1d(pro, opp)
 
     def _check_ids(self, hrt: torch.Tensor) -> None:
         for column, (name, size) in enumerate(

@@ -451,7 +451,7 @@ def refinable(plans: list[BlockPlan]) -> bool:
 
 def refined_estimate(plans: list[BlockPlan], stored: Stored, query: PerExampleGradients, modules: dict[str, nn.Module],
                      rows: torch.Tensor, inputs: dict[str, torch.Tensor]) -> _Estimate:  # fmt: skip
-    """Like :func:`checkpoint_estimate` for the stored ``rows`` only, with the Linear layers' input sides
+    r"""Like :func:`checkpoint_estimate` for the stored ``rows`` only, with the Linear layers' input sides
     given exactly (``inputs``: block name -> (len(rows), in) float32, bias column included): their
     products then carry only the output side's float16 error, :math:`|X_2|\,e_1`, instead of the
     sketch's residual bound. Needs :func:`refinable` plans."""

@@ -422,8 +422,16 @@ class GradientIndex:
         steps, rounds = {_SCANNED: FIRST_REFINE_ROUND, _REFINED: FIRST_ROUND}, 0
         grads = [g.index(slice(t, t + 1)) for g in test]
         refined = 0
+        # bounds only tighten and the k-th lower bound only rises, so a row ruled out stays out: after the
+        # first pass over every row, later rounds look at the first candidates only (over fewer rows the
+        # k-th lower bound can only be lower, which keeps more candidates, never fewer)
+        pool = None
         while True:
-            pro, opp = _candidates(low, high, k)
+            if pool is None:
+                pro, opp = _candidates(low, high, k)
+                pool = torch.as_tensor(np.union1d(pro, opp), dtype=torch.long)
+            else:
+                pro, opp = (pool.numpy()[rows] for rows in _candidates(low[pool], high[pool], k))
             pro, opp = pro[state[pro].numpy() != _EXACT], opp[state[opp].numpy() != _EXACT]
             if len(pro) + len(opp) == 0:
                 break

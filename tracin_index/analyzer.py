@@ -22,6 +22,7 @@ from .directions import DEFAULT_DIRECTION, TRAIN, check_direction, training_exam
 from .errors import InputError
 from .gradients import GradientComputer, LossName, PerExampleGradients, check_gradients, cosine
 from .layers import ParameterSelection, select_parameters
+from .optimizer import check_optimizer
 from .results import InfluenceResult, Triple, sign_counts, top_influences
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ class TracInAnalyzer:
     :param normalize: the cosine form: each checkpoint's inner product divided by both gradients'
         norms at that checkpoint (a gradient of norm 0 contributes 0), so that influence ranks by
         the direction of the gradients, not their size.
+    :param optimizer: ``sgd`` (default, plain TracIn) or ``adam``: the training gradient divided by the
+        root of Adam's second moment recorded with each checkpoint (:mod:`tracin_index.optimizer`).
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class TracInAnalyzer:
         progress: bool = False,
         direction: str = DEFAULT_DIRECTION,
         normalize: bool = False,
+        optimizer: str = "sgd",
     ):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
@@ -86,7 +90,17 @@ class TracInAnalyzer:
         check_direction(direction, self.gradients.inverse)
         self.direction = direction
         self.normalize = bool(normalize)
+        self.optimizer = check_optimizer(optimizer)
+        if self.optimizer != "sgd" and self.normalize:
+            raise InputError("--normalize with --optimizer adam is not supported; choose one")
         self.checkpoints = list(checkpoints or [])
+        if self.optimizer != "sgd":
+            if not self.checkpoints:
+                raise InputError("--optimizer adam needs checkpoint files that record the optimizer's state; the model "
+                                 "alone has none")  # fmt: skip
+            names = self.selection.parameter_names
+            # read (and refuse) before any work: one preconditioner per checkpoint
+            self._preconditioners = [c.preconditioner(names) for c in self.checkpoints]
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
@@ -158,6 +172,8 @@ class TracInAnalyzer:
                 g_test = self.gradients.compute(test, self.direction)
                 test_squared = g_test.squared_norms().double()
                 test_norms += test_squared
+                if self.optimizer != "sgd":  # <P g_train, g_test> = <g_train, P g_test>: P on the few test gradients
+                    g_test = self._preconditioners[c].to(self.device).apply(g_test)
                 for start in self._batches(training, f"checkpoint {c + 1}: scoring training triples"):
                     g_train = self.gradients.compute(training[start : start + self.batch_size])
                     train_squared = g_train.squared_norms().double()

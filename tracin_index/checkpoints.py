@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .errors import ModelLoadError, TracInWarning
+from .errors import InputError, ModelLoadError, TracInWarning
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
@@ -137,6 +137,20 @@ class Checkpoint:
         if self.path is None:
             raise ValueError("this checkpoint stands for the loaded model itself; it has no file to load")
         return read_state_dict(self.path)
+
+    def preconditioner(self, names: Sequence[str]):
+        """Adam's preconditioner at this checkpoint for the parameters ``names``
+        (:class:`~tracin_index.optimizer.Preconditioner`); refused where the file records no optimizer state."""
+        from .optimizer import Preconditioner
+
+        if self.path is None:
+            raise InputError("--optimizer adam needs checkpoint files that record the optimizer's state; the model "
+                             "alone has none")  # fmt: skip
+        try:
+            obj = _load_plain(self.path)
+        except _NeedsPickle as error:
+            raise ModelLoadError(_not_plain_message(self.path)) from error
+        return Preconditioner.from_record(obj.get("optimizer") if isinstance(obj, Mapping) else None, list(names), str(self.path))
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -50,6 +50,15 @@ _NORMALIZE_HELP = ("Cosine form: each checkpoint's inner product divided by both
                    "influence ranks by gradient direction rather than size.")
 
 
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adam = "adam"
+
+
+_OPTIMIZER_HELP = ("sgd: plain TracIn (gradients). adam: each training gradient divided by the root of Adam's "
+                   "second moment recorded with the checkpoint (the step Adam took).")
+
+
 class Mode(str, Enum):
     single = "single"
     all = "all"
@@ -172,6 +181,7 @@ def exact(
     loss: Loss = typer.Option(Loss.bce),
     direction: Direction = typer.Option(Direction.tail, help=_DIRECTION_HELP),
     normalize: bool = typer.Option(False, "--normalize", help=_NORMALIZE_HELP),
+    optimizer: Optimizer = typer.Option(Optimizer.sgd, help=_OPTIMIZER_HELP),
     batch_size: int = typer.Option(256),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... [cuda when available]."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
@@ -207,6 +217,7 @@ def exact(
         progress=True,
         direction=direction.value,
         normalize=normalize,
+        optimizer=optimizer.value,
     )
     console.print(f"parameters: {analyzer.selection.describe()}", highlight=False)
     console.print(
@@ -229,6 +240,7 @@ def exact(
         "direction": direction.value,
         "inverse_triples": analyzer.gradients.inverse,
         "normalize": normalize,
+        "optimizer": optimizer.value,
         "top_k": top_k,
     }
     if output:
@@ -330,6 +342,7 @@ def query(
     approximate: bool = typer.Option(False, "--approximate", help="Print the index's estimates; rescore nothing."),
     direction: Direction = typer.Option(Direction.tail, help=_DIRECTION_HELP),
     normalize: bool = typer.Option(False, "--normalize", help=_NORMALIZE_HELP),
+    optimizer: Optimizer = typer.Option(Optimizer.sgd, help=_OPTIMIZER_HELP + " The index answers sgd only."),
     output: Optional[Path] = typer.Option(None, help="Write results as JSON (.json) or TSV (.tsv)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda ... [cuda when available]."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
@@ -346,6 +359,10 @@ def query(
         _check_positive("--candidates", candidates)
     if approximate and candidates is not None:
         raise InputError("give --approximate or --candidates, not both")
+    if optimizer is not Optimizer.sgd:
+        raise InputError(f"the index scores plain TracIn (--optimizer sgd): its bounds hold for gradients, not for "
+                         f"Adam's steps; for --optimizer {optimizer.value} use `tracin-index exact --optimizer "
+                         f"{optimizer.value}` (one pass over the training set)")  # fmt: skip
     if (triple is None) == (test_path is None):
         raise InputError("give either --triple HEAD RELATION TAIL or --test FILE")
     index_ = GradientIndex.open(index_dir, device=device, allow_pickle=allow_pickle)

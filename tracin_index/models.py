@@ -42,6 +42,7 @@ from .checkpoints import (
 )
 from .errors import InputError, ModelLoadError, PickleRefusedError, TracInWarning
 from .files import write_atomic, write_json_atomic
+from .optimizer import optimizer_record
 from .triples import IdMaps, LabeledTriples, write_id_map, write_labeled_triples
 
 __all__ = [
@@ -435,8 +436,10 @@ class TracInCheckpointCallback(TrainingCallback):
 
     Every ``frequency`` epochs (1-based) it writes ``checkpoints/epoch-0005.pt`` with the learning
     rate the optimizer used during that epoch (read before each optimizer step, so a scheduler
-    stepping after the epoch does not shift it), and the final epoch always gets one. Pass the
-    ``model_kwargs`` the model was built with so that ``config.json`` rebuilds it (it is checked).
+    stepping after the epoch does not shift it), and the final epoch always gets one. Each checkpoint
+    also records the optimizer's second moments (Adam's ``exp_avg_sq``, for ``--optimizer adam``;
+    about the size of the weights again). Pass the ``model_kwargs`` the model was built with so that
+    ``config.json`` rebuilds it (it is checked).
     """
 
     def __init__(
@@ -504,7 +507,8 @@ class TracInCheckpointCallback(TrainingCallback):
         _write_torch({"model_state_dict": _cpu_state_dict(self.model)}, self.directory / MODEL_FILE)
 
     def _write_checkpoint(self, epoch: int, learning_rate: float) -> None:
-        state = {"model_state_dict": _cpu_state_dict(self.model), "learning_rate": learning_rate, "epoch": int(epoch)}
+        state = {"model_state_dict": _cpu_state_dict(self.model), "learning_rate": learning_rate, "epoch": int(epoch),
+                 "optimizer": optimizer_record(self.optimizer, self.model)}  # Adam's second moments: --optimizer adam
         _write_torch(state, self.directory / CHECKPOINT_DIR / f"epoch-{epoch:04d}.pt")
         self._last_checkpoint_epoch = epoch
 

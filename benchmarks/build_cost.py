@@ -86,11 +86,12 @@ class _StageTimer:
 
     def __init__(self):
         from tracin_index.builder import Builder
+        from tracin_index.tasks import ShardWorker
 
         self.stages = {
             "checks_s": [(Builder, "plan"), (Builder, "replica")],
             "bases_s": [(Builder, "_bases")],
-            "shards_s": [(Builder, "compute_shard")],
+            "shards_s": [(ShardWorker, "compute")],
         }
         self.seconds: dict[str, float] = {}
         self.saved = []

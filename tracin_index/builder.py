@@ -1,13 +1,19 @@
-r"""The build: settings validated once, a plan of (checkpoint, row range) tasks, the task that writes
-one shard of stored factors, and the reducer that records each shard in the manifest.
+r"""The build as a plan, a task and a reducer.
 
-For every checkpoint c: the principal directions of the sketched sides are fitted on a seeded
-sample of training rows (stored in ``bases/``), then each task computes the per-example gradients
-of its rows in batches (:class:`~tracin_index.gradients.GradientComputer`) and stores their factors
-(:func:`tracin_index.factors.encode`) and exact squared norms (self-influence). Tasks are
-independent: a killed build resumes with the same call and skips every shard whose checksum
-matches; a shard or bases file that is missing or damaged is rebuilt, and a checkpoint whose bases
-changed has all its shards rebuilt.
+- **Plan** (:class:`Builder`, in the building process): settings validated once, the block plans
+  (:func:`tracin_index.factors.plan_blocks`), the triples file, each checkpoint's principal
+  directions (fitted on a seeded sample of training rows, each checkpoint starting from the previous
+  one's, stored in ``bases/``), and the tasks: checkpoint x range of training rows
+  (:func:`tracin_index.store.plan_shards`), each naming its inputs by digest
+  (:class:`~tracin_index.tasks.ShardJob`).
+- **Task** (:func:`tracin_index.tasks.run_job`, here or on a Dask worker, :mod:`tracin_index.cluster`):
+  the rows' per-example gradients, their stored factors and exact squared norms, written atomically
+  as one shard file; returns its record.
+- **Reduce** (:meth:`Builder._run_tasks`): each record goes into the manifest as its task completes.
+
+Tasks are independent: a killed build resumes with the same call and skips every shard whose
+checksum matches; a shard or bases file that is missing or damaged is rebuilt, and a checkpoint
+whose bases changed has all its shards rebuilt.
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ import torch
 from . import __version__
 from .checkpoints import Checkpoint, CheckpointModels
 from .errors import InputError, VanishingGradientError
-from .factors import DEFAULT_SKETCH_DIM, BlockPlan, encode, plan_blocks, sketch_sample
+from .factors import DEFAULT_SKETCH_DIM, BlockPlan, plan_blocks, sketch_sample
 from .directions import examples_per_fact, training_examples, uses_inverse_triples
-from .gradients import LOSSES, GradientComputer, linear_inputs, merge_examples, vanished, vanishing_message
+from .gradients import LOSSES, GradientComputer, linear_inputs, vanished, vanishing_message
 from .layers import ParameterSelection, select_parameters
 from .sketch import Basis, dequantize, fit_basis, quantize, stable_seed
+from .cluster import LocalRunner, Runner
+from .tasks import ShardJob, build_digest
 from .store import (
     FORMAT,
     FORMAT_VERSION,
@@ -169,8 +177,12 @@ def group_rows(hrt: np.ndarray, num_relations: int) -> tuple[np.ndarray, np.ndar
 class Builder:
     """Builds (or resumes) one index directory; see :func:`build_index`."""
 
-    def __init__(self, out: Path, inputs: _Inputs, settings: BuildSettings, device: str, log: Log, progress: Progress | None):
+    def __init__(self, out: Path, inputs: _Inputs, settings: BuildSettings, device: str, log: Log, progress: Progress | None,
+                 runner: "Runner | None" = None, allow_pickle: bool = False):  # fmt: skip
         self.out, self.inputs, self.settings, self.device = out, inputs, settings, device
+        #: where the shard tasks run: this process by default (see tracin_index.cluster)
+        self.runner = runner or LocalRunner()
+        self.allow_pickle = allow_pickle
         self.log, self.progress = log, progress or (lambda what, done, total: None)
         model = inputs.run.model.to(device).eval()
         self.selection = settings.select(model)
@@ -302,14 +314,17 @@ class Builder:
             # a shard holds whole facts (their examples' rows are adjacent), so it can store their exact norms
             shard_rows = self.settings.shard_size * self.per_fact
             tasks = plan_shards(self.num_rows, shard_rows, checkpoints)
+            # the principal directions of every checkpoint first (each starts from the previous one's), then the shards
             for c in range(checkpoints):
-                self._run_checkpoint(c, plans, [t for t in tasks if t.checkpoint == c], manifest, groups, group_first)
+                self._bases(c, plans, manifest)
+            write_manifest(self.out, manifest)
+            self._run_tasks(self._todo(tasks, manifest), manifest)
             manifest["complete"] = True
             write_manifest(self.out, manifest)
         return manifest
 
-    def _run_checkpoint(self, c: int, plans, tasks: list[ShardTask], manifest: dict, groups, group_first) -> None:
-        bases = self._bases(c, plans, manifest)
+    def _todo(self, tasks: list[ShardTask], manifest: dict) -> list[ShardTask]:
+        """The tasks whose shard is not recorded intact (a damaged or missing one is dropped from the manifest)."""
         done = {(s["checkpoint"], s["shard"]): s for s in manifest["shards"]}
         todo = []
         for task in tasks:
@@ -320,25 +335,38 @@ class Builder:
                 self.log(f"{task.relative_path}: missing or its checksum does not match; rebuilding it")
                 manifest["shards"] = [s for s in manifest["shards"] if s is not record]
             todo.append(task)
+        for c in sorted({t.checkpoint for t in tasks}):
+            mine = [t for t in tasks if t.checkpoint == c]
+            left = sum(t.checkpoint == c for t in todo)
+            if 0 < left < len(mine):
+                self.log(f"checkpoint {c + 1}: resuming, {len(mine) - left} of {len(mine)} shards already complete")
+        return todo
+
+    def _run_tasks(self, todo: list[ShardTask], manifest: dict) -> None:
+        """Run the tasks (here, or on the runner's cluster) and reduce: record each shard in the manifest
+        as it completes, so that a build killed at any point resumes from what is recorded."""
         if not todo:
             return
-        if len(todo) < len(tasks):
-            self.log(f"checkpoint {c + 1}: resuming, {len(tasks) - len(todo)} of {len(tasks)} shards already complete")
-        total = sum(t.row_stop - t.row_start for t in todo)
-        what = f"checkpoint {c + 1}/{len(self.models)}"
-        self.progress(what, 0, total)
-        done_rows = 0
+        build = build_digest(manifest)
+        directory = str(self.out.resolve())
+        jobs = [ShardJob(directory, task, build, manifest["files"].get(bases_path(task.checkpoint)), self.device,
+                         self.runner.threads, self.allow_pickle) for task in todo]  # fmt: skip
+        totals: dict[int, int] = {}
         for task in todo:
-            arrays = self.compute_shard(task, plans, bases, groups, group_first)
-            attrs = {"checkpoint": task.checkpoint, "row_start": task.row_start, "row_stop": task.row_stop}
-            digest = write_arrays(self.out / task.relative_path, arrays, attrs)
-            manifest["shards"].append({"checkpoint": task.checkpoint, "shard": task.shard, "file": task.relative_path,
-                                       "row_start": task.row_start, "row_stop": task.row_stop, "sha256": digest})  # fmt: skip
+            totals[task.checkpoint] = totals.get(task.checkpoint, 0) + task.row_stop - task.row_start
+        done_rows = dict.fromkeys(totals, 0)
+        checkpoints = len(self.models)
+        for c, total in totals.items():
+            self.progress(f"checkpoint {c + 1}/{checkpoints}", 0, total)
+        for job, record in self.runner.run(jobs):
+            task = job.task
+            manifest["shards"].append(record)
             manifest["shards"].sort(key=lambda s: (s["checkpoint"], s["shard"]))
-            write_manifest(self.out, manifest, durable=False)
-            done_rows += task.row_stop - task.row_start
-            self.progress(what, done_rows, total)
-        write_manifest(self.out, manifest)
+            done_rows[task.checkpoint] += task.row_stop - task.row_start
+            complete = done_rows[task.checkpoint] == totals[task.checkpoint]
+            # durable at checkpoint boundaries (15 ms each), atomic after every shard
+            write_manifest(self.out, manifest, durable=complete)
+            self.progress(f"checkpoint {task.checkpoint + 1}/{checkpoints}", done_rows[task.checkpoint], totals[task.checkpoint])
 
     def _bases(self, c: int, plans: list[BlockPlan], manifest: dict) -> dict[tuple[str, str], Basis]:
         """Checkpoint c's principal directions: read when intact, else fitted again (and then every shard
@@ -401,55 +429,6 @@ class Builder:
                 for key in wanted:
                     parts[key].append(found[key].float().cpu())
         return {key: torch.cat(value) for key, value in parts.items()}
-
-    def compute_shard(self, task: ShardTask, plans, bases, groups, group_first) -> dict[str, np.ndarray]:
-        """The task: the stored factors of rows [row_start, row_stop) at one checkpoint, and the exact
-        squared norms of their facts' gradients (self-influence).
-
-        A batch holds whole facts: with inverse triples, the forward examples of its facts, then their
-        inverse examples, so that the facts' gradients (the sums) come from the same pass. With a
-        replica that computes per (head, relation) pair, the facts go through in the order of their
-        (forward) groups, so that a batch holds few pairs (UMLS: 6.4 rows per pair). Per-row arrays
-        are put back in row order, per-fact norms in fact order, and per-group arrays in group order
-        (the groups that first appear in a range of rows are a range of group ids).
-        """
-        computer = self.computer(task.checkpoint)
-        k = self.per_fact
-        facts = np.arange(task.row_start // k, task.row_stop // k)
-        if groups is not None and getattr(computer.model, "pair_forward", False):
-            facts = facts[np.argsort(groups[facts * k], kind="stable")]
-        per_group = {f"{p.name}/in/" for p in plans if p.grouped}
-        parts: dict[str, list[torch.Tensor]] = {}
-        norms, order, group_order = [], [], []
-        step = max(1, self.settings.batch_size // k)
-        for start in range(0, len(facts), step):
-            batch_facts = facts[start : start + step]
-            batch = (batch_facts[None, :] * k + np.arange(k)[:, None]).reshape(-1)  # example j of every fact, then j + 1
-            grads = computer.compute_examples(self.examples[torch.from_numpy(batch)].to(self.device))
-            first = None
-            if groups is not None:
-                at = np.flatnonzero(group_first[groups[batch]] == batch)
-                first = torch.as_tensor(at, dtype=torch.long)
-                group_order.append(groups[batch[at]])
-            for key, value in encode(plans, grads, bases, first).items():
-                parts.setdefault(key, []).append(value)
-            fact_grads = grads if k == 1 else merge_examples(grads, k)
-            norms.append(fact_grads.squared_norms().double().cpu())
-            order.append(batch)
-        rows = np.concatenate(order)
-        position = np.empty(len(rows), dtype=np.int64)
-        position[rows - task.row_start] = np.arange(len(rows))  # where each row (in row order) was computed
-        fact_position = np.empty(len(facts), dtype=np.int64)
-        fact_position[facts - task.row_start // k] = np.arange(len(facts))
-        group_position = np.argsort(np.concatenate(group_order), kind="stable") if group_order else None
-        arrays = {"squared_norms": torch.cat(norms).numpy()[fact_position]}
-        for key, values in parts.items():
-            value = torch.cat(values).numpy()
-            arrays[key] = value[group_position] if any(key.startswith(g) for g in per_group) else value[position]
-        for key, value in arrays.items():
-            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-                raise InputError(_not_finite(task.checkpoint, f"training rows {task.row_start}..{task.row_stop - 1}"))
-        return arrays
 
     # -- the manifest -------------------------------------------------------------------------
 
@@ -597,14 +576,15 @@ def load_inputs(*, model_path, allow_pickle, training_path, checkpoint_paths, en
 def build_index(out: str | os.PathLike, *, model_path, allow_pickle: bool = False, training_path=None,
                 checkpoint_paths: Sequence | None = None, entity_to_id=None, relation_to_id=None,
                 settings: BuildSettings | None = None, device: str | None = None, log: Log | None = None,
-                progress: Progress | None = None) -> tuple[Path, Any]:  # fmt: skip
-    """Build (or resume building) the index directory ``out``; returns it and the loaded run."""
+                progress: Progress | None = None, runner: Runner | None = None) -> tuple[Path, Any]:  # fmt: skip
+    """Build (or resume building) the index directory ``out``; returns it and the loaded run. ``runner``:
+    where the shard tasks run (:mod:`tracin_index.cluster`; default this process)."""
     log = log or (lambda message: None)
     settings = settings or BuildSettings()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     inputs = load_inputs(model_path=model_path, allow_pickle=allow_pickle, training_path=training_path,
                          checkpoint_paths=checkpoint_paths, entity_to_id=entity_to_id, relation_to_id=relation_to_id,
                          log=log)  # fmt: skip
-    builder = Builder(Path(out), inputs, settings, device, log, progress)
+    builder = Builder(Path(out), inputs, settings, device, log, progress, runner, allow_pickle)
     builder.run()
     return Path(out), inputs

@@ -291,10 +291,18 @@ def build(
     device: Optional[str] = typer.Option(None, help="cpu, cuda ... [cuda when available]."),
     batch_size: int = typer.Option(256),
     shard_size: int = typer.Option(None, help="Training rows per shard [16384]."),
+    dask_workers: Optional[int] = typer.Option(
+        None, help="Run the shard tasks on a local Dask cluster of N worker processes (needs the [distributed] extra)."),
+    dask_scheduler: Optional[str] = typer.Option(
+        None, help="Run the shard tasks on a running Dask cluster (e.g. tcp://host:8786); --out must be on a "
+        "filesystem every worker sees."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
 ):
     """Build an index of the training triples' gradient factors (resumes an interrupted build)."""
+    import contextlib
+
     from .builder import DEFAULT_SHARD_SIZE, BuildSettings
+    from .cluster import runner_for
     from .index import GradientIndex
 
     names = _split(last_layer_names)
@@ -309,7 +317,8 @@ def build(
         shard_size=DEFAULT_SHARD_SIZE if shard_size is None else shard_size,
     )
     bar, report = _progress_bar()
-    with bar:
+    runner = runner_for(dask_workers=dask_workers, dask_scheduler=dask_scheduler)
+    with bar, (runner or contextlib.nullcontext()):
         index_ = GradientIndex.build(
             out_dir,
             model_path=model_path,
@@ -322,6 +331,7 @@ def build(
             device=device,
             log=lambda message: console.print(message, highlight=False),
             progress=report,
+            runner=runner,
         )
     console.print(f"index written: {index_.directory} ({index_.num_rows:,} training triples, "
                   f"{_directory_bytes(index_.directory) / 2**20:,.1f} MiB)", highlight=False)  # fmt: skip

@@ -113,9 +113,10 @@ class GradientIndex:
     @classmethod
     def build(cls, out: str | os.PathLike, *, model_path, allow_pickle: bool = False, training_path=None,
               checkpoint_paths=None, entity_to_id=None, relation_to_id=None, settings: BuildSettings | None = None,
-              device: str | None = None, log=None, progress=None, **setting_values) -> "GradientIndex":  # fmt: skip
+              device: str | None = None, log=None, progress=None, runner=None, **setting_values) -> "GradientIndex":  # fmt: skip
         """Build (or resume building) the index directory ``out`` and open it. Settings come as a
-        :class:`~tracin_index.builder.BuildSettings` or as its fields (``sketch_dim=64``, ``loss="ce"``)."""
+        :class:`~tracin_index.builder.BuildSettings` or as its fields (``sketch_dim=64``, ``loss="ce"``).
+        ``runner``: where the shard tasks run, e.g. ``DaskRunner.local(2)`` (:mod:`tracin_index.cluster`)."""
         if settings is None:
             settings = BuildSettings(**{k: tuple(v) if k == "layer_names" else v for k, v in setting_values.items()})
         elif setting_values:
@@ -124,7 +125,7 @@ class GradientIndex:
         out, inputs = build_index(out, model_path=model_path, allow_pickle=allow_pickle, training_path=training_path,
                                   checkpoint_paths=checkpoint_paths, entity_to_id=entity_to_id,
                                   relation_to_id=relation_to_id, settings=settings, device=device, log=log,
-                                  progress=progress)  # fmt: skip
+                                  progress=progress, runner=runner)  # fmt: skip
         index = cls.open(out, device=device, allow_pickle=allow_pickle)
         index._run = inputs.run  # loaded already (and checked against its files by the build)
         return index

@@ -1,0 +1,122 @@
+"""The build on a Dask LocalCluster of 2 worker processes: the same shards, byte for byte, as the
+single-process build of the same inputs, also when a worker is killed in the middle."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from conftest import run_cli
+from test_index import run_ids
+from tracin_index.errors import InputError
+from tracin_index.index import GradientIndex
+
+distributed = pytest.importorskip("distributed", reason="the [distributed] extra is not installed")
+
+SHARD = 40  # training triples per shard: Nations' 1,592 in 40 shards per checkpoint
+
+
+def single_process_build(tiny_run, out):
+    """The reference: the default build in this process, with the workers' one torch thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return GradientIndex.build(out, model_path=tiny_run, sketch_dim=16, shard_size=SHARD, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def shard_digests(index) -> dict:
+    return {s["file"]: s["sha256"] for s in index.manifest["shards"]}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_run, tmp_path_factory):
+    return single_process_build(tiny_run, tmp_path_factory.mktemp("single") / "index")
+
+
+@pytest.fixture(scope="module")
+def runner():
+    from tracin_index.cluster import DaskRunner
+
+    with DaskRunner.local(2, threads=1) as runner:
+        yield runner
+
+
+def assert_same_index(index, reference, tiny_run):
+    assert index.manifest["complete"] and len(index.manifest["shards"]) == len(reference.manifest["shards"]) == 80
+    assert shard_digests(index) == shard_digests(reference)  # every shard byte for byte
+    assert {k: v for k, v in index.manifest["files"].items()} == reference.manifest["files"]
+    _, _, test = run_ids(tiny_run)
+    ours, theirs = index.query(test[:3], top_k=10), reference.query(test[:3], top_k=10)
+    for a, b in zip(ours, theirs):
+        assert [(i.train_index, i.influence) for i in a.proponents + a.opponents] == \
+               [(i.train_index, i.influence) for i in b.proponents + b.opponents]  # fmt: skip
+
+
+def test_a_local_cluster_build_equals_the_single_process_build(tiny_run, tmp_path, reference, runner):
+    index = GradientIndex.build(tmp_path / "index", model_path=tiny_run, sketch_dim=16, shard_size=SHARD, device="cpu",
+                                runner=runner)  # fmt: skip
+    assert_same_index(index, reference, tiny_run)
+
+
+def test_a_worker_killed_mid_build_still_ends_in_the_same_index(tiny_run, tmp_path, reference, runner):
+    out = tmp_path / "index"
+    result, failure = {}, []
+
+    def build():
+        try:
+            result["index"] = GradientIndex.build(out, model_path=tiny_run, sketch_dim=16, shard_size=SHARD,
+                                                  device="cpu", runner=runner)  # fmt: skip
+        except BaseException as error:  # reported by the test below
+            failure.append(error)
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    deadline = time.time() + 120
+    while time.time() < deadline:  # some shards done, most not: kill a worker process in the middle
+        manifest = out / "manifest.json"
+        try:
+            done = len(json.loads(manifest.read_text())["shards"]) if manifest.is_file() else 0
+        except ValueError:
+            done = 0
+        if done >= 4:
+            break
+        time.sleep(0.01)
+    pids = runner.client.run(os.getpid)
+    victim = sorted(pids.values())[0]
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not failure, failure
+    assert done < 80  # the kill came mid-build
+    assert victim not in runner.client.run(os.getpid).values()  # it did die (the nanny started another)
+    assert_same_index(result["index"], reference, tiny_run)
+
+
+def test_resuming_on_a_cluster_after_a_killed_driver_rebuilds_only_what_is_missing(tiny_run, tmp_path, reference, runner):
+    out = tmp_path / "index"
+    GradientIndex.build(out, model_path=tiny_run, sketch_dim=16, shard_size=SHARD, device="cpu", runner=runner)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:50]  # as if the driver died after recording 50 shards
+    manifest["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    messages = []
+    index = GradientIndex.build(out, model_path=tiny_run, sketch_dim=16, shard_size=SHARD, device="cpu",
+                                runner=runner, log=messages.append)  # fmt: skip
+    assert any("resuming, 10 of 40 shards already complete" in m for m in messages)
+    assert_same_index(index, reference, tiny_run)
+
+
+def test_cluster_options_are_checked_in_one_line(tiny_run, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "build", "--model-path", tiny_run, "--out", tmp_path / "a", "--dask-workers", "2",
+                           "--dask-scheduler", "tcp://127.0.0.1:1")  # fmt: skip
+    assert code != 0 and "not both" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "build", "--model-path", tiny_run, "--out", tmp_path / "b", "--dask-workers", "0")
+    assert code != 0 and "at least 1" in err and "Traceback" not in err
+    with pytest.raises(InputError, match="cannot reach the scheduler"):
+        from tracin_index.cluster import DaskRunner
+
+        DaskRunner.connect("tcp://127.0.0.1:9", timeout="2s")

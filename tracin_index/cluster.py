@@ -1,0 +1,126 @@
+"""Where the build's tasks run: in this process (the default) or on a Dask cluster.
+
+Dask (``pip install -e '.[distributed]'``) schedules, retries and moves data; nothing here is a
+scheduler of its own. ``--dask-workers N`` starts a ``LocalCluster`` of N worker processes on this
+machine, ``--dask-scheduler ADDRESS`` sends the tasks to a running cluster (SLURM or PBS through
+``dask-jobqueue``, or ``dask scheduler`` / ``dask worker`` by hand). The index directory must be on
+a filesystem that every worker sees: a task writes its shard file there, atomically, and returns
+only the shard's record to the building process, which keeps the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Iterator, Protocol
+
+from .errors import InputError
+from .tasks import ShardJob, run_job
+
+#: Attempts of a failed task beyond the first, on any worker, before the build stops and names it.
+RETRIES = 2
+
+
+class Runner(Protocol):
+    #: torch threads per task (None: leave torch's default)
+    threads: int | None
+
+    def run(self, jobs: list[ShardJob]) -> Iterator[tuple[ShardJob, dict]]:
+        """Run the jobs; yields (job, record) as each completes (any order)."""
+        ...
+
+
+class LocalRunner:
+    """Every task in this process, in order (the single-process build)."""
+
+    threads = None
+
+    def run(self, jobs: list[ShardJob]) -> Iterator[tuple[ShardJob, dict]]:
+        for job in jobs:
+            yield job, run_job(job)
+
+
+def _import_distributed():
+    try:
+        import distributed
+    except ImportError:
+        raise InputError("--dask-workers / --dask-scheduler need Dask's distributed scheduler: "
+                         "pip install -e '.[distributed]' (or pip install 'distributed')") from None  # fmt: skip
+    return distributed
+
+
+class DaskRunner:
+    """The tasks on a Dask cluster: submitted at once (checkpoint by checkpoint, so that a worker tends
+    to keep one checkpoint loaded), collected as they complete, each retried :data:`RETRIES` times
+    (a worker that dies takes its running task with it; Dask reschedules it) and then reported by
+    its shard. ``threads``: torch threads per task, so that tasks on one machine do not oversubscribe it."""
+
+    def __init__(self, client, *, threads: int | None = 1, retries: int = RETRIES, cluster=None):
+        self.client, self.threads, self.retries, self._cluster = client, threads, retries, cluster
+
+    @classmethod
+    def local(cls, workers: int, *, threads: int | None = None) -> "DaskRunner":
+        """A ``LocalCluster`` of ``workers`` single-threaded worker processes on this machine, each task
+        with ``threads`` torch threads (default: the cores shared out, at least 1)."""
+        if workers < 1:
+            raise InputError(f"--dask-workers must be at least 1, got {workers}")
+        distributed = _import_distributed()
+        cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                           dashboard_address=None, silence_logs=40)  # fmt: skip
+        client = distributed.Client(cluster)
+        threads = threads or max(1, (os.cpu_count() or 1) // workers)
+        return cls(client, threads=threads, cluster=cluster)
+
+    @classmethod
+    def connect(cls, address: str, *, threads: int | None = 1, timeout: str = "20s") -> "DaskRunner":
+        distributed = _import_distributed()
+        try:
+            client = distributed.Client(address, timeout=timeout)
+        except (OSError, TimeoutError) as error:
+            raise InputError(f"--dask-scheduler {address}: cannot reach the scheduler ({error})") from None
+        return cls(client, threads=threads)
+
+    def run(self, jobs: list[ShardJob]) -> Iterator[tuple[ShardJob, dict]]:
+        distributed = _import_distributed()
+        build = uuid.uuid4().hex[:8]
+        futures = {}
+        for job in jobs:
+            key = f"tracin-shard-{job.task.checkpoint}-{job.task.shard}-{build}"
+            futures[self.client.submit(run_job, job, key=key, retries=self.retries, pure=False)] = job
+        try:
+            for future in distributed.as_completed(futures):
+                job = futures[future]
+                try:
+                    record = future.result()
+                except InputError:
+                    raise
+                except Exception as error:  # the worker's exception, after the retries
+                    raise InputError(f"{job.task.relative_path}: failed on the cluster after {self.retries} retries "
+                                     f"({type(error).__name__}: {error})") from None  # fmt: skip
+                yield job, record
+        finally:
+            for future in futures:
+                if not future.done():
+                    future.cancel()
+
+    def close(self) -> None:
+        self.client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+    def __enter__(self) -> "DaskRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def runner_for(*, dask_workers: int | None = None, dask_scheduler: str | None = None):
+    """The runner the options ask for: None (this process), a local cluster, or an existing scheduler."""
+    if dask_workers is not None and dask_scheduler is not None:
+        raise InputError("give --dask-workers or --dask-scheduler, not both")
+    if dask_workers is not None:
+        return DaskRunner.local(dask_workers)
+    if dask_scheduler is not None:
+        return DaskRunner.connect(dask_scheduler)
+    return None

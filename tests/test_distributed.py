@@ -59,8 +59,9 @@ def assert_same_index(index, reference, tiny_run):
 
 def test_a_local_cluster_build_equals_the_single_process_build(tiny_run, tmp_path, reference, runner):
     index = GradientIndex.build(tmp_path / "index", model_path=tiny_run, sketch_dim=16, shard_size=SHARD, device="cpu",
-                                runner=runner)  # fmt: skip
+                                runner=runner, index_shards=3)  # fmt: skip
     assert_same_index(index, reference, tiny_run)
+    assert index.manifest["search_shards"] == [[0, 531], [531, 1061], [1061, 1592]]
 
 
 def test_a_worker_killed_mid_build_still_ends_in_the_same_index(tiny_run, tmp_path, reference, runner):
@@ -120,3 +121,23 @@ def test_cluster_options_are_checked_in_one_line(tiny_run, tmp_path, capsys):
         from tracin_index.cluster import DaskRunner
 
         DaskRunner.connect("tcp://127.0.0.1:9", timeout="2s")
+
+
+@pytest.mark.parametrize("direction,normalize", [("tail", False), ("both", True)])
+def test_a_query_over_search_shards_on_the_cluster_equals_the_single_query(tiny_run, reference, runner, direction,
+                                                                          normalize):  # fmt: skip
+    sharded = GradientIndex.open(reference.directory, dask=runner.client, shards=4, device="cpu")
+    assert len(sharded._search.shards) == 4
+    _, _, test = run_ids(tiny_run)
+    ours = sharded.query(test[:6], top_k=10, direction=direction, normalize=normalize)
+    theirs = reference.query(test[:6], top_k=10, direction=direction, normalize=normalize)
+    for a, b in zip(ours, theirs):
+        for x, y in ((a.proponents, b.proponents), (a.opponents, b.opponents)):
+            assert [i.train_index for i in x] == [i.train_index for i in y]
+            assert [i.influence for i in x] == pytest.approx([i.influence for i in y], rel=1e-6)  # float32 rescoring
+        assert (a.num_proponents, a.num_opponents, a.counts_exact) == (b.num_proponents, b.num_opponents, b.counts_exact)
+    # the same candidates refined and rescored as the single index
+    assert sharded.last_query.candidates == reference.last_query.candidates
+    assert sharded.last_query.refined == reference.last_query.refined
+    with pytest.raises(InputError, match="not available on an index searched in shards"):
+        sharded.query(test[:1], approximate=True)

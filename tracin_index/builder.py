@@ -178,11 +178,14 @@ class Builder:
     """Builds (or resumes) one index directory; see :func:`build_index`."""
 
     def __init__(self, out: Path, inputs: _Inputs, settings: BuildSettings, device: str, log: Log, progress: Progress | None,
-                 runner: "Runner | None" = None, allow_pickle: bool = False):  # fmt: skip
+                 runner: "Runner | None" = None, allow_pickle: bool = False, index_shards: int | None = None):  # fmt: skip
         self.out, self.inputs, self.settings, self.device = out, inputs, settings, device
         #: where the shard tasks run: this process by default (see tracin_index.cluster)
         self.runner = runner or LocalRunner()
         self.allow_pickle = allow_pickle
+        self.index_shards = index_shards
+        if index_shards is not None and index_shards < 1:
+            raise InputError(f"--index-shards must be at least 1, got {index_shards}")
         self.log, self.progress = log, progress or (lambda what, done, total: None)
         model = inputs.run.model.to(device).eval()
         self.selection = settings.select(model)
@@ -319,6 +322,10 @@ class Builder:
                 self._bases(c, plans, manifest)
             write_manifest(self.out, manifest)
             self._run_tasks(self._todo(tasks, manifest), manifest)
+            if self.index_shards is not None:  # how a cluster splits the search (tracin_index.sharded); no effect on the files
+                from .sharded import search_ranges
+
+                manifest["search_shards"] = [list(r) for r in search_ranges(self.num_facts, self.index_shards)]
             manifest["complete"] = True
             write_manifest(self.out, manifest)
         return manifest
@@ -576,15 +583,17 @@ def load_inputs(*, model_path, allow_pickle, training_path, checkpoint_paths, en
 def build_index(out: str | os.PathLike, *, model_path, allow_pickle: bool = False, training_path=None,
                 checkpoint_paths: Sequence | None = None, entity_to_id=None, relation_to_id=None,
                 settings: BuildSettings | None = None, device: str | None = None, log: Log | None = None,
-                progress: Progress | None = None, runner: Runner | None = None) -> tuple[Path, Any]:  # fmt: skip
+                progress: Progress | None = None, runner: Runner | None = None,
+                index_shards: int | None = None) -> tuple[Path, Any]:  # fmt: skip
     """Build (or resume building) the index directory ``out``; returns it and the loaded run. ``runner``:
-    where the shard tasks run (:mod:`tracin_index.cluster`; default this process)."""
+    where the shard tasks run (:mod:`tracin_index.cluster`; default this process). ``index_shards``:
+    the search shards a cluster holds the index in (:mod:`tracin_index.sharded`)."""
     log = log or (lambda message: None)
     settings = settings or BuildSettings()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     inputs = load_inputs(model_path=model_path, allow_pickle=allow_pickle, training_path=training_path,
                          checkpoint_paths=checkpoint_paths, entity_to_id=entity_to_id, relation_to_id=relation_to_id,
                          log=log)  # fmt: skip
-    builder = Builder(Path(out), inputs, settings, device, log, progress, runner, allow_pickle)
+    builder = Builder(Path(out), inputs, settings, device, log, progress, runner, allow_pickle, index_shards)
     builder.run()
     return Path(out), inputs

@@ -296,6 +296,9 @@ def build(
     dask_scheduler: Optional[str] = typer.Option(
         None, help="Run the shard tasks on a running Dask cluster (e.g. tcp://host:8786); --out must be on a "
         "filesystem every worker sees."),
+    index_shards: Optional[int] = typer.Option(
+        None, help="Search shards (ranges of training triples) a cluster holds the index in for `query "
+        "--dask-scheduler` [one per worker]."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
 ):
     """Build an index of the training triples' gradient factors (resumes an interrupted build)."""
@@ -332,6 +335,7 @@ def build(
             log=lambda message: console.print(message, highlight=False),
             progress=report,
             runner=runner,
+            index_shards=index_shards,
         )
     console.print(f"index written: {index_.directory} ({index_.num_rows:,} training triples, "
                   f"{_directory_bytes(index_.directory) / 2**20:,.1f} MiB)", highlight=False)  # fmt: skip
@@ -355,6 +359,9 @@ def query(
     optimizer: Optimizer = typer.Option(Optimizer.sgd, help=_OPTIMIZER_HELP + " The index answers sgd only."),
     output: Optional[Path] = typer.Option(None, help="Write results as JSON (.json) or TSV (.tsv)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda ... [cuda when available]."),
+    dask_scheduler: Optional[str] = typer.Option(
+        None, help="Hold the index in search shards on a running Dask cluster's workers and query them there "
+        "(the index directory on a filesystem they all see)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
 ):
     """Proponents and opponents of test triples from an index, with exact TracIn scores."""
@@ -375,7 +382,12 @@ def query(
                          f"{optimizer.value}` (one pass over the training set)")  # fmt: skip
     if (triple is None) == (test_path is None):
         raise InputError("give either --triple HEAD RELATION TAIL or --test FILE")
-    index_ = GradientIndex.open(index_dir, device=device, allow_pickle=allow_pickle)
+    client = None
+    if dask_scheduler is not None:
+        from .cluster import DaskRunner
+
+        client = DaskRunner.connect(dask_scheduler).client
+    index_ = GradientIndex.open(index_dir, device=device, allow_pickle=allow_pickle, dask=client)
     maps = index_.id_maps()
     if triple is not None:
         if len(triple) != 3:

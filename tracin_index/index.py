@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import h5py
 import numpy as np
 import torch
 
@@ -106,6 +107,8 @@ class GradientIndex:
         self._squared_norms: np.ndarray | None = None
         self._inverse_norms: dict[int, torch.Tensor] = {}  # per checkpoint, for normalized queries
         self.last_query: QueryStats | None = None
+        self._search = None  # search shards on a Dask cluster (open(..., dask=client))
+        self._candidate_store: tuple[np.ndarray, list[Stored]] | None = None  # a sharded query's candidates' factors
 
     # ------------------------------------------------------------------------------------------
     # build and open
@@ -113,7 +116,8 @@ class GradientIndex:
     @classmethod
     def build(cls, out: str | os.PathLike, *, model_path, allow_pickle: bool = False, training_path=None,
               checkpoint_paths=None, entity_to_id=None, relation_to_id=None, settings: BuildSettings | None = None,
-              device: str | None = None, log=None, progress=None, runner=None, **setting_values) -> "GradientIndex":  # fmt: skip
+              device: str | None = None, log=None, progress=None, runner=None, index_shards: int | None = None,
+              **setting_values) -> "GradientIndex":  # fmt: skip
         """Build (or resume building) the index directory ``out`` and open it. Settings come as a
         :class:`~tracin_index.builder.BuildSettings` or as its fields (``sketch_dim=64``, ``loss="ce"``).
         ``runner``: where the shard tasks run, e.g. ``DaskRunner.local(2)`` (:mod:`tracin_index.cluster`)."""
@@ -125,16 +129,19 @@ class GradientIndex:
         out, inputs = build_index(out, model_path=model_path, allow_pickle=allow_pickle, training_path=training_path,
                                   checkpoint_paths=checkpoint_paths, entity_to_id=entity_to_id,
                                   relation_to_id=relation_to_id, settings=settings, device=device, log=log,
-                                  progress=progress, runner=runner)  # fmt: skip
+                                  progress=progress, runner=runner, index_shards=index_shards)  # fmt: skip
         index = cls.open(out, device=device, allow_pickle=allow_pickle)
         index._run = inputs.run  # loaded already (and checked against its files by the build)
         return index
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, device: str | None = None, allow_pickle: bool = False) -> "GradientIndex":
+    def open(cls, path: str | os.PathLike, *, device: str | None = None, allow_pickle: bool = False, dask=None,
+             shards: int | None = None) -> "GradientIndex":  # fmt: skip
         """Open a complete index. The model is loaded when a query first needs it, and refused then if
         its files or the checkpoints changed since the build; a pickled model only with ``allow_pickle``
-        (nothing in the index directory can grant that)."""
+        (nothing in the index directory can grant that). ``dask``: a ``distributed.Client``; the
+        stored factors are then held by its workers in search shards (:mod:`tracin_index.sharded`):
+        the ranges the build recorded (``--index-shards``), else ``shards``, else one per worker."""
         directory = Path(path)
         manifest = read_manifest(directory)
         if not manifest.get("complete"):
@@ -142,8 +149,16 @@ class GradientIndex:
         triples = directory / TRIPLES
         _check_file(triples, manifest["files"].get(TRIPLES), "triples file")
         hrt, entities, relations, groups = read_triples(triples)
-        return cls(directory, manifest, hrt, entities, relations, groups, device=device or default_device(),
-                   allow_pickle=bool(allow_pickle))  # fmt: skip
+        index = cls(directory, manifest, hrt, entities, relations, groups, device=device or default_device(),
+                    allow_pickle=bool(allow_pickle))  # fmt: skip
+        if dask is not None:
+            from .sharded import ShardedSearch, search_ranges
+
+            ranges = manifest.get("search_shards")
+            if shards is not None or not ranges:
+                ranges = search_ranges(len(hrt), shards or max(1, len(dask.scheduler_info()["workers"])))
+            index._search = ShardedSearch(dask, directory, [tuple(r) for r in ranges])
+        return index
 
     @property
     def run(self):
@@ -207,26 +222,7 @@ class GradientIndex:
     def stored(self, c: int) -> Stored:
         """Checkpoint c's stored factors for all rows, read once (shards concatenated in row order)."""
         if c not in self._stored:
-            shards = sorted((s for s in self.manifest["shards"] if s["checkpoint"] == c), key=lambda s: s["row_start"])
-            parts = [read_arrays(self.directory / s["file"]) for s in shards]
-            arrays = {key: torch.from_numpy(np.concatenate([p[key] for p in parts]))
-                      for key in parts[0] if key != "squared_norms"}  # fmt: skip
-            for key in arrays:  # the per-row numbers of the bounds in float64 once, not at every query
-                if key.endswith(("/scale", "/norm", "/rho")):
-                    arrays[key] = arrays[key].double()
-            bases = {}
-            if any(dim for p in self.plans for _, _, dim in p.sides()):
-                name = bases_path(c)
-                _check_file(self.directory / name, self.manifest["files"].get(name), "principal directions file")
-                stored = read_arrays(self.directory / name)
-                bases = {(p.name, side): Basis.from_matrix(dequantize(stored[f"{p.name}/{side}/q"], stored[f"{p.name}/{side}/scale"]))
-                         for p in self.plans for side, _, dim in p.sides() if dim}  # fmt: skip
-            groups = {p.name: torch.as_tensor(self.groups) for p in self.plans if p.grouped}
-            for p in self.plans:
-                if p.grouped and len(arrays[f"{p.name}/in/values"]) != self.manifest["num_groups"]:
-                    raise InputError(f"{self.directory}: the shards of checkpoint {c + 1} do not hold every "
-                                     "(head, relation) group; rebuild the index")  # fmt: skip
-            self._stored[c] = Stored(arrays, bases, groups, self.num_rows * self.per_fact).to(self.device)
+            self._stored[c] = load_stored(self.directory, self.manifest, self.plans, c, self.groups).to(self.device)
         return self._stored[c]
 
     def squared_norms(self) -> np.ndarray:
@@ -287,7 +283,8 @@ class GradientIndex:
                 part = checkpoint_estimate(self.plans, self.stored(c), query, self._modules_of(c))
             else:
                 inputs = self._linear_inputs(c, examples.to(self.device))
-                part = refined_estimate(self.plans, self.stored(c), query, self._modules_of(c), stored_rows, inputs)
+                stored, at = self.stored_rows(c, stored_rows)
+                part = refined_estimate(self.plans, stored, query, self._modules_of(c), at, inputs)
             weight = self.checkpoints[c].learning_rate
             if normalize:
                 if c not in self._inverse_norms:
@@ -300,6 +297,16 @@ class GradientIndex:
                 value.add_(self._fold(part.value), alpha=weight)
                 error.add_(self._fold(part.error), alpha=weight)
         return value.cpu(), error.cpu()
+
+    def stored_rows(self, c: int, rows: torch.Tensor) -> tuple[Stored, torch.Tensor]:
+        """Where checkpoint c's stored factors of the stored ``rows`` are: the whole index's and the rows,
+        or (a sharded query) the candidates' factors the shards sent and the rows' places in them."""
+        if self._candidate_store is None:
+            return self.stored(c), rows
+        facts, stores = self._candidate_store
+        k = self.per_fact
+        local = np.searchsorted(facts, rows.numpy() // k) * k + rows.numpy() % k
+        return stores[c], torch.as_tensor(local, dtype=torch.long)
 
     def _linear_inputs(self, c: int, examples: torch.Tensor) -> dict[str, torch.Tensor]:
         """The factored blocks' Linear inputs (bias column where selected) for training ``examples`` at
@@ -352,6 +359,14 @@ class GradientIndex:
         labels = self._row_labels()
         indices = list(test_indices) if test_indices is not None else [None] * len(hrt)
         test_norms = sum(g.squared_norms().double().cpu() for g in test)
+        sharded = None
+        if self._search is not None:
+            if approximate or candidates is not None:
+                raise InputError("--approximate and --candidates are not available on an index searched in shards on a "
+                                 "cluster; query it without them (exact), or open it without the cluster")  # fmt: skip
+            modules = [{p.derived[0]: self._modules_of(c)[p.derived[0]] for p in self.plans if p.derived}
+                       for c in range(self.num_checkpoints)]  # fmt: skip
+            sharded = self._search.scan(test, modules, top_k, normalize)  # one round trip per shard for all test triples
         results, counts, rounds_of, refined_of = [], [], [], []
         for t in range(len(hrt)):
             refined_of.append(0)
@@ -362,6 +377,18 @@ class GradientIndex:
                 results.append(InfluenceResult(indices[t], triple, (), (), 0, 0))
                 counts.append(0)
                 rounds_of.append(0)
+                continue
+            if sharded is not None:
+                low, high, base = self._merge([per_test[t] for per_test in sharded])
+                try:
+                    rows, exact, rounds, refined = self._rescore_until_settled(test, t, low, high, top_k, normalize)
+                finally:
+                    self._candidate_store = None
+                refined_of[-1] = refined
+                rounds_of.append(rounds)
+                results.append(self._result(indices[t], triple, exact, rows, top_k, labels, low, high, exact_rows=rows,
+                                            base=base))  # fmt: skip
+                counts.append(len(rows))
                 continue
             value, error = self.estimates(test, t, normalize)
             low, high = value - error, value + error
@@ -384,10 +411,31 @@ class GradientIndex:
         self.last_query = QueryStats(counts, rounds_of, refined_of)
         return results
 
+    def _merge(self, parts) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """One test triple's candidates from every search shard: bounds over all training triples (0 and 0
+        where a shard ruled a row out: it can then enter neither list, and no k-th lower bound rises
+        above 0 through it), the candidates' stored factors for refining (``_candidate_store``), and
+        the shards' sign counts (``base``, for :meth:`_result`)."""
+        rows = np.concatenate([p.rows for p in parts])
+        low = torch.zeros(self.num_rows, dtype=torch.float64)
+        high = torch.zeros(self.num_rows, dtype=torch.float64)
+        scan_low, scan_high = np.concatenate([p.low for p in parts]), np.concatenate([p.high for p in parts])
+        low[torch.as_tensor(rows, dtype=torch.long)] = torch.from_numpy(scan_low)
+        high[torch.as_tensor(rows, dtype=torch.long)] = torch.from_numpy(scan_high)
+        stores = []
+        for c in range(self.num_checkpoints):
+            arrays = {key: torch.cat([p.stored[c][key] for p in parts]) for key in parts[0].stored[c]}
+            stores.append(Stored(arrays, {}, {}, len(rows) * self.per_fact).to(self.device))
+        self._candidate_store = (rows, stores)
+        base = {"positive": sum(p.positive for p in parts), "negative": sum(p.negative for p in parts),
+                "open_signs": sum(p.open_signs for p in parts), "rows": rows, "low": scan_low, "high": scan_high}  # fmt: skip
+        return low, high, base
+
     def _result(self, index, triple, scores: np.ndarray, rows: np.ndarray, top_k: int, labels, low, high,
-                exact_rows) -> InfluenceResult:  # fmt: skip
+                exact_rows, base: dict | None = None) -> InfluenceResult:  # fmt: skip
         """The result from scores of ``rows``; counts of each sign from exact scores where known, else
-        from the estimates (the bounds say when every sign is certain)."""
+        from the estimates (the bounds say when every sign is certain). ``base``: a sharded query's
+        counts over all rows from the scan, corrected here for its candidates."""
 
         def make(sign: int) -> tuple[Influence, ...]:
             return tuple(Influence(int(rows[p]), *labels[int(rows[p])], influence=float(scores[p]))
@@ -399,6 +447,13 @@ class GradientIndex:
         if exact_rows is not None:
             estimate[exact_rows] = scores
             unsettled[exact_rows] = False
+        if base is not None:
+            cand = base["rows"]
+            before = (base["low"] + base["high"]) / 2
+            positive = base["positive"] - int((before > 0).sum()) + int((estimate[cand] > 0).sum())
+            negative = base["negative"] - int((before < 0).sum()) + int((estimate[cand] < 0).sum())
+            open_signs = base["open_signs"] - int(((base["low"] < 0) & (base["high"] > 0)).sum()) + int(unsettled[cand].sum())
+            return InfluenceResult(index, triple, make(+1), make(-1), positive, negative, counts_exact=open_signs == 0)
         return InfluenceResult(index, triple, make(+1), make(-1), int((estimate > 0).sum()), int((estimate < 0).sum()),
                                counts_exact=not bool(unsettled.any()))  # fmt: skip
 
@@ -519,6 +574,63 @@ def _replica_run(spec: dict, source: Path, has_checkpoints: bool) -> _ReplicaRun
     elif not has_checkpoints:
         raise InputError(f"{weights}: missing, and the index has no checkpoints to load weights from")
     return _ReplicaRun(model.eval())
+
+
+def load_stored(directory: Path, manifest: dict, plans: list[BlockPlan], c: int, groups: np.ndarray | None,
+                facts: tuple[int, int] | None = None) -> Stored:  # fmt: skip
+    """Checkpoint c's stored factors of the training triples ``facts`` = [start, stop) (all by default),
+    from the shard files (their rows in row order). Grouped sides keep the groups those rows use,
+    renumbered from 0 in group order."""
+    per_fact = int(manifest.get("examples_per_triple", 1))
+    start, stop = (0, int(manifest["num_rows"])) if facts is None else (facts[0] * per_fact, facts[1] * per_fact)
+    shards = sorted((s for s in manifest["shards"] if s["checkpoint"] == c), key=lambda s: s["row_start"])
+    grouped_keys = {f"{p.name}/in/" for p in plans if p.grouped}
+    rows: dict[str, list[np.ndarray]] = {}
+    per_group: dict[str, list[np.ndarray]] = {}
+    for shard in shards:
+        overlaps = shard["row_start"] < stop and shard["row_stop"] > start
+        if not overlaps and not grouped_keys:
+            continue
+        path = directory / shard["file"]
+        names = None
+        if not overlaps:  # an earlier file may hold the groups these rows use
+            with h5py.File(path, "r") as f:
+                names = []
+                f.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) and any(
+                    name.startswith(g) for g in grouped_keys) else None)  # fmt: skip
+        arrays = read_arrays(path, names)
+        lo, hi = max(start, shard["row_start"]) - shard["row_start"], min(stop, shard["row_stop"]) - shard["row_start"]
+        for key, value in arrays.items():
+            if key == "squared_norms":
+                continue
+            if any(key.startswith(g) for g in grouped_keys):
+                per_group.setdefault(key, []).append(value)
+            elif overlaps:
+                rows.setdefault(key, []).append(value[lo:hi])
+    arrays = {key: torch.from_numpy(np.concatenate(parts)) for key, parts in rows.items()}
+    stored_groups = {}
+    if grouped_keys:
+        mine = groups[start:stop]
+        used, local = np.unique(mine, return_inverse=True) if facts is not None else (None, mine)
+        for key, parts in per_group.items():
+            whole = np.concatenate(parts)
+            arrays[key] = torch.from_numpy(whole if used is None else whole[used])
+        stored_groups = {p.name: torch.as_tensor(local) for p in plans if p.grouped}
+    for key in arrays:  # the per-row numbers of the bounds in float64 once, not at every query
+        if key.endswith(("/scale", "/norm", "/rho")):
+            arrays[key] = arrays[key].double()
+    bases = {}
+    if any(dim for p in plans for _, _, dim in p.sides()):
+        name = bases_path(c)
+        _check_file(directory / name, manifest["files"].get(name), "principal directions file")
+        stored = read_arrays(directory / name)
+        bases = {(p.name, side): Basis.from_matrix(dequantize(stored[f"{p.name}/{side}/q"], stored[f"{p.name}/{side}/scale"]))
+                 for p in plans for side, _, dim in p.sides() if dim}  # fmt: skip
+    for p in plans:
+        if p.grouped and facts is None and len(arrays[f"{p.name}/in/values"]) != manifest["num_groups"]:
+            raise InputError(f"{directory}: the shards of checkpoint {c + 1} do not hold every "
+                             "(head, relation) group; rebuild the index")  # fmt: skip
+    return Stored(arrays, bases, stored_groups, stop - start)
 
 
 def verify_directory(directory: Path, manifest: dict) -> list[str]:

@@ -1,0 +1,156 @@
+"""An index larger than one machine's memory: search shards held by Dask workers.
+
+A query's scan reads every stored row (:mod:`tracin_index.factors`); at 20M training triples and 10
+checkpoints that is hundreds of GB, more than one machine holds. ``build --index-shards S`` records
+S ranges of training triples; ``GradientIndex.open(path, dask=client)`` (``query --dask-scheduler``)
+loads each range's stored factors into one worker's memory (:class:`SearchShard`, a future that
+stays where it was computed), and a query goes out to every shard in one round trip for all its
+test triples. A shard returns, per test triple, its *candidates*: the rows its bounds cannot rule
+out against its own k-th lower bound (never higher than the whole index's, so no row the whole
+index would keep is lost), with their bounds, their stored factors for refining, and the counts
+of its other rows' signs. The building process merges them and refines and rescores exactly, as a
+single index does: the same candidates, the same rows rescored, the same results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .factors import BlockPlan, _input_key, checkpoint_estimate
+from .gradients import PerExampleGradients, inverse_norms
+from .store import TRIPLES, read_arrays, read_manifest, read_triples
+
+
+def search_ranges(num_facts: int, shards: int) -> list[tuple[int, int]]:
+    """``shards`` contiguous ranges of training triples of (nearly) equal size."""
+    if shards < 1:
+        raise InputError(f"--index-shards must be at least 1, got {shards}")
+    shards = min(shards, max(1, num_facts))
+    bounds = np.linspace(0, num_facts, shards + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@dataclass
+class ShardCandidates:
+    """What a shard sends back for one test triple (rows are training triples, global)."""
+
+    rows: np.ndarray  # candidate triples, sorted
+    low: np.ndarray  # their bounds from the scan
+    high: np.ndarray
+    stored: list[dict[str, torch.Tensor]]  # per checkpoint: the candidates' per-row stored arrays (example rows)
+    positive: int  # over all of the shard's triples, from the scan: estimates > 0, < 0, signs left open
+    negative: int
+    open_signs: int
+
+
+class SearchShard:
+    """One range of training triples' stored factors at every checkpoint, in a worker's memory."""
+
+    def __init__(self, directory: str, facts: tuple[int, int]):
+        from .index import load_stored
+
+        path = Path(directory)
+        manifest = read_manifest(path)
+        _, _, _, groups = read_triples(path / TRIPLES)
+        self.plans = [BlockPlan.from_json(p) for p in manifest["plans"]]
+        self.per_fact = int(manifest.get("examples_per_triple", 1))
+        self.facts = facts
+        checkpoints = manifest["inputs"]["checkpoints"]
+        self.stored = [load_stored(path, manifest, self.plans, c, groups, facts) for c in range(len(checkpoints))]
+        self.learning_rates = [float(r["learning_rate"]) for r in checkpoints]
+        norms = np.zeros((len(checkpoints), facts[1] - facts[0]))
+        k = self.per_fact
+        for shard in manifest["shards"]:
+            a, b = shard["row_start"] // k, shard["row_stop"] // k
+            lo, hi = max(a, facts[0]), min(b, facts[1])
+            if lo < hi:
+                values = read_arrays(path / shard["file"], ["squared_norms"])["squared_norms"]
+                norms[shard["checkpoint"], lo - facts[0] : hi - facts[0]] = values[lo - a : hi - a]
+        self.inverse_norms = [inverse_norms(torch.from_numpy(n)) for n in norms]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for s in self.stored for v in s.arrays.values())
+
+    def _fold(self, per_row: torch.Tensor) -> torch.Tensor:
+        return per_row if self.per_fact == 1 else per_row.view(-1, self.per_fact).sum(1)
+
+    def scan(self, tests: list[PerExampleGradients], modules: list[dict], k: int, normalize: bool) -> list[ShardCandidates]:
+        """Candidates of every test triple (``tests``: per checkpoint, the test triples' gradients)."""
+        from .index import _candidates
+
+        out = []
+        for t in range(len(tests[0])):
+            n = self.facts[1] - self.facts[0]
+            value = torch.zeros(n, dtype=torch.float64)
+            error = torch.zeros(n, dtype=torch.float64)
+            for c, stored in enumerate(self.stored):
+                query = tests[c].index(slice(t, t + 1))
+                part = checkpoint_estimate(self.plans, stored, query, modules[c])
+                weight = self.learning_rates[c]
+                if normalize:
+                    weight = weight * float(inverse_norms(query.squared_norms())[0]) * self.inverse_norms[c]
+                    value.addcmul_(weight, self._fold(part.value))
+                    error.addcmul_(weight, self._fold(part.error))
+                else:
+                    value.add_(self._fold(part.value), alpha=weight)
+                    error.add_(self._fold(part.error), alpha=weight)
+            low, high = value - error, value + error
+            local = np.union1d(*_candidates(low, high, k))
+            estimate = ((low + high) / 2).numpy()  # as the single index counts signs
+            examples = torch.as_tensor((local[:, None] * self.per_fact + np.arange(self.per_fact)).reshape(-1), dtype=torch.long)
+            stored = [{key: v.index_select(0, examples) for key, v in s.arrays.items() if not _input_key(key, self.plans)}
+                      for s in self.stored]  # fmt: skip
+            out.append(ShardCandidates(local + self.facts[0], low.numpy()[local], high.numpy()[local], stored,
+                                       int((estimate > 0).sum()), int((estimate < 0).sum()),
+                                       int(((low < 0) & (high > 0)).sum())))  # fmt: skip
+        return out
+
+
+def _on_cpu(grads: PerExampleGradients) -> PerExampleGradients:
+    """The gradients with every tensor on the CPU (what travels to the workers)."""
+    blocks = {}
+    for name, block in grads.blocks.items():
+        values = {f.name: getattr(block, f.name) for f in dataclasses.fields(block)}
+        blocks[name] = type(block)(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in values.items()})
+    return PerExampleGradients(blocks, grads.parameter_names)
+
+
+def _load(directory: str, facts: tuple[int, int]) -> SearchShard:
+    return SearchShard(directory, facts)
+
+
+def _scan(shard: SearchShard, tests, modules, k: int, normalize: bool) -> list[ShardCandidates]:
+    return shard.scan(tests, modules, k, normalize)
+
+
+class ShardedSearch:
+    """The search shards of one index, placed on a Dask cluster's workers (one future each)."""
+
+    def __init__(self, client, directory: Path, ranges: list[tuple[int, int]]):
+        import distributed
+
+        self.client, self.ranges = client, ranges
+        tag = uuid.uuid4().hex[:8]
+        self.shards = [client.submit(_load, str(Path(directory).resolve()), r, key=f"tracin-search-{i}-{tag}", pure=False)
+                       for i, r in enumerate(ranges)]  # fmt: skip
+        distributed.wait(self.shards)
+        for future in self.shards:
+            if future.status == "error":
+                raise InputError(f"{directory}: a search shard could not be loaded on the cluster: {future.exception()}")
+
+    def scan(self, tests: list[PerExampleGradients], modules: list[dict], k: int, normalize: bool) -> list[list[ShardCandidates]]:
+        """Every shard's candidates for every test triple: one task per shard (on the worker that holds it)."""
+        tests = [_on_cpu(g) for g in tests]
+        futures = [self.client.submit(_scan, shard, tests, modules, k, normalize, pure=False) for shard in self.shards]
+        return self.client.gather(futures)
+
+    def close(self) -> None:
+        self.client.cancel(self.shards)

@@ -123,11 +123,12 @@ def test_cluster_options_are_checked_in_one_line(tiny_run, tmp_path, capsys):
         DaskRunner.connect("tcp://127.0.0.1:9", timeout="2s")
 
 
-@pytest.mark.parametrize("direction,normalize", [("tail", False), ("both", True)])
+@pytest.mark.parametrize("direction,normalize,ship", [("tail", False, 256), ("both", True, 256), ("tail", False, 3)])
 def test_a_query_over_search_shards_on_the_cluster_equals_the_single_query(tiny_run, reference, runner, direction,
-                                                                          normalize):  # fmt: skip
+                                                                          normalize, ship):  # fmt: skip
     sharded = GradientIndex.open(reference.directory, dask=runner.client, shards=4, device="cpu")
     assert len(sharded._search.shards) == 4
+    sharded._search.ship = ship  # 3: the shards send few candidates' factors, the rest is fetched as refining needs it
     _, _, test = run_ids(tiny_run)
     ours = sharded.query(test[:6], top_k=10, direction=direction, normalize=normalize)
     theirs = reference.query(test[:6], top_k=10, direction=direction, normalize=normalize)
@@ -139,5 +140,6 @@ def test_a_query_over_search_shards_on_the_cluster_equals_the_single_query(tiny_
     # the same candidates refined and rescored as the single index
     assert sharded.last_query.candidates == reference.last_query.candidates
     assert sharded.last_query.refined == reference.last_query.refined
+    assert (max(sharded.last_query.fetched) > 0) == (ship == 3)
     with pytest.raises(InputError, match="not available on an index searched in shards"):
         sharded.query(test[:1], approximate=True)

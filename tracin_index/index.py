@@ -72,6 +72,8 @@ class QueryStats:
     candidates: list[int]
     rounds: list[int]
     refined: list[int] = field(default_factory=list)
+    #: a sharded query's: candidates whose stored factors were fetched from their shards while refining
+    fetched: list[int] = field(default_factory=list)
 
 
 class GradientIndex:
@@ -108,7 +110,7 @@ class GradientIndex:
         self._inverse_norms: dict[int, torch.Tensor] = {}  # per checkpoint, for normalized queries
         self.last_query: QueryStats | None = None
         self._search = None  # search shards on a Dask cluster (open(..., dask=client))
-        self._candidate_store: tuple[np.ndarray, list[Stored]] | None = None  # a sharded query's candidates' factors
+        self._candidate_store = None  # a sharded query's candidates' factors (tracin_index.sharded.CandidateStore)
 
     # ------------------------------------------------------------------------------------------
     # build and open
@@ -303,10 +305,7 @@ class GradientIndex:
         or (a sharded query) the candidates' factors the shards sent and the rows' places in them."""
         if self._candidate_store is None:
             return self.stored(c), rows
-        facts, stores = self._candidate_store
-        k = self.per_fact
-        local = np.searchsorted(facts, rows.numpy() // k) * k + rows.numpy() % k
-        return stores[c], torch.as_tensor(local, dtype=torch.long)
+        return self._candidate_store.rows(c, rows)
 
     def _linear_inputs(self, c: int, examples: torch.Tensor) -> dict[str, torch.Tensor]:
         """The factored blocks' Linear inputs (bias column where selected) for training ``examples`` at
@@ -367,7 +366,7 @@ class GradientIndex:
             modules = [{p.derived[0]: self._modules_of(c)[p.derived[0]] for p in self.plans if p.derived}
                        for c in range(self.num_checkpoints)]  # fmt: skip
             sharded = self._search.scan(test, modules, top_k, normalize)  # one round trip per shard for all test triples
-        results, counts, rounds_of, refined_of = [], [], [], []
+        results, counts, rounds_of, refined_of, fetched = [], [], [], [], []
         for t in range(len(hrt)):
             refined_of.append(0)
             triple = Triple(*labels.of(hrt[t].tolist()))
@@ -382,6 +381,7 @@ class GradientIndex:
                 low, high, base = self._merge([per_test[t] for per_test in sharded])
                 try:
                     rows, exact, rounds, refined = self._rescore_until_settled(test, t, low, high, top_k, normalize)
+                    fetched.append(self._candidate_store.fetched)
                 finally:
                     self._candidate_store = None
                 refined_of[-1] = refined
@@ -408,7 +408,7 @@ class GradientIndex:
             rounds_of.append(rounds)
             results.append(self._result(indices[t], triple, exact, rows, top_k, labels, low, high, exact_rows=rows))
             counts.append(len(rows))
-        self.last_query = QueryStats(counts, rounds_of, refined_of)
+        self.last_query = QueryStats(counts, rounds_of, refined_of, fetched)
         return results
 
     def _merge(self, parts) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -422,11 +422,12 @@ class GradientIndex:
         scan_low, scan_high = np.concatenate([p.low for p in parts]), np.concatenate([p.high for p in parts])
         low[torch.as_tensor(rows, dtype=torch.long)] = torch.from_numpy(scan_low)
         high[torch.as_tensor(rows, dtype=torch.long)] = torch.from_numpy(scan_high)
-        stores = []
-        for c in range(self.num_checkpoints):
-            arrays = {key: torch.cat([p.stored[c][key] for p in parts]) for key in parts[0].stored[c]}
-            stores.append(Stored(arrays, {}, {}, len(rows) * self.per_fact).to(self.device))
-        self._candidate_store = (rows, stores)
+        from .sharded import CandidateStore
+
+        stores = [{key: torch.cat([p.stored[c][key] for p in parts]) for key in parts[0].stored[c]}
+                  for c in range(self.num_checkpoints)]  # fmt: skip
+        shipped = np.concatenate([p.shipped for p in parts])
+        self._candidate_store = CandidateStore(shipped, stores, self.per_fact, self._search.fetch, self.device)
         base = {"positive": sum(p.positive for p in parts), "negative": sum(p.negative for p in parts),
                 "open_signs": sum(p.open_signs for p in parts), "rows": rows, "low": scan_low, "high": scan_high}  # fmt: skip
         return low, high, base

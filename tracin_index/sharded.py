@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .factors import BlockPlan, _input_key, checkpoint_estimate
+from .factors import BlockPlan, Stored, _input_key, checkpoint_estimate
 from .gradients import PerExampleGradients, inverse_norms
 from .store import TRIPLES, read_arrays, read_manifest, read_triples
 
@@ -37,6 +37,11 @@ def search_ranges(num_facts: int, shards: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+#: Candidates per side whose stored factors a shard sends with its answer (the most promising: highest
+#: upper bounds, lowest lower bounds); a query that refines further fetches the others' when needed.
+SHIPPED = 256
+
+
 @dataclass
 class ShardCandidates:
     """What a shard sends back for one test triple (rows are training triples, global)."""
@@ -44,10 +49,38 @@ class ShardCandidates:
     rows: np.ndarray  # candidate triples, sorted
     low: np.ndarray  # their bounds from the scan
     high: np.ndarray
-    stored: list[dict[str, torch.Tensor]]  # per checkpoint: the candidates' per-row stored arrays (example rows)
+    shipped: np.ndarray  # the candidates whose stored factors come along, sorted
+    stored: list[dict[str, torch.Tensor]]  # per checkpoint: their per-row stored arrays (example rows)
     positive: int  # over all of the shard's triples, from the scan: estimates > 0, < 0, signs left open
     negative: int
     open_signs: int
+
+
+class CandidateStore:
+    """The stored factors of a sharded query's candidates on the querying side: those the shards sent,
+    and more fetched from the shards that hold them when refining reaches them."""
+
+    def __init__(self, facts: np.ndarray, stores: list[dict[str, torch.Tensor]], per_fact: int, fetch, device):
+        self.facts, self.stores, self.per_fact, self.fetch, self.device = facts, stores, per_fact, fetch, device
+        self.fetched = 0
+
+    def rows(self, c: int, rows: torch.Tensor) -> tuple[Stored, torch.Tensor]:
+        """Checkpoint c's stored factors and the places of the stored ``rows`` (examples) in them."""
+        k = self.per_fact
+        wanted = np.unique(rows.numpy() // k)
+        missing = np.setdiff1d(wanted, self.facts)
+        if len(missing):
+            more = self.fetch(missing)
+            facts = np.concatenate([self.facts, missing])
+            order = np.argsort(facts, kind="stable")
+            examples = torch.as_tensor((order[:, None] * k + np.arange(k)).reshape(-1), dtype=torch.long)
+            self.stores = [{key: torch.cat([old[key], new[key]]).index_select(0, examples) for key in old}
+                           for old, new in zip(self.stores, more)]  # fmt: skip
+            self.facts = facts[order]
+            self.fetched += len(missing)
+        local = np.searchsorted(self.facts, rows.numpy() // k) * k + rows.numpy() % k
+        stored = Stored(self.stores[c], {}, {}, len(self.facts) * k).to(self.device)
+        return stored, torch.as_tensor(local, dtype=torch.long)
 
 
 class SearchShard:
@@ -82,8 +115,10 @@ class SearchShard:
     def _fold(self, per_row: torch.Tensor) -> torch.Tensor:
         return per_row if self.per_fact == 1 else per_row.view(-1, self.per_fact).sum(1)
 
-    def scan(self, tests: list[PerExampleGradients], modules: list[dict], k: int, normalize: bool) -> list[ShardCandidates]:
-        """Candidates of every test triple (``tests``: per checkpoint, the test triples' gradients)."""
+    def scan(self, tests: list[PerExampleGradients], modules: list[dict], k: int, normalize: bool,
+             ship: int = SHIPPED) -> list[ShardCandidates]:  # fmt: skip
+        """Candidates of every test triple (``tests``: per checkpoint, the test triples' gradients), with
+        the stored factors of the ``ship`` most promising each way."""
         from .index import _candidates
 
         out = []
@@ -103,15 +138,25 @@ class SearchShard:
                     value.add_(self._fold(part.value), alpha=weight)
                     error.add_(self._fold(part.error), alpha=weight)
             low, high = value - error, value + error
-            local = np.union1d(*_candidates(low, high, k))
+            pro, opp = _candidates(low, high, k)
+            local = np.union1d(pro, opp)
             estimate = ((low + high) / 2).numpy()  # as the single index counts signs
-            examples = torch.as_tensor((local[:, None] * self.per_fact + np.arange(self.per_fact)).reshape(-1), dtype=torch.long)
-            stored = [{key: v.index_select(0, examples) for key, v in s.arrays.items() if not _input_key(key, self.plans)}
-                      for s in self.stored]  # fmt: skip
-            out.append(ShardCandidates(local + self.facts[0], low.numpy()[local], high.numpy()[local], stored,
+            if len(pro) > ship:
+                pro = pro[torch.topk(high[torch.as_tensor(pro)], ship).indices.numpy()]
+            if len(opp) > ship:
+                opp = opp[torch.topk(-low[torch.as_tensor(opp)], ship).indices.numpy()]
+            shipped = np.union1d(pro, opp)
+            out.append(ShardCandidates(local + self.facts[0], low.numpy()[local], high.numpy()[local],
+                                       shipped + self.facts[0], self.factors(shipped),
                                        int((estimate > 0).sum()), int((estimate < 0).sum()),
                                        int(((low < 0) & (high > 0)).sum())))  # fmt: skip
         return out
+
+    def factors(self, local: np.ndarray) -> list[dict[str, torch.Tensor]]:
+        """Per checkpoint, the per-row stored arrays (refining needs them) of the shard's triples ``local``."""
+        examples = torch.as_tensor((local[:, None] * self.per_fact + np.arange(self.per_fact)).reshape(-1), dtype=torch.long)
+        return [{key: v.index_select(0, examples) for key, v in s.arrays.items() if not _input_key(key, self.plans)}
+                for s in self.stored]  # fmt: skip
 
 
 def _on_cpu(grads: PerExampleGradients) -> PerExampleGradients:
@@ -127,17 +172,21 @@ def _load(directory: str, facts: tuple[int, int]) -> SearchShard:
     return SearchShard(directory, facts)
 
 
-def _scan(shard: SearchShard, tests, modules, k: int, normalize: bool) -> list[ShardCandidates]:
-    return shard.scan(tests, modules, k, normalize)
+def _scan(shard: SearchShard, tests, modules, k: int, normalize: bool, ship: int) -> list[ShardCandidates]:
+    return shard.scan(tests, modules, k, normalize, ship)
+
+
+def _factors(shard: SearchShard, facts: np.ndarray) -> list[dict[str, torch.Tensor]]:
+    return shard.factors(facts - shard.facts[0])
 
 
 class ShardedSearch:
     """The search shards of one index, placed on a Dask cluster's workers (one future each)."""
 
-    def __init__(self, client, directory: Path, ranges: list[tuple[int, int]]):
+    def __init__(self, client, directory: Path, ranges: list[tuple[int, int]], ship: int = SHIPPED):
         import distributed
 
-        self.client, self.ranges = client, ranges
+        self.client, self.ranges, self.ship = client, ranges, ship
         tag = uuid.uuid4().hex[:8]
         self.shards = [client.submit(_load, str(Path(directory).resolve()), r, key=f"tracin-search-{i}-{tag}", pure=False)
                        for i, r in enumerate(ranges)]  # fmt: skip
@@ -149,8 +198,19 @@ class ShardedSearch:
     def scan(self, tests: list[PerExampleGradients], modules: list[dict], k: int, normalize: bool) -> list[list[ShardCandidates]]:
         """Every shard's candidates for every test triple: one task per shard (on the worker that holds it)."""
         tests = [_on_cpu(g) for g in tests]
-        futures = [self.client.submit(_scan, shard, tests, modules, k, normalize, pure=False) for shard in self.shards]
+        futures = [self.client.submit(_scan, shard, tests, modules, k, normalize, self.ship, pure=False)
+                   for shard in self.shards]  # fmt: skip
         return self.client.gather(futures)
+
+    def fetch(self, facts: np.ndarray) -> list[dict[str, torch.Tensor]]:
+        """Per checkpoint, the stored arrays of the training triples ``facts`` (sorted), from their shards."""
+        parts = []
+        for shard, (a, b) in zip(self.shards, self.ranges):
+            mine = facts[(facts >= a) & (facts < b)]
+            if len(mine):
+                parts.append(self.client.submit(_factors, shard, mine, pure=False))
+        got = self.client.gather(parts)
+        return [{key: torch.cat([g[c][key] for g in got]) for key in got[0][c]} for c in range(len(got[0]))]
 
     def close(self) -> None:
         self.client.cancel(self.shards)

@@ -450,6 +450,26 @@ def self_influence(
 
 
 @app.command()
+def serve(
+    index_dir: Path = typer.Argument(..., help="Index directory written by `tracin-index build`."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000),
+    token: Optional[str] = typer.Option(None, help="Require 'Authorization: Bearer TOKEN' on every request "
+                                        "(the explorer: http://HOST:PORT/?token=TOKEN).", envvar="TRACIN_TOKEN"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda ... [cuda when available]."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
+):
+    """Serve the index: a JSON API (docs at /docs) and an explorer in the browser at /."""
+    from .serve import serve as run_server
+
+    if not 0 < port < 65536:
+        raise InputError(f"--port {port}: not a port number (1..65535)")
+    console.print(f"serving {index_dir} at http://{host}:{port}/ (API docs at /docs); Ctrl-C stops it", highlight=False)
+    run_server(index_dir, host=host, port=port, token=token, allow_pickle=allow_pickle, device=device,
+               warn=lambda m: console.print(f"[yellow]{m}[/yellow]", highlight=False))  # fmt: skip
+
+
+@app.command()
 def verify(index_dir: Path = typer.Argument(..., help="Index directory.")):
     """Check every file of an index against the checksums in its manifest (loads no model)."""
     from .index import verify_directory

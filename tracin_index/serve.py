@@ -1,0 +1,251 @@
+"""``tracin-index serve``: the index kept warm behind a JSON API, and an explorer in the browser.
+
+One process holds the model, the checkpoints and the index in memory (:class:`~tracin_index.index.GradientIndex`)
+and answers over HTTP (FastAPI on uvicorn; ``pip install -e '.[serve]'``):
+
+- ``GET /api/query?head=&relation=&tail=&top_k=&direction=`` and ``POST /api/query`` (a batch): the
+  JSON of ``query --output`` (``config`` and ``results``);
+- ``GET /api/self-influence?top_k=``; ``GET /api/entities?prefix=`` and ``GET /api/relations`` (completion);
+  ``GET /api/facts?entity=`` (an entity's training facts); ``GET /api/test-triples`` (the run's test file);
+- ``GET /api/health``; OpenAPI docs at ``/docs``; the explorer at ``/`` (its HTML, JavaScript and CSS
+  ship with the package: no CDN, works offline).
+
+Bad requests get a 4xx and ``{"error": "one line"}`` (an unknown label with its closest matches, a
+``top_k`` out of range, a batch too large, a body too large, malformed JSON); nothing crashes the
+server. It binds to 127.0.0.1 unless told otherwise; ``token`` makes every request need
+``Authorization: Bearer <token>`` (the explorer page takes it as ``/?token=...`` and sends the header).
+No request names a file: the server reads only the index it was started with and its run directory.
+Queries run one at a time (the index's model and caches are not thread-safe); requests queue.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hmac
+import threading
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from . import __version__
+from .errors import InputError, TracInError
+from .index import GradientIndex
+from .results import Triple
+
+#: Largest top_k a request may ask for, test triples per POST, request body bytes.
+MAX_TOP_K = 1000
+MAX_BATCH = 64
+MAX_BODY = 64 * 1024
+STATIC = Path(__file__).parent / "static"
+
+
+# -- the JSON schema (the same as ``query --output``) -----------------------------------------------
+
+class TripleIn(BaseModel):
+    head: str = Field(min_length=1, max_length=1000)
+    relation: str = Field(min_length=1, max_length=1000)
+    tail: str = Field(min_length=1, max_length=1000)
+
+class QueryRequest(BaseModel):
+    triples: list[TripleIn] = Field(min_length=1)
+    top_k: int = Field(10, ge=1, le=MAX_TOP_K)
+    direction: Literal["tail", "head", "both"] = "tail"
+
+class InfluenceOut(BaseModel):
+    train_index: int
+    head: str
+    relation: str
+    tail: str
+    influence: float
+
+class TripleOut(BaseModel):
+    head: str
+    relation: str
+    tail: str
+
+class ResultOut(BaseModel):
+    test_index: int | None
+    test_triple: TripleOut
+    num_proponents: int | None
+    num_opponents: int | None
+    counts_exact: bool
+    proponents: list[InfluenceOut]
+    opponents: list[InfluenceOut]
+
+class QueryResponse(BaseModel):
+    config: dict
+    results: list[ResultOut]
+
+class SelfInfluenceOut(BaseModel):
+    train_index: int
+    head: str
+    relation: str
+    tail: str
+    self_influence: float
+
+
+
+
+def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int = MAX_BATCH, max_body: int = MAX_BODY):
+    """The FastAPI application serving ``index``."""
+    from fastapi import FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.staticfiles import StaticFiles
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = FastAPI(title="tracin-index", version=__version__,
+                  description="Exact TracIn proponents and opponents of knowledge-graph predictions, from an index.")  # fmt: skip
+    lock = threading.Lock()
+    maps = index.id_maps()
+    entities = sorted(index.entity_labels)
+    lowered = [e.lower() for e in entities]
+    relations = list(index.relation_labels)
+    test_triples = _test_triples(index)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if token is not None:
+            sent = request.headers.get("authorization", "")
+            given = sent[7:] if sent.lower().startswith("bearer ") else request.query_params.get("token", "")
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                return error(401, "a bearer token is required: send 'Authorization: Bearer <token>' (the explorer: /?token=...)")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body):
+            return error(413, f"request body over {max_body:,} bytes; send at most {max_batch} test triples per request")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or "request"
+        return error(422, f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(TracInError)
+    async def input_error(request: Request, exc: TracInError):
+        return error(422, str(exc).splitlines()[0])
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):  # the server stays up and says what happened
+        return error(500, f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+    def run_query(triples: list[TripleIn], top_k: int, direction: str) -> dict:
+        if len(triples) > max_batch:
+            raise InputError(f"{len(triples)} test triples in one request; at most {max_batch}")
+        ids = []
+        for i, t in enumerate(triples):
+            try:
+                ids.append(maps.resolve_triple(t.head, t.relation, t.tail))
+            except TracInError as exc:
+                where = f"triples[{i}]" if len(triples) > 1 else "triple"
+                raise InputError(str(exc).replace("--triple", where)) from None
+        with lock:
+            results = index.query(ids, top_k=top_k, direction=direction)
+        config = {"command": "serve", "top_k": top_k, "scores": "exact", "loss": index.loss, "direction": direction,
+                  "inverse_triples": index.inverse_triples, "parameters": index.manifest["selection"]}  # fmt: skip
+        return {"config": config, "results": [r.to_json() for r in results]}
+
+    @app.get("/api/query", response_model=QueryResponse, summary="Exact proponents and opponents of one triple")
+    def query_one(head: str = Query(..., min_length=1), relation: str = Query(..., min_length=1),
+                  tail: str = Query(..., min_length=1), top_k: int = Query(10, ge=1, le=MAX_TOP_K),
+                  direction: Literal["tail", "head", "both"] = "tail"):  # fmt: skip
+        return run_query([TripleIn(head=head, relation=relation, tail=tail)], top_k, direction)
+
+    @app.post("/api/query", response_model=QueryResponse, summary="Exact proponents and opponents of a batch")
+    def query_batch(request: QueryRequest):
+        return run_query(request.triples, request.top_k, request.direction)
+
+    @app.get("/api/self-influence", response_model=list[SelfInfluenceOut], summary="Training facts by self-influence")
+    def self_influence(top_k: int = Query(20, ge=1, le=MAX_TOP_K)):
+        with lock:
+            ranked = index.self_influence(top_k)
+        return [vars(r) for r in ranked]
+
+    @app.get("/api/entities", response_model=list[str], summary="Entity labels starting with a prefix (completion)")
+    def entity_labels(prefix: str = "", limit: int = Query(20, ge=1, le=MAX_TOP_K)):
+        p = prefix.lower()
+        found = [e for e, low in zip(entities, lowered) if low.startswith(p)][:limit]
+        if len(found) < limit and p:  # then labels containing it
+            found += [e for e, low in zip(entities, lowered) if p in low and not low.startswith(p)][: limit - len(found)]
+        return found
+
+    @app.get("/api/relations", response_model=list[str], summary="Relation labels")
+    def relation_labels():
+        return relations
+
+    @app.get("/api/facts", summary="Training facts with an entity as head or tail")
+    def facts(entity: str = Query(..., min_length=1), limit: int = Query(50, ge=1, le=MAX_TOP_K)):
+        eid = maps.entity_to_id.get(entity)
+        if eid is None:
+            close = difflib.get_close_matches(entity, entities, n=3)
+            hint = f"closest known entities: {', '.join(repr(c) for c in close)}" if close else "no similar labels"
+            raise InputError(f"unknown entity {entity!r}; {hint}")
+        hrt = index.hrt
+        rows = ((hrt[:, 0] == eid) | (hrt[:, 2] == eid)).nonzero()[0]
+        labels = index._row_labels()
+        return {"entity": entity, "count": int(len(rows)),
+                "facts": [dict(zip(("train_index", "head", "relation", "tail"), (int(r), *labels[int(r)]))) for r in rows[:limit]]}  # fmt: skip
+
+    @app.get("/api/test-triples", response_model=list[TripleOut], summary="The run's test triples (to pick from)")
+    def tests(limit: int = Query(50, ge=1, le=MAX_TOP_K)):
+        return [vars(t) for t in test_triples[:limit]]
+
+    @app.get("/api/health", summary="The index, the model, sizes, and whether scores are exact")
+    def health():
+        manifest = index.manifest
+        return {"status": "ok", "version": __version__, "index": index.directory.name,
+                "model": manifest.get("replica", {}).get("model") if manifest.get("replica") else None,
+                "training_triples": index.num_rows, "entities": len(entities), "relations": len(relations),
+                "checkpoints": index.num_checkpoints, "loss": index.loss, "inverse_triples": index.inverse_triples,
+                "parameters": manifest["selection"].get("parameters"), "scores": "exact",
+                "index_bytes": sum(p.stat().st_size for p in index.directory.rglob("*") if p.is_file())}  # fmt: skip
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def explorer():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    return app
+
+
+def _test_triples(index: GradientIndex) -> list[Triple]:
+    """The test triples of the run the index was built from (its test.tsv), known labels only."""
+    from .store import resolve_path
+    from .triples import read_labeled_triples
+
+    source = resolve_path(index.manifest["inputs"]["model"]["source"], index.directory)
+    path = source / "test.tsv" if source.is_dir() else None
+    if path is None or not path.is_file():
+        return []
+    try:
+        rows = read_labeled_triples(path).labels.tolist()
+    except InputError:
+        return []
+    known_e, known_r = set(index.entity_labels), set(index.relation_labels)
+    return [Triple(*row) for row in rows if row[0] in known_e and row[2] in known_e and row[1] in known_r]
+
+
+def serve(index_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+          allow_pickle: bool = False, device: str | None = None, warn=print) -> None:  # fmt: skip
+    """Open the index and serve it until interrupted."""
+    import importlib.util
+
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise InputError("tracin-index serve needs FastAPI and uvicorn: pip install -e '.[serve]'")
+    import uvicorn
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        warn(f"warning: serving on {host}, reachable from other machines"
+             + ("" if token else "; anyone who reaches it can query the index: consider --token"))  # fmt: skip
+    index = GradientIndex.open(index_dir, device=device, allow_pickle=allow_pickle)
+    index.run  # load the model now, not at the first request (and refuse changed files before serving)
+    uvicorn.run(create_app(index, token=token), host=host, port=port, log_level="warning")

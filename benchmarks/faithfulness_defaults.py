@@ -248,6 +248,39 @@ def removal_sets(run_dir: Path, work: Path, targets_ids: torch.Tensor, picks: np
                      "index_parameters": index.selection.describe(), "layer_selections": info_layers}  # fmt: skip
 
 
+# -- the recommended number of last layers -----------------------------------------------------------
+
+#: Delta MRRs within this of the best count as equal (random removals moved it by 0.16 here).
+MRR_TIE = 0.05
+#: ... and the recommended N must find the all-parameter proponents this well (layers_sweep.py).
+MIN_PROPONENT_OVERLAP = 0.8
+
+
+def recommend_layers(results_dir: Path) -> dict | None:
+    """The N the README recommends (issue [3/5] item 5): the smallest N whose remove-and-retrain delta MRR
+    at k = 10 is within :data:`MRR_TIE` of the best N's and whose top-10 proponents overlap all-parameter
+    TracIn's at least :data:`MIN_PROPONENT_OVERLAP` (``layers_sweep.json``); N = 2 is the default
+    ``proponents`` of ``faithfulness_defaults.json``. Returns the summary keys, or None without the inputs."""
+    import json
+
+    paths = [results_dir / f"{name}.json" for name in ("faithfulness_layers", "faithfulness_defaults", "layers_sweep")]
+    if not all(p.is_file() for p in paths):
+        return None
+    layers, defaults, sweep = (json.loads(p.read_text(encoding="utf-8")) for p in paths)
+    delta = {n: layers["tables"].get(f"layers_{n}@10", {}).get("delta_mrr") for n in ("1", "3", "5", "all")}
+    delta["2"] = defaults["tables"]["proponents@10"]["delta_mrr"]
+    delta = {n: d for n, d in delta.items() if d is not None}
+    best = min(delta.values())
+    overlap = {n: sweep["results"][n]["top10_overlap_proponents"] for n in delta if n != "all" and n in sweep["results"]}
+    fit = [int(n) for n in overlap if delta[n] <= best + MRR_TIE and overlap[n] >= MIN_PROPONENT_OVERLAP]
+    if not fit:
+        return None
+    n = str(min(fit))
+    return {"layers_sweep_best_n": int(n),
+            "layers_sweep_top10_overlap_opponents": round(sweep["results"][n]["top10_overlap_opponents"], 3),
+            "layers_faith_delta_mrr": {k: round(v, 3) for k, v in sorted(delta.items())}}  # fmt: skip
+
+
 # -- main --------------------------------------------------------------------------------------------
 
 
@@ -264,7 +297,15 @@ def main() -> None:
     parser.add_argument("--name", default=NAME, help="results file name (benchmarks/results/<name>.json)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--no-summary", action="store_true", help="do not update summary.json")
+    parser.add_argument("--recommend", action="store_true",
+                        help="only recompute the recommended number of last layers from the results files")
     args = parser.parse_args()
+    if args.recommend:
+        keys = recommend_layers(args.results_dir)
+        print(keys)
+        if keys and not args.no_summary:
+            update_summary(keys)
+        return
     torch.set_num_threads(1)  # as in the workers: the full model and the retrains compute alike
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -329,7 +370,7 @@ def main() -> None:
     if args.name == NAME:
         keys = {f"faith_default_delta_mrr_{method}": summary["tables"].get(f"{method}@10", {}).get("delta_mrr")
                 for method in ("proponents", "random_neighbours", "forward_only", "adam", "normalized")}  # fmt: skip
-    else:  # the layers sweep's remove-and-retrain: its keys go with layers_sweep.json (see README)
+    else:  # the layers sweep's remove-and-retrain: the recommended N (with layers_sweep.json's overlaps)
         keys = {}
     data = {
         "protocol": {
@@ -357,6 +398,8 @@ def main() -> None:
         "other_processes_cores_during_run": others,
     }
     path = write_results(args.name, data, results_dir=args.results_dir)
+    if args.name != NAME:
+        keys = recommend_layers(args.results_dir) or {}
     if keys and not args.no_summary and Path(args.results_dir).resolve() == RESULTS.resolve():
         update_summary(keys)
     log(f"wrote {path}")

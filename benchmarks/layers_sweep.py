@@ -21,10 +21,14 @@ but the embeddings; "all" adds the entity and relation embeddings. Per selection
   correlation over the training triples that are proponents (all-parameter score > 0), and over the
   opponents (< 0), each averaged over the test triples.
 
-Not measured here: delta MRR in the remove-and-retrain test (``faithfulness.py``) per N.
-``layers_sweep_best_n`` is the N with the highest mean top-10 overlap (proponents and opponents) with
-all parameters, the smaller N on ties; ``layers_sweep_top10_overlap_opponents`` is its opponent
-overlap. Writes ``benchmarks/results/layers_sweep.json`` and those summary keys.
+Delta MRR in the remove-and-retrain test per N comes from ``faithfulness_defaults.py --methods
+layers_1 layers_3 layers_5 layers_all --name faithfulness_layers``. ``best_n`` in the JSON is the N
+with the highest mean top-10 overlap (proponents and opponents) with all parameters, the smaller N
+on ties; the summary's ``layers_sweep_best_n`` is the N the README recommends
+(``faithfulness_defaults.recommend_layers``: the smallest N that removes as well as the best, within
+0.05 delta MRR, and finds the all-parameter proponents with an overlap of at least 0.8), and
+``layers_sweep_top10_overlap_opponents`` its opponent overlap. Writes
+``benchmarks/results/layers_sweep.json``.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from agreement import load_setting  # noqa: E402
-from common import QuietGuard, command_line, machine_info, update_summary, versions, write_results  # noqa: E402
+from common import RESULTS, QuietGuard, command_line, machine_info, update_summary, versions, write_results  # noqa: E402
 from last_vs_all import SETTING, overlaps  # noqa: E402
 
 from tracin_index.analyzer import TracInAnalyzer  # noqa: E402
@@ -142,15 +146,19 @@ def main() -> None:
         "command": command_line(),
         "settings": {"setting": SETTING, "num_test": len(test), "test_rows": picks.tolist(), "num_train": len(train),
                      "checkpoints": len(run.checkpoints), "loss": "bce", "threads": args.threads, "guard": guard.describe(),
-                     "not_measured": "delta MRR in the remove-and-retrain test per N"},  # fmt: skip
+                     "remove_and_retrain": "benchmarks/results/faithfulness_layers.json"},  # fmt: skip
         "results": rows,
         "best_n": int(best),
         "total_runtime_s": time.perf_counter() - started,
     }
     path = write_results("layers_sweep", data)
-    update_summary({"layers_sweep_best_n": int(best),
-                    "layers_sweep_top10_overlap_opponents": round(rows[best]["top10_overlap_opponents"], 3)})  # fmt: skip
-    print(f"best N by overlap with all parameters: {best}; wrote {path}")
+    from faithfulness_defaults import recommend_layers
+
+    keys = recommend_layers(RESULTS)
+    if keys:
+        update_summary(keys)
+    print(f"best N by overlap with all parameters: {best}; recommended (with remove-and-retrain): "
+          f"{keys['layers_sweep_best_n'] if keys else 'not yet: run faithfulness_defaults.py for the layers'}; wrote {path}")
 
 
 if __name__ == "__main__":

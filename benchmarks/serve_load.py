@@ -55,7 +55,7 @@ def screenshot(url: str, triple: dict, path: Path) -> None:
     browser_path = os.environ.get("TRACIN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1320, "height": 760})
+        page = browser.new_page(viewport={"width": 1700, "height": 900})
         page.goto(url + "/")
         page.wait_for_function("document.getElementById('health').textContent.includes('training facts')")
         for field in ("head", "relation", "tail"):

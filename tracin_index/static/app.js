@@ -32,7 +32,11 @@ function drawChart(result) {
   const svg = $("chart");
   svg.replaceChildren();
   const rows = [...result.proponents.map(p => ["pro", p]), ...result.opponents.map(o => ["opp", o])];
-  const width = 640, rowH = 18, mid = 320, half = 150;
+  const rowH = 18, half = 150;
+  // each side holds either a bar and its value, or a fact's label: room for the longer
+  const labels = 12 + 6.6 * Math.max(10, ...rows.map(([, r]) => label(r).length));
+  const room = Math.max(half + 60, Math.min(460, labels));
+  const mid = room, width = 2 * room;
   svg.setAttribute("width", width);
   svg.setAttribute("height", Math.max(40, rows.length * rowH + 10));
   const largest = Math.max(1e-30, ...rows.map(([, r]) => Math.abs(r.influence)));

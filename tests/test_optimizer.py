@@ -34,11 +34,11 @@ def test_the_record_holds_adams_second_moments_as_defined():
     assert optimizer_record(torch.optim.SGD(model.parameters(), lr=0.1), model) == {"name": "SGD"}
 
 
-def adam_reference(run_dir, train_gradients, num_test: int = NUM_TEST) -> torch.Tensor:
+def adam_reference(run_dir, train_gradients, num_test: int = NUM_TEST, names=None) -> torch.Tensor:
     """sum_c lr_c <g_train / (sqrt(v / (1 - beta2^t)) + eps), g_test>, v read from the checkpoint file."""
     run, _, test = run_ids(run_dir)
     model = run.model.double()
-    names = [n for n in dict(model.named_parameters()) if n.startswith("interaction.hr1d")]
+    names = names or [n for n in dict(model.named_parameters()) if n.startswith("interaction.hr1d")]
     scores = torch.zeros(num_test, train_gradients[0][1].shape[0], dtype=torch.float64)
     for checkpoint, (lr, g_train) in zip(run.checkpoints, train_gradients):
         saved = torch.load(checkpoint.path, weights_only=True)
@@ -98,3 +98,20 @@ def test_the_index_refuses_adam_and_points_to_exact(tiny_run, tmp_path, capsys):
     code, _, err = run_cli(capsys, "query", tmp_path / "index", "--test", tiny_run / "test.tsv", "--test-indices", "0",
                            "--optimizer", "adam")  # fmt: skip
     assert code != 0 and "tracin-index exact --optimizer adam" in err and "Traceback" not in err
+
+
+def test_adam_aware_scores_of_an_embedding_model_keep_its_sparse_rows(tmp_path):
+    from test_index import training_gradients
+    from tracin_index.gradients import RowsBlock
+    from tracin_index.train import train_run
+
+    run_dir = train_run(tmp_path / "run", dataset="nations", model="DistMult", model_kwargs={"embedding_dim": 8},
+                        epochs=2, checkpoint_every=1, learning_rate=0.05, progress=False)  # fmt: skip
+    run, train, test = run_ids(run_dir)
+    analyzer = TracInAnalyzer(run.model.double(), checkpoints=run.checkpoints, optimizer="adam")
+    names = analyzer.selection.parameter_names
+    assert all("_embeddings" in n for n in names)
+    reference = adam_reference(run_dir, training_gradients(run_dir, "bce", names), names=names)
+    torch.testing.assert_close(analyzer.influence_scores(test[:NUM_TEST], train), reference, rtol=1e-6, atol=1e-12)
+    preconditioned = analyzer._preconditioners[0].apply(analyzer.gradients.compute(test[:1], "tail"))
+    assert all(isinstance(b, RowsBlock) and b.coef is None for b in preconditioned.blocks.values())  # still sparse

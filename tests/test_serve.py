@@ -67,6 +67,7 @@ def test_completion_facts_health_and_self_influence(served):
     (("post", "/api/query", {"json": {"triples": [{"head": "usa", "relation": "treaties", "tail": "uk"}] * (MAX_BATCH + 1)}}), 422, "at most"),
     (("post", "/api/query", {"content": b"x" * 70000, "headers": {"content-type": "application/json"}}), 413, "bytes"),
     (("get", "/api/facts", {"params": {"entity": "usaa"}}), 422, "closest known entities"),
+    (("post", "/api/query", {"content": iter([b'{"triples": []}']), "headers": {"content-type": "application/json"}}), 411, "Content-Length"),
 ])  # fmt: skip
 def test_bad_requests_get_a_4xx_and_one_line(served, request_args, status, words):
     _, client = served

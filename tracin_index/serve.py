@@ -123,6 +123,8 @@ def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int
             if not hmac.compare_digest(given.encode(), token.encode()):
                 return error(401, "a bearer token is required: send 'Authorization: Bearer <token>' (the explorer: /?token=...)")
         length = request.headers.get("content-length")
+        if length is None and "chunked" in request.headers.get("transfer-encoding", "").lower():
+            return error(411, "send the request body with a Content-Length (bodies are size-limited)")
         if length is not None and (not length.isdigit() or int(length) > max_body):
             return error(413, f"request body over {max_body:,} bytes; send at most {max_batch} test triples per request")
         return await call_next(request)

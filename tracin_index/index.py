@@ -45,6 +45,8 @@ FIRST_ROUND = 64
 MAX_ROUND = 2048
 #: Rows refined in the first round (where refining applies); each further round twice as many.
 FIRST_REFINE_ROUND = 64
+#: Refine only when the scan leaves more candidates than this (else rescore them directly, in rounds).
+REFINE_MIN_CANDIDATES = 512
 #: A row's state in a query: bounds from the scan, refined bounds, exact score.
 _SCANNED, _REFINED, _EXACT = 0, 1, 2
 
@@ -475,6 +477,7 @@ class GradientIndex:
         scores, the number of rounds (refining or rescoring) and the number of rows refined."""
         state = torch.zeros(len(low), dtype=torch.int8)  # _SCANNED, _REFINED or _EXACT
         refine = refinable(self.plans)
+        pool = None
         rows_parts, score_parts = [], []
         steps, rounds = {_SCANNED: FIRST_REFINE_ROUND, _REFINED: FIRST_ROUND}, 0
         grads = [g.index(slice(t, t + 1)) for g in test]
@@ -482,11 +485,12 @@ class GradientIndex:
         # bounds only tighten and the k-th lower bound only rises, so a row ruled out stays out: after the
         # first pass over every row, later rounds look at the first candidates only (over fewer rows the
         # k-th lower bound can only be lower, which keeps more candidates, never fewer)
-        pool = None
         while True:
             if pool is None:
                 pro, opp = _candidates(low, high, k)
                 pool = torch.as_tensor(np.union1d(pro, opp), dtype=torch.long)
+                # few candidates: rescoring them directly costs less than refining first (more rounds, more calls)
+                refine = refine and len(pool) > REFINE_MIN_CANDIDATES
             else:
                 pro, opp = (pool.numpy()[rows] for rows in _candidates(low[pool], high[pool], k))
             pro, opp = pro[state[pro].numpy() != _EXACT], opp[state[opp].numpy() != _EXACT]

@@ -466,13 +466,14 @@ def refined_estimate(plans: list[BlockPlan], stored: Stored, query: PerExampleGr
         if plan.kind == "dense":
             part = _side_estimate(sub.arrays, f"{plan.name}/values", block.values[0], None)
         else:
-            a = inputs[plan.name].to(stored.device).double()
-            a_norm = a.norm(dim=-1)
+            # in float32, as the exact rescoring computes it (its rounding is within EPS_RECOMPUTED)
+            a = inputs[plan.name].to(stored.device)
+            a_norm = torch.linalg.vector_norm(a, dim=-1).double()
             part = _Estimate(torch.zeros_like(total), torch.zeros_like(total))
             for j in range(block.a.shape[1]):  # the query's examples (positions)
                 out = _out_side(plan, by_name, sub, block.delta[0, j], modules)
                 a_q = block.a[0, j].to(a)
-                inp = _Estimate(a @ a_q, a_norm * (EPS_RECOMPUTED * float(a_q.norm())))
+                inp = _Estimate((a @ a_q).double(), a_norm * (EPS_RECOMPUTED * float(a_q.double().norm())))
                 both = _combine(out, inp)
                 part.value.add_(both.value)
                 part.error.add_(both.error)

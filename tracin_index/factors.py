@@ -298,15 +298,18 @@ class _Estimate:
     error: torch.Tensor  # float64, the same shape
 
 
-def _mv(values: torch.Tensor, scale: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+def _mv(values: torch.Tensor, scale: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
     """scale * (values @ query) in float64 for float16 rows (rows, [examples,] d); the query is scaled
-    into float16's range first (torch's float16 mat-vec product returns float16)."""
+    into float16's range first (torch's float16 mat-vec product returns float16). ``scale`` None: the
+    caller applies the rows' scale."""
     q_scale = float(query.abs().max()) if query.numel() else 0.0
     if q_scale == 0.0:
         return torch.zeros(values.shape[:-1], dtype=torch.float64, device=values.device)
     q = (query.to(values.device) / q_scale).to(values.dtype)
     product = torch.mv(values.reshape(-1, values.shape[-1]), q).view(values.shape[:-1]).double()
     # in place: at 1M rows each float64 temporary costs milliseconds (the scan is memory bound)
+    if scale is None:
+        return product.mul_(q_scale)
     return product.mul_(scale.double().view(-1, *([1] * (product.dim() - 1)))).mul_(q_scale)
 
 
@@ -319,13 +322,15 @@ def _side_estimate(arrays: dict[str, torch.Tensor], prefix: str, query: torch.Te
     scale = arrays[f"{prefix}/scale"]
     if f"{prefix}/values" in arrays:
         estimate = _mv(arrays[f"{prefix}/values"], scale, query)
-    else:  # parameter by parameter (a whole dense block)
+    else:  # parameter by parameter (a whole dense block): the parts share the row scale, applied once
         estimate, start, i = None, 0, 0
         while f"{prefix}/values{i}" in arrays:
             part = arrays[f"{prefix}/values{i}"]
-            piece = _mv(part, scale, query[start : start + part.shape[-1]])
+            piece = _mv(part, None, query[start : start + part.shape[-1]])
             estimate = piece if estimate is None else estimate.add_(piece)
             start, i = start + part.shape[-1], i + 1
+        if estimate is not None:
+            estimate.mul_(scale.double().view(-1, *([1] * (estimate.dim() - 1))))
     error = torch.mul(arrays[f"{prefix}/norm"].double(), EPS * float(query.double().norm()))
     if basis is not None:
         error.add_(arrays[f"{prefix}/rho"].double(), alpha=rho_q)
@@ -364,7 +369,7 @@ def scan_block(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, que
             inp = _side_estimate(arrays, f"{plan.name}/in", block.a[0, j], stored.bases.get((plan.name, "in")))
             if plan.grouped:
                 group = stored.groups[plan.name]
-                inp = _Estimate(inp.value[group], inp.error[group])
+                inp = _Estimate(torch.take(inp.value, group), torch.take(inp.error, group))  # take: the fastest gather here
             part = _combine(out, inp)
             if total is None:
                 total = part
@@ -423,13 +428,18 @@ def checkpoint_estimate(plans: list[BlockPlan], stored: Stored, query: PerExampl
     """Sum over blocks of :func:`scan_block`: one query, one checkpoint, every row."""
     query_norm = float(query.squared_norms()[0].double().clamp_min(0).sqrt())
     by_name = {p.name: p for p in plans}
-    total = torch.zeros(stored.num_rows, dtype=torch.float64, device=stored.device)
-    error = torch.zeros(stored.num_rows, dtype=torch.float64, device=stored.device)
+    total: _Estimate | None = None
     for plan in plans:
         part = scan_block(plan, by_name, stored, query, modules, query_norm)
-        total += part.value
-        error += part.error
-    return _Estimate(total, error)
+        if total is None:  # the first block's arrays are the sums' (no zeros to add them to)
+            total = part
+        else:
+            total.value += part.value
+            total.error += part.error
+    if total is None:
+        zeros = torch.zeros(stored.num_rows, dtype=torch.float64, device=stored.device)
+        return _Estimate(zeros, zeros.clone())
+    return total
 
 
 # ------------------------------------------------------------------------------------------------

@@ -69,7 +69,8 @@ def _load_plain(path: Path) -> Any:
         with warnings.catch_warnings():
             # torch's notice about pickle protocols is noise when the probe is expected to fail
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # mmap: a checkpoint that also holds the optimizer state is read only as far as it is used
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as error:
         if not _looks_like_torch_file(path):
             raise ModelLoadError(_NOT_TORCH.format(path=path)) from error
@@ -83,6 +84,16 @@ def _load_plain(path: Path) -> Any:
 
 _NOT_TORCH = ("{path}: is not a PyTorch file (neither a torch.save archive nor a pickle); expected a checkpoint "
               "written by torch.save, e.g. {{'model_state_dict': model.state_dict(), 'learning_rate': 0.001, 'epoch': 5}}")
+
+
+def _is_zip(path: Path) -> bool:
+    """A torch.save archive (the format torch.load can memory-map), not a legacy pickle."""
+    import zipfile
+
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
 
 
 def _looks_like_torch_file(path: Path) -> bool:

@@ -59,7 +59,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, cpu_counters, foreign_cores, update_summary, write_results  # noqa: E402
-from faithfulness import print_tables, summarise  # noqa: E402
+from faithfulness import _init_worker, print_tables, summarise  # noqa: E402
 
 NAME = "faithfulness_defaults"
 MODEL_KWARGS = {"embedding_dim": 64, "embedding_height": 8, "embedding_width": 8, "output_channels": 16}
@@ -135,10 +135,6 @@ def evaluate(run_dir: Path, targets: list[tuple[str, str, str]], known: dict) ->
         rows.append({"rank": rank, "rr": 1.0 / rank, "hits1": float(rank == 1.0), "score": float(s),
                      "log_p": float(log_p[tid]), "argmax": entity_of[int(scores.argmax())]})  # fmt: skip
     return rows
-
-
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
 
 
 def retrain_task(task: tuple) -> tuple:

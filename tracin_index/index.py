@@ -232,12 +232,7 @@ class GradientIndex:
     def squared_norms(self) -> np.ndarray:
         """||g(z; theta_c)||^2 per checkpoint and training triple, (C, N) float64 (exact, stored at build time)."""
         if self._squared_norms is None:
-            norms = np.zeros((self.num_checkpoints, self.num_rows), dtype=np.float64)
-            k = self.per_fact
-            for shard in self.manifest["shards"]:
-                path = self.directory / shard["file"]
-                norms[shard["checkpoint"], shard["row_start"] // k : shard["row_stop"] // k] = read_arrays(path, ["squared_norms"])["squared_norms"]
-            self._squared_norms = norms
+            self._squared_norms = read_squared_norms(self.directory, self.manifest)
         return self._squared_norms
 
     # ------------------------------------------------------------------------------------------
@@ -295,11 +290,7 @@ class GradientIndex:
                     self._inverse_norms[c] = inverse_norms(torch.from_numpy(self.squared_norms()[c])).to(self.device)
                 norms = self._inverse_norms[c] if rows is None else self._inverse_norms[c][rows_t.to(self.device)]
                 weight = weight * float(inverse_norms(query.squared_norms())[0]) * norms
-                value.addcmul_(weight, self._fold(part.value))
-                error.addcmul_(weight, self._fold(part.error))
-            else:
-                value.add_(self._fold(part.value), alpha=weight)
-                error.add_(self._fold(part.error), alpha=weight)
+            add_weighted(value, error, part, weight, self.per_fact)
         return value.cpu(), error.cpu()
 
     def stored_rows(self, c: int, rows: torch.Tensor) -> tuple[Stored, torch.Tensor]:
@@ -316,10 +307,6 @@ class GradientIndex:
         wanted = {p.name: (modules[p.name], p.sizes[1] == modules[p.name].in_features + 1)
                   for p in self.plans if p.kind == "factored"}  # fmt: skip
         return linear_inputs(self._computer(c).model, wanted, examples)
-
-    def _fold(self, per_row: torch.Tensor) -> torch.Tensor:
-        """Per stored row (example) -> per training triple: the sum of its rows."""
-        return per_row if self.per_fact == 1 else per_row.view(-1, self.per_fact).sum(1)
 
     def exact_scores(self, test: list[PerExampleGradients], rows: np.ndarray, batch_size: int = 256,
                      normalize: bool = False) -> torch.Tensor:  # fmt: skip
@@ -579,6 +566,37 @@ def _replica_run(spec: dict, source: Path, has_checkpoints: bool) -> _ReplicaRun
     elif not has_checkpoints:
         raise InputError(f"{weights}: missing, and the index has no checkpoints to load weights from")
     return _ReplicaRun(model.eval())
+
+
+def fold(per_row: torch.Tensor, per_fact: int) -> torch.Tensor:
+    """Per stored row (example) -> per training triple: the sum of its ``per_fact`` adjacent rows."""
+    return per_row if per_fact == 1 else per_row.view(-1, per_fact).sum(1)
+
+
+def add_weighted(value: torch.Tensor, error: torch.Tensor, part, weight, per_fact: int) -> None:
+    """``value`` and ``error`` (per training triple) += ``weight`` times a checkpoint's estimate and bound
+    (per stored row, folded); ``weight``: the learning rate, or (the cosine form) a tensor per triple."""
+    if torch.is_tensor(weight):
+        value.addcmul_(weight, fold(part.value, per_fact))
+        error.addcmul_(weight, fold(part.error, per_fact))
+    else:
+        value.add_(fold(part.value, per_fact), alpha=weight)
+        error.add_(fold(part.error, per_fact), alpha=weight)
+
+
+def read_squared_norms(directory: Path, manifest: dict, facts: tuple[int, int] | None = None) -> np.ndarray:
+    """||g(z; theta_c)||^2 per checkpoint and training triple of ``facts`` = [start, stop) (all by
+    default), (C, stop - start) float64, from the shard files."""
+    per_fact = int(manifest.get("examples_per_triple", 1))
+    start, stop = (0, int(manifest["num_rows"]) // per_fact) if facts is None else facts
+    norms = np.zeros((len(manifest["inputs"]["checkpoints"]), stop - start), dtype=np.float64)
+    for shard in manifest["shards"]:
+        a, b = shard["row_start"] // per_fact, shard["row_stop"] // per_fact
+        lo, hi = max(a, start), min(b, stop)
+        if lo < hi:
+            values = read_arrays(directory / shard["file"], ["squared_norms"])["squared_norms"]
+            norms[shard["checkpoint"], lo - start : hi - start] = values[lo - a : hi - a]
+    return norms
 
 
 def load_stored(directory: Path, manifest: dict, plans: list[BlockPlan], c: int, groups: np.ndarray | None,

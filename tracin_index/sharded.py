@@ -25,7 +25,7 @@ import torch
 from .errors import InputError
 from .factors import BlockPlan, Stored, _input_key, checkpoint_estimate
 from .gradients import PerExampleGradients, inverse_norms
-from .store import TRIPLES, read_arrays, read_manifest, read_triples
+from .store import TRIPLES, read_manifest, read_triples
 
 
 def search_ranges(num_facts: int, shards: int) -> list[tuple[int, int]]:
@@ -87,7 +87,7 @@ class SearchShard:
     """One range of training triples' stored factors at every checkpoint, in a worker's memory."""
 
     def __init__(self, directory: str, facts: tuple[int, int]):
-        from .index import load_stored
+        from .index import load_stored, read_squared_norms
 
         path = Path(directory)
         manifest = read_manifest(path)
@@ -98,28 +98,13 @@ class SearchShard:
         checkpoints = manifest["inputs"]["checkpoints"]
         self.stored = [load_stored(path, manifest, self.plans, c, groups, facts) for c in range(len(checkpoints))]
         self.learning_rates = [float(r["learning_rate"]) for r in checkpoints]
-        norms = np.zeros((len(checkpoints), facts[1] - facts[0]))
-        k = self.per_fact
-        for shard in manifest["shards"]:
-            a, b = shard["row_start"] // k, shard["row_stop"] // k
-            lo, hi = max(a, facts[0]), min(b, facts[1])
-            if lo < hi:
-                values = read_arrays(path / shard["file"], ["squared_norms"])["squared_norms"]
-                norms[shard["checkpoint"], lo - facts[0] : hi - facts[0]] = values[lo - a : hi - a]
-        self.inverse_norms = [inverse_norms(torch.from_numpy(n)) for n in norms]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for s in self.stored for v in s.arrays.values())
-
-    def _fold(self, per_row: torch.Tensor) -> torch.Tensor:
-        return per_row if self.per_fact == 1 else per_row.view(-1, self.per_fact).sum(1)
+        self.inverse_norms = [inverse_norms(torch.from_numpy(n)) for n in read_squared_norms(path, manifest, facts)]
 
     def scan(self, tests: list[PerExampleGradients], modules: list[dict], k: int, normalize: bool,
              ship: int = SHIPPED) -> list[ShardCandidates]:  # fmt: skip
         """Candidates of every test triple (``tests``: per checkpoint, the test triples' gradients), with
         the stored factors of the ``ship`` most promising each way."""
-        from .index import _candidates
+        from .index import _candidates, add_weighted
 
         out = []
         for t in range(len(tests[0])):
@@ -132,11 +117,7 @@ class SearchShard:
                 weight = self.learning_rates[c]
                 if normalize:
                     weight = weight * float(inverse_norms(query.squared_norms())[0]) * self.inverse_norms[c]
-                    value.addcmul_(weight, self._fold(part.value))
-                    error.addcmul_(weight, self._fold(part.error))
-                else:
-                    value.add_(self._fold(part.value), alpha=weight)
-                    error.add_(self._fold(part.error), alpha=weight)
+                add_weighted(value, error, part, weight, self.per_fact)
             low, high = value - error, value + error
             pro, opp = _candidates(low, high, k)
             local = np.union1d(pro, opp)

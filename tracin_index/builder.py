@@ -32,11 +32,11 @@ import torch
 from . import __version__
 from .checkpoints import Checkpoint, CheckpointModels
 from .errors import InputError, VanishingGradientError
-from .factors import DEFAULT_SKETCH_DIM, BlockPlan, plan_blocks, sketch_sample
+from .factors import DEFAULT_SKETCH_DIM, BlockPlan, plan_blocks, sketch_sample, sketched_sides
 from .directions import examples_per_fact, training_examples, uses_inverse_triples
 from .gradients import LOSSES, GradientComputer, linear_inputs, vanished, vanishing_message
 from .layers import ParameterSelection, select_parameters
-from .sketch import Basis, dequantize, fit_basis, quantize, stable_seed
+from .sketch import Basis, dequantize, fit_basis, quantize, read_bases, stable_seed
 from .cluster import LocalRunner, Runner
 from .tasks import ShardJob, build_digest
 from .store import (
@@ -235,7 +235,7 @@ class Builder:
     def _residual_energy(self, plans: list[BlockPlan]) -> float:
         """The largest share of the sampled inputs' energy that the planned sketches leave out, at the
         first checkpoint (0 when nothing is sketched)."""
-        wanted = {(p.name, side): dim for p in plans for side, _, dim in p.sides() if dim}
+        wanted = sketched_sides(plans)
         if not wanted:
             return 0.0
         worst = 0.0
@@ -378,15 +378,13 @@ class Builder:
     def _bases(self, c: int, plans: list[BlockPlan], manifest: dict) -> dict[tuple[str, str], Basis]:
         """Checkpoint c's principal directions: read when intact, else fitted again (and then every shard
         of the checkpoint is stale: they were sketched on the old directions)."""
-        wanted = {(p.name, side): dim for p in plans for side, _, dim in p.sides() if dim}
+        wanted = sketched_sides(plans)
         if not wanted:
             return {}
         name = bases_path(c)
         digest = manifest["files"].get(name)
         if digest is not None and _unchanged(self.out / name, digest):
-            stored = read_arrays(self.out / name)
-            self._halves = {c: {key: dequantize(stored[f"{key[0]}/{key[1]}/q"], stored[f"{key[0]}/{key[1]}/scale"])
-                                for key in wanted}}  # fmt: skip
+            self._halves = {c: read_bases(read_arrays(self.out / name), wanted)}
             return {key: Basis.from_matrix(matrix, self.device) for key, matrix in self._halves[c].items()}
         stale = [s for s in manifest["shards"] if s["checkpoint"] == c]
         if digest is not None or stale:

@@ -111,6 +111,11 @@ class BlockPlan:
         return 4  # opaque: the norm
 
 
+def sketched_sides(plans: list[BlockPlan]) -> dict[tuple[str, str], int]:
+    """(block, side) -> sketch dim of every side the plans sketch (each has a basis per checkpoint)."""
+    return {(p.name, side): dim for p in plans for side, _, dim in p.sides() if dim}
+
+
 # ------------------------------------------------------------------------------------------------
 # Choosing the plan
 

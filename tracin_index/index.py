@@ -29,13 +29,13 @@ from .builder import BuildSettings, build_index, selection_from_manifest
 from .checkpoints import Checkpoint, CheckpointModels
 from .directions import DEFAULT_DIRECTION, check_direction, training_examples
 from .errors import InputError, TracInWarning
-from .factors import BlockPlan, Stored, checkpoint_estimate, refinable, refined_estimate
+from .factors import BlockPlan, Stored, checkpoint_estimate, refinable, refined_estimate, sketched_sides
 from .gradients import (GradientComputer, PerExampleGradients, cosine, inverse_norms, linear_inputs, vanished,
                         vanishing_message)
 from .layers import ParameterSelection
 from .replicas import pair_forward_applies
 from .results import Influence, InfluenceResult, Triple, ranked_rows
-from .sketch import Basis, dequantize
+from .sketch import Basis, read_bases
 from .store import TRIPLES, bases_path, read_arrays, read_manifest, read_triples, resolve_path, sha256_file
 
 #: Rows rescored exactly in the first round of a query; each further round takes twice as many, up to
@@ -642,13 +642,12 @@ def load_stored(directory: Path, manifest: dict, plans: list[BlockPlan], c: int,
     for key in arrays:  # the per-row numbers of the bounds in float64 once, not at every query
         if key.endswith(("/scale", "/norm", "/rho")):
             arrays[key] = arrays[key].double()
-    bases = {}
-    if any(dim for p in plans for _, _, dim in p.sides()):
+    bases, sketched = {}, sketched_sides(plans)
+    if sketched:
         name = bases_path(c)
         _check_file(directory / name, manifest["files"].get(name), "principal directions file")
-        stored = read_arrays(directory / name)
-        bases = {(p.name, side): Basis.from_matrix(dequantize(stored[f"{p.name}/{side}/q"], stored[f"{p.name}/{side}/scale"]))
-                 for p in plans for side, _, dim in p.sides() if dim}  # fmt: skip
+        matrices = read_bases(read_arrays(directory / name), sketched)
+        bases = {key: Basis.from_matrix(matrix) for key, matrix in matrices.items()}
     for p in plans:
         if p.grouped and facts is None and len(arrays[f"{p.name}/in/values"]) != manifest["num_groups"]:
             raise InputError(f"{directory}: the shards of checkpoint {c + 1} do not hold every "

@@ -82,6 +82,12 @@ def dequantize(q, scale) -> torch.Tensor:
     return torch.as_tensor(q).float() * torch.as_tensor(scale).float()[:, None]
 
 
+def read_bases(arrays, keys) -> dict[tuple[str, str], torch.Tensor]:
+    """The stored bases (:func:`dequantize`) of the sides ``keys`` ((block, side) pairs) from a bases
+    file's arrays, each side's :func:`quantize` arrays under ``block/side/q`` and ``block/side/scale``."""
+    return {key: dequantize(arrays[f"{key[0]}/{key[1]}/q"], arrays[f"{key[0]}/{key[1]}/scale"]) for key in keys}
+
+
 @dataclass
 class Basis:
     """A basis B (k, d) ready for sketching: B in float32 and G^{-1} over its nonzero rows."""

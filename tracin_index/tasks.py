@@ -22,10 +22,10 @@ import torch
 
 from .checkpoints import Checkpoint, CheckpointModels
 from .errors import InputError
-from .factors import BlockPlan, encode
+from .factors import BlockPlan, encode, sketched_sides
 from .gradients import GradientComputer, merge_examples
 from .directions import training_examples
-from .sketch import Basis, dequantize
+from .sketch import Basis, read_bases
 from .store import MANIFEST, TRIPLES, ShardTask, bases_path, read_arrays, read_manifest, read_triples, resolve_path, sha256_file, write_arrays
 
 
@@ -140,10 +140,8 @@ class ShardWorker:
             path = self.directory / bases_path(c)
             if sha256_file(path) != digest:
                 raise InputError(f"{path}: changed while the index was being built; run the build again")
-            stored = read_arrays(path)
-            wanted = [(p.name, side) for p in self.plans for side, _, dim in p.sides() if dim]
-            self._bases = (digest, {key: Basis.from_matrix(dequantize(stored[f"{key[0]}/{key[1]}/q"], stored[f"{key[0]}/{key[1]}/scale"]), self.device)
-                                    for key in wanted})  # fmt: skip
+            matrices = read_bases(read_arrays(path), sketched_sides(self.plans))
+            self._bases = (digest, {key: Basis.from_matrix(matrix, self.device) for key, matrix in matrices.items()})
         return self._bases[1]
 
     def compute(self, task: ShardTask, bases_digest: str | None) -> dict[str, np.ndarray]:

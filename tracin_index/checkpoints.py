@@ -101,7 +101,7 @@ def _looks_like_torch_file(path: Path) -> bool:
     import zipfile
 
     try:
-        if zipfile.is_zipfile(path):
+        if _is_zip(path):
             with zipfile.ZipFile(path) as archive:
                 return any(name.endswith("data.pkl") for name in archive.namelist())
         with open(path, "rb") as f:
@@ -157,20 +157,21 @@ class Checkpoint:
         if self.path is None:
             raise InputError("--optimizer adam needs checkpoint files that record the optimizer's state; the model "
                              "alone has none")  # fmt: skip
-        try:
-            obj = _load_plain(self.path)
-        except _NeedsPickle as error:
-            raise ModelLoadError(_not_plain_message(self.path)) from error
+        obj = _load_checked(self.path)
         return Preconditioner.from_record(obj.get("optimizer") if isinstance(obj, Mapping) else None, list(names), str(self.path))
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of a torch file of plain tensors and numbers (``weights_only``: runs no code)."""
+    return _state_dict_of(_load_checked(path), path)
+
+
+def _load_checked(path: Path) -> Any:
+    """:func:`_load_plain`, refusing (:class:`ModelLoadError`) a file that holds more than plain tensors and numbers."""
     try:
-        obj = _load_plain(path)
+        return _load_plain(path)
     except _NeedsPickle as error:
         raise ModelLoadError(_not_plain_message(path)) from error
-    return _state_dict_of(obj, path)
 
 
 def _not_plain_message(path: Path) -> str:
@@ -217,10 +218,7 @@ def find_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
 
 
 def _read_checkpoint(path: Path) -> Checkpoint:
-    try:
-        obj = _load_plain(path)
-    except _NeedsPickle as error:
-        raise ModelLoadError(_not_plain_message(path)) from error
+    obj = _load_checked(path)
     _state_dict_of(obj, path)  # fail here, not in the middle of a build, when there are no weights
     epoch = obj.get("epoch")
     if isinstance(epoch, torch.Tensor) and epoch.numel() == 1:

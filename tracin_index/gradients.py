@@ -30,7 +30,7 @@ from torch.func import functional_call, vjp, vmap
 
 from .directions import TRAIN, example_batches, uses_inverse_triples
 from .errors import LossError, TracInWarning, VanishingGradientError
-from .layers import ParameterSelection, SelectedModule
+from .layers import ParameterSelection, SelectedModule, evaluating
 
 LossName = Literal["bce", "ce"]
 LOSSES = ("bce", "ce")
@@ -299,21 +299,6 @@ def check_gradients(train_squared_norms: torch.Tensor, test_squared_norms: torch
     if len(train) and float(train.double().mean()) > 0.5:
         warnings.warn(vanishing_message(f"{int(train.sum()):,} of {len(train):,} training triples", loss),
                       TracInWarning, stacklevel=3)  # fmt: skip
-
-
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode for the block, its mode restored after; no work where it is in eval mode
-    already (``train()`` visits every submodule: a query's many small forward passes felt it)."""
-    if not any(m.training for m in model.modules()):
-        yield
-        return
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 @contextlib.contextmanager

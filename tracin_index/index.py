@@ -94,11 +94,7 @@ class GradientIndex:
         #: stored rows per training triple: 2 (adjacent) for a model trained with inverse triples
         self.per_fact = int(manifest.get("examples_per_triple", 1))
         self.plans = [BlockPlan.from_json(p) for p in manifest["plans"]]
-        self.checkpoints = [
-            Checkpoint(path=None if r["path"] is None else resolve_path(r["path"], directory), epoch=r["epoch"],
-                       learning_rate=r["learning_rate"])
-            for r in manifest["inputs"]["checkpoints"]
-        ]  # fmt: skip
+        self.checkpoints = recorded_checkpoints(manifest, directory)
         # Permission to unpickle comes from the caller (the command line), never from the index directory:
         # an index may come from someone else, and its manifest and digests are theirs to write.
         self._allow_pickle = allow_pickle
@@ -176,13 +172,7 @@ class GradientIndex:
             for record, checkpoint in zip(inputs["checkpoints"], self.checkpoints):
                 if checkpoint.path is not None:
                     _check_file(checkpoint.path, record["sha256"], "checkpoint")
-            spec = self.manifest.get("replica")
-            if spec is not None and not inputs["model"]["pickled"] and source.is_dir():
-                self._run = _replica_run(spec, source, has_checkpoints=any(c.path for c in self.checkpoints))
-            else:
-                from .models import load_model  # PyKEEN: seconds to import
-
-                self._run = load_model(source, allow_pickle=self._allow_pickle)
+            self._run = recorded_run(self.manifest, self.directory, self._allow_pickle)
         return self._run
 
     @property
@@ -552,6 +542,27 @@ class _ReplicaRun:
     """What a query needs of a run directory: the model (here a replica, see :mod:`tracin_index.replicas`)."""
 
     model: torch.nn.Module
+
+
+def recorded_checkpoints(manifest: dict, directory: Path) -> list[Checkpoint]:
+    """The checkpoints an index was built from, as its manifest records them (paths relative to it)."""
+    return [Checkpoint(path=None if r["path"] is None else resolve_path(r["path"], directory), epoch=r["epoch"],
+                       learning_rate=r["learning_rate"])
+            for r in manifest["inputs"]["checkpoints"]]  # fmt: skip
+
+
+def recorded_run(manifest: dict, directory: Path, allow_pickle: bool):
+    """The model an index was built from (``.model``): its plain-torch replica where the build recorded
+    one, else loaded through PyKEEN; a pickled one only with ``allow_pickle``, which comes from the
+    caller (the command line), never from the index directory."""
+    inputs = manifest["inputs"]
+    source = resolve_path(inputs["model"]["source"], directory)
+    spec = manifest.get("replica")
+    if spec is not None and not inputs["model"]["pickled"] and source.is_dir():
+        return _replica_run(spec, source, has_checkpoints=any(r["path"] for r in inputs["checkpoints"]))
+    from .models import load_model  # PyKEEN: seconds to import
+
+    return load_model(source, allow_pickle=allow_pickle)
 
 
 def _replica_run(spec: dict, source: Path, has_checkpoints: bool) -> _ReplicaRun:

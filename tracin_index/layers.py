@@ -6,10 +6,11 @@ name patterns alone, so PyKEEN's renames between versions do not change what "la
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -162,16 +163,13 @@ def _trace(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], set[str]]:
 
     for name, module in owners:
         handles.append(module.register_forward_hook(lambda mod, args, out, name=name: hook(mod, args, out, name)))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             device = next(model.parameters()).device
             model.score_hrt(torch.zeros((2, 3), dtype=torch.long, device=device))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     first_call: dict[str, int] = {}
     for i, name in enumerate(order):
         first_call.setdefault(name, i)
@@ -288,3 +286,18 @@ def known_sorted(ordered: Sequence[tuple[str, nn.Module]]) -> list[str]:
 def split_names(values: Sequence[str] | None) -> list[str]:
     """Accept ``a b``, ``a,b`` and repeated flags alike."""
     return [v for value in values or () for v in re.split(r"[,\s]+", value.strip()) if v]
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block, its mode restored after; no work where it is in eval mode
+    already (``train()`` visits every submodule: a query's many small forward passes felt it)."""
+    if not any(m.training for m in model.modules()):
+        yield
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

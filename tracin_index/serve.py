@@ -21,7 +21,6 @@ Queries run one at a time (the index's model and caches are not thread-safe); re
 from __future__ import annotations
 
 import asyncio
-import difflib
 import hmac
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +32,7 @@ from . import __version__
 from .errors import InputError, TracInError
 from .index import GradientIndex
 from .results import Triple
+from .triples import _closest_labels
 
 #: Largest top_k a request may ask for, test triples per POST, request body bytes.
 MAX_TOP_K = 1000
@@ -192,7 +192,7 @@ def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int
     def facts(entity: str = Query(..., min_length=1), limit: int = Query(50, ge=1, le=MAX_TOP_K)):
         eid = maps.entity_to_id.get(entity)
         if eid is None:
-            close = difflib.get_close_matches(entity, entities, n=3)
+            close = _closest_labels(entity, maps.entity_to_id)  # as the command line suggests labels
             hint = f"closest known entities: {', '.join(repr(c) for c in close)}" if close else "no similar labels"
             raise InputError(f"unknown entity {entity!r}; {hint}")
         hrt = index.hrt

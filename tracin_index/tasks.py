@@ -26,7 +26,7 @@ from .factors import BlockPlan, encode, sketched_sides
 from .gradients import GradientComputer, merge_examples
 from .directions import training_examples
 from .sketch import Basis, read_bases
-from .store import MANIFEST, TRIPLES, ShardTask, bases_path, read_arrays, read_manifest, read_triples, resolve_path, sha256_file, write_arrays
+from .store import MANIFEST, TRIPLES, ShardTask, bases_path, read_arrays, read_manifest, read_triples, sha256_file, write_arrays
 
 
 @dataclass(frozen=True)
@@ -108,23 +108,14 @@ class ShardWorker:
         if sha256_file(triples) != manifest["files"].get(TRIPLES):
             raise InputError(f"{triples}: changed while the index was being built; run the build again")
         hrt, _, _, groups = read_triples(triples)
-        inputs = manifest["inputs"]
-        checkpoints = [Checkpoint(None if r["path"] is None else resolve_path(r["path"], directory), r["epoch"], r["learning_rate"])
-                       for r in inputs["checkpoints"]]  # fmt: skip
-        source = resolve_path(inputs["model"]["source"], directory)
-        spec = manifest.get("replica")
-        if spec is not None:  # checked against the PyKEEN model by the build: no PyKEEN import here
-            from .index import _replica_run
-            from .replicas import pair_forward_applies
+        from .index import recorded_checkpoints, recorded_run
+        from .replicas import pair_forward_applies
 
-            model = _replica_run(spec, source, has_checkpoints=any(c.path for c in checkpoints)).model
-            worker = cls(model, checkpoints, manifest, hrt, groups, directory, device)
-            model.pair_forward = groups is not None and pair_forward_applies(model, worker.selection)
-            return worker
-        from .models import load_model
-
-        model = load_model(source, allow_pickle=allow_pickle).model
-        return cls(model, checkpoints, manifest, hrt, groups, directory, device)
+        model = recorded_run(manifest, directory, allow_pickle).model
+        worker = cls(model, recorded_checkpoints(manifest, directory), manifest, hrt, groups, directory, device)
+        if pair_forward_applies(model, worker.selection):  # a replica: the layers before the Linear once per pair
+            model.pair_forward = groups is not None
+        return worker
 
     def computer(self, c: int) -> GradientComputer:
         model = self.models.model(c)

@@ -69,6 +69,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 os.environ.setdefault("PYSTOW_HOME", os.path.join(tempfile.gettempdir(), "pystow-bench"))
 
@@ -223,17 +224,40 @@ def evaluate(model, data: Data, targets: torch.Tensor) -> list[dict]:
     log_p = torch.log_softmax(scores, dim=-1)
     rows = []
     for i, (h, r, t) in enumerate(targets.tolist()):
-        s = scores[i]
-        mask = torch.ones_like(s, dtype=torch.bool)
-        others = [x for x in data.known_tails[(h, r)] if x != t]
-        if others:
-            mask[torch.as_tensor(others)] = False
-        mask[t] = False
-        candidates = s[mask]
-        rank = 1.0 + float((candidates > s[t]).sum()) + 0.5 * float((candidates == s[t]).sum())
-        rows.append({"rank": rank, "rr": 1.0 / rank, "hits1": float(rank == 1.0), "score": float(s[t]),
-                     "log_p": float(log_p[i, t]), "argmax": int(s.argmax())})  # fmt: skip
+        rows.append(target_metrics(scores[i], log_p[i], t, data.known_tails[(h, r)]))
     return rows
+
+
+def target_metrics(scores: torch.Tensor, log_p: torch.Tensor, target: int, known: Iterable[int]) -> dict:
+    """The target's filtered rank among all tails (the other ``known`` true tails left out; ties count
+    half), reciprocal rank, Hits@1, score, log-probability, and the unfiltered argmax."""
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    others = [x for x in known if x != target]
+    if others:
+        mask[torch.as_tensor(others)] = False
+    mask[target] = False
+    candidates, s = scores[mask], scores[target]
+    rank = 1.0 + float((candidates > s).sum()) + 0.5 * float((candidates == s).sum())
+    return {"rank": rank, "rr": 1.0 / rank, "hits1": float(rank == 1.0), "score": float(s),
+            "log_p": float(log_p[target]), "argmax": int(scores.argmax())}  # fmt: skip
+
+
+def random_removals(train: torch.Tensor, targets: torch.Tensor, picks, seed: int, k: int) -> tuple[list, list]:
+    """Per target (its test row in ``picks`` seeds the draw): k random training rows sharing an entity
+    with it (in either position), and k random training rows."""
+    entity_rows: dict[int, list[int]] = {}
+    for row, (h, _, t) in enumerate(train.tolist()):
+        entity_rows.setdefault(h, []).append(row)
+        if t != h:
+            entity_rows.setdefault(t, []).append(row)
+    neighbours, anywhere = [], []
+    for i, (h, _, t) in enumerate(targets.tolist()):
+        pool = sorted(set(entity_rows.get(h, [])) | set(entity_rows.get(t, [])))
+        g = np.random.default_rng([seed, int(picks[i]), 1])
+        neighbours.append([int(x) for x in g.permutation(pool)[:k]])
+        g = np.random.default_rng([seed, int(picks[i]), 2])
+        anywhere.append([int(x) for x in g.choice(len(train), size=k, replace=False)])
+    return neighbours, anywhere
 
 
 # -- workers: one retrain per task ----------------------------------------------------------------
@@ -330,18 +354,7 @@ def prepare(name: str, setting: Setting, args, log) -> dict:
         exact_scores[method] = scores
         removal[method] = [list(np.argsort(-s, kind="stable")[:kmax]) for s in scores]
 
-    entity_rows: dict[int, list[int]] = {}
-    for row, (h, _, t) in enumerate(data.train.tolist()):
-        entity_rows.setdefault(h, []).append(row)
-        if t != h:
-            entity_rows.setdefault(t, []).append(row)
-    removal["random_neighbours"], removal["random"] = [], []
-    for i, (h, _, t) in enumerate(targets.tolist()):
-        pool = sorted(set(entity_rows.get(h, [])) | set(entity_rows.get(t, [])))
-        g = np.random.default_rng([args.seed, int(picks[i]), 1])
-        removal["random_neighbours"].append(list(g.permutation(pool)[:kmax]))
-        g = np.random.default_rng([args.seed, int(picks[i]), 2])
-        removal["random"].append(list(g.choice(data.train.shape[0], size=kmax, replace=False)))
+    removal["random_neighbours"], removal["random"] = random_removals(data.train, targets, picks, args.seed, kmax)
 
     # how the index's proponents compare with exact TracIn's (top-k overlap)
     overlap = {}

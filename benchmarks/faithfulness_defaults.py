@@ -59,7 +59,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, cpu_counters, foreign_cores, update_summary, write_results  # noqa: E402
-from faithfulness import _init_worker, print_tables, summarise  # noqa: E402
+from faithfulness import _init_worker, print_tables, random_removals, summarise, target_metrics  # noqa: E402
 
 NAME = "faithfulness_defaults"
 MODEL_KWARGS = {"embedding_dim": 64, "embedding_height": 8, "embedding_width": 8, "output_channels": 16}
@@ -126,14 +126,8 @@ def evaluate(run_dir: Path, targets: list[tuple[str, str, str]], known: dict) ->
         hr = torch.tensor([[maps.entity_to_id[h], maps.relation_to_id[r]]])
         scores = model.score_t(model.relation_inverter.map(batch=hr)).view(-1).double()
         log_p = torch.log_softmax(scores, dim=0)
-        tid = maps.entity_to_id[t]
-        mask = torch.ones_like(scores, dtype=torch.bool)
-        for other in known[(h, r)]:
-            mask[maps.entity_to_id[other]] = False
-        candidates, s = scores[mask], scores[tid]
-        rank = 1.0 + float((candidates > s).sum()) + 0.5 * float((candidates == s).sum())
-        rows.append({"rank": rank, "rr": 1.0 / rank, "hits1": float(rank == 1.0), "score": float(s),
-                     "log_p": float(log_p[tid]), "argmax": entity_of[int(scores.argmax())]})  # fmt: skip
+        row = target_metrics(scores, log_p, maps.entity_to_id[t], [maps.entity_to_id[x] for x in known[(h, r)]])
+        rows.append({**row, "argmax": entity_of[row["argmax"]]})
     return rows
 
 
@@ -222,18 +216,7 @@ def removal_sets(run_dir: Path, work: Path, targets_ids: torch.Tensor, picks: np
         timings[f"{method}_s"] = time.perf_counter() - t0
         info_layers[method] = analyzer.selection.describe()
 
-    entity_rows: dict[int, list[int]] = {}
-    for row, (h, _, t) in enumerate(train_ids.tolist()):
-        entity_rows.setdefault(h, []).append(row)
-        if t != h:
-            entity_rows.setdefault(t, []).append(row)
-    removal["random_neighbours"], removal["random"] = [], []
-    for i, (h, _, t) in enumerate(targets_ids.tolist()):
-        pool = sorted(set(entity_rows.get(h, [])) | set(entity_rows.get(t, [])))
-        g = np.random.default_rng([args.seed, int(picks[i]), 1])
-        removal["random_neighbours"].append([int(x) for x in g.permutation(pool)[:kmax]])
-        g = np.random.default_rng([args.seed, int(picks[i]), 2])
-        removal["random"].append([int(x) for x in g.choice(len(train_ids), size=kmax, replace=False)])
+    removal["random_neighbours"], removal["random"] = random_removals(train_ids, targets_ids, picks, args.seed, kmax)
     overlap = {}
     for method in (m for m in args.methods if m not in ("proponents", "random", "random_neighbours")):
         for k in args.ks:

@@ -58,14 +58,27 @@ from .store import (
 )
 
 DEFAULT_SHARD_SIZE = 16384
-#: Training rows whose factors define a checkpoint's principal directions (fewer for very wide sides).
+#: Training rows whose factors define a checkpoint's principal directions: at least this many, and
+#: SAMPLE_PER_DIRECTION per direction (fewer for very wide sides) ...
 SKETCH_SAMPLE = 1024
-#: ... at most this many bytes of sampled factors per side.
+SAMPLE_PER_DIRECTION = 8
+#: ... and at most this many bytes of sampled factors per side. (A ConvE on 100k planted triples, inputs
+#: held out: 256 directions fitted on 1,024 rows keep 0.81 of their energy, on 4,096 rows 0.84; 512
+#: directions 0.89 and 0.92.)
 SKETCH_SAMPLE_BYTES = 256 * 2**20
 #: With the default sketch dim, sides whose 128 directions leave more than this share of the sampled
-#: inputs' energy get 256 (UMLS ConvE: 0.03 left; a ConvE on 100k planted triples: 0.45).
+#: inputs' energy get 256 (UMLS ConvE: 0.03 left; a ConvE on 100k planted triples: 0.45) ...
 AUTO_RESIDUAL = 0.1
 WIDE_SKETCH_DIM = 256
+#: ... and those that 256 still leave more than AUTO_RESIDUAL out get 512 where the extra coordinates
+#: cost each checkpoint's scan at most WIDEST_SCAN_BYTES and keep the index under WIDEST_BYTES per
+#: stored row and checkpoint. Looser bounds cost a query refinements (about 30 us per row and
+#: checkpoint) whose number does not grow with the graph, while the scan does: on the 100k planted
+#: ConvE, 512 directions cut the rows refined per query from ~270 to ~100 (and the query's p50 from 83
+#: to 60 ms), where the 1M graph, refining ~125 rows with 256, would pay ~30 ms more of scan.
+WIDEST_SKETCH_DIM = 512
+WIDEST_SCAN_BYTES = 64 * 2**20
+WIDEST_BYTES = 1536
 #: Rows on which the build checks its plan (grouping, derived sides) and that gradients do not vanish.
 CHECK_ROWS = 64
 
@@ -223,6 +236,9 @@ class Builder:
         plans = plan_with(self.settings.sketch_dim or DEFAULT_SKETCH_DIM)
         if self.settings.sketch_dim is None and self._residual_energy(plans) > AUTO_RESIDUAL:
             plans = plan_with(WIDE_SKETCH_DIM)
+            widest = plan_with(WIDEST_SKETCH_DIM)
+            if self._affordable(widest) and self._residual_energy(plans) > AUTO_RESIDUAL:
+                plans = widest
         norms = torch.zeros(len(check), dtype=torch.float64)
         for c in sorted({0, len(self.models) - 1}):
             norms += self.computer(c).compute_examples(check).squared_norms().double().cpu()
@@ -231,6 +247,27 @@ class Builder:
         if bool(vanished(norms).all()):
             raise VanishingGradientError(vanishing_message(f"all {len(check)} sampled training examples", self.settings.loss))
         return plans
+
+    def _affordable(self, plans: list[BlockPlan]) -> bool:
+        """Whether ``plans`` keep each checkpoint's scan of the sketched sides within WIDEST_SCAN_BYTES
+        and the index within WIDEST_BYTES per stored row and checkpoint (see WIDEST_SKETCH_DIM)."""
+        stored = self.num_rows
+        if any(p.grouped for p in plans):
+            stored = len(group_rows(self.examples.numpy(), self.inputs.run.model.num_relations)[1])
+        scan = sum(stored if p.grouped else self.num_rows for p in plans for _, _, dim in p.sides() if dim)
+        scan_bytes = 2 * scan * max((dim for p in plans for _, _, dim in p.sides()), default=0)
+        total = self.estimate_bytes(plans, stored)["total"]
+        return scan_bytes <= WIDEST_SCAN_BYTES and total <= WIDEST_BYTES * self.num_rows * len(self.models)
+
+    def _sample_rows(self, dim: int, wide: int) -> np.ndarray:
+        """The sampled rows for a side of ``dim`` directions and ``wide`` numbers: :attr:`sample_rows`, with
+        more rows (seeded, drawn from the rest) for many directions, fewer for very wide sides."""
+        size = min(self.num_rows, max(SKETCH_SAMPLE, SAMPLE_PER_DIRECTION * dim), max(1, SKETCH_SAMPLE_BYTES // (4 * wide)))
+        if size <= len(self.sample_rows):
+            return self.sample_rows[:size]
+        rest = np.setdiff1d(np.arange(self.num_rows), self.sample_rows, assume_unique=True)
+        rng = np.random.default_rng(stable_seed(self.settings.seed, "sample", "more"))
+        return np.sort(np.concatenate([self.sample_rows, rng.choice(rest, size=size - len(self.sample_rows), replace=False)]))
 
     def _residual_energy(self, plans: list[BlockPlan]) -> float:
         """The largest share of the sampled inputs' energy that the planned sketches leave out, at the
@@ -407,7 +444,7 @@ class Builder:
         """The sampled factors each sketched side is fitted on, at checkpoint c. When only Linear inputs
         are sketched (ConvE), a forward pass that stops at those layers gives them (no gradients)."""
         wide = max(size for p in plans for _, size, dim in p.sides() if dim)
-        rows = self.sample_rows[: max(1, min(len(self.sample_rows), SKETCH_SAMPLE_BYTES // (4 * wide)))]
+        rows = self._sample_rows(max(wanted.values()), wide)
         parts: dict[tuple[str, str], list[torch.Tensor]] = {key: [] for key in wanted}
         model = self.models.model(c)
         modules = {m.name: m for m in self.selection.modules}
@@ -505,8 +542,7 @@ class Builder:
         if available is None:
             return
         model_bytes = sum(t.numel() * t.element_size() for t in self.inputs.run.model.state_dict().values())
-        wide = [size for p in plans for _, size, dim in p.sides() if dim]
-        sample = sum(4 * min(SKETCH_SAMPLE * size, SKETCH_SAMPLE_BYTES) for size in wide)
+        sample = sum(4 * size * len(self._sample_rows(dim, size)) for p in plans for _, size, dim in p.sides() if dim)
         per_row = sum(4 * (sum(p.sizes) if p.kind != "rows" else p.sizes[1] * p.sizes[2]) for p in plans)
         need = 2 * model_bytes + sample + 4 * self.settings.batch_size * per_row + 32 * self.num_rows
         if need > available:

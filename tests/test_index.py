@@ -121,6 +121,24 @@ def test_conve_queries_are_exact_tracin_from_sketched_factors(tiny_run, tmp_path
     assert_matches(index.query(test[:NUM_TEST], top_k=5, candidates=200), conve_reference[loss], k=5)
 
 
+def test_scans_of_arrays_packed_for_fbgemm_stay_within_their_bounds(tiny_run, tmp_path, conve_reference, monkeypatch):
+    import tracin_index.factors as factors
+
+    if not factors._fbgemm_available():
+        pytest.skip("this torch has no fbgemm")
+    monkeypatch.setattr(factors, "PACK_MIN_ROWS", 1)  # the tiny index's arrays too
+    GradientIndex.build(tmp_path / "index", model_path=tiny_run, sketch_dim=16)
+    index = GradientIndex.open(tmp_path / "index", pack=True)
+    _, _, test = run_ids(tiny_run)
+    assert_bounds_hold(index, test, conve_reference["bce"])
+    assert sorted(index.stored(0).packed) == ["interaction.hr1d.0/in/values", "interaction.hr1d.2/values/values0",
+                                              "interaction.hr1d.2/values/values1"]  # fmt: skip
+    assert_matches(index.query(test[:NUM_TEST], top_k=10), conve_reference["bce"])
+    unpacked = GradientIndex.open(tmp_path / "index", pack=False)
+    unpacked.query(test[:NUM_TEST], top_k=10)
+    assert not unpacked.stored(0).packed
+
+
 def test_approximate_scores_are_within_their_bounds_and_said_to_be(tiny_run, tmp_path, conve_reference, capsys):
     out = tmp_path / "index"
     index = GradientIndex.build(out, model_path=tiny_run, sketch_dim=16)
@@ -174,6 +192,19 @@ def test_embedding_models_keep_their_sparse_rows_and_are_exact(nations, tmp_path
         h, r, t = test[0].tolist()
         apart = ~np.isin(index.hrt[:, 0], [h, t]) & ~np.isin(index.hrt[:, 2], [h, t]) & (index.hrt[:, 1] != r)
         assert apart.any() and (value[apart] == 0).all() and (error[apart] == 0).all()
+
+
+def test_linear_layers_that_store_their_own_output_sides_are_scanned_within_their_bounds(nations, tmp_path):
+    """ERMLP's last Linear layers have no batch norm to derive an output side from: each stores its own."""
+    run = embedding_run(nations, tmp_path, "ERMLP")
+    names = ["interaction.hidden.weight", "interaction.hidden.bias", "interaction.hidden_to_score.weight",
+             "interaction.hidden_to_score.bias"]  # fmt: skip
+    reference = brute_force(run, "bce", names)
+    index = GradientIndex.build(tmp_path / "index", model_path=run)
+    assert [(p.kind, p.derived, p.sketch[0]) for p in index.plans] == [("factored", None, 0)] * 2
+    _, _, test = run_ids(run)
+    assert_bounds_hold(index, test, reference)
+    assert_matches(index.query(test[:NUM_TEST], top_k=10), reference)
 
 
 def test_self_influence_equals_the_squared_gradient_norms(tiny_run, tmp_path):
@@ -434,11 +465,16 @@ def test_loose_bounds_are_settled_by_rescoring_in_rounds_most_promising_first(ti
     assert sum(index.last_query.candidates) < sum(at_once)  # ... and spared rescoring every candidate
 
 
-@pytest.mark.parametrize("allowed,expected", [(1.0, 128), (0.0, 256)])
+@pytest.mark.parametrize("allowed,affordable,expected", [(1.0, True, 128), (0.0, False, 256), (0.0, True, 512)],
+                         ids=["128-enough", "512-too-big", "512"])  # fmt: skip
 def test_the_default_sketch_widens_where_128_directions_leave_too_much_out(conve_run, tmp_path, monkeypatch, allowed,
-                                                                           expected):  # fmt: skip
+                                                                           affordable, expected):  # fmt: skip
+    """128 directions, 256 where they leave too much out, 512 where 256 do too and the index and each scan
+    stay small enough (here: a small graph, whose 512-direction bases alone would exceed the budget)."""
     import tracin_index.builder as builder
 
     monkeypatch.setattr(builder, "AUTO_RESIDUAL", allowed)
+    if affordable:
+        monkeypatch.setattr(builder, "WIDEST_BYTES", 10**9)
     index = GradientIndex.build(tmp_path / "index", model_path=conve_run)
     assert index.plans[0].sketch == (0, expected) and index.manifest["settings"]["sketch_dim"] is None

@@ -30,13 +30,14 @@ entries span many orders of magnitude), which the bounds include.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
-from .gradients import DenseBlock, FactoredBlock, GradientComputer, PerExampleGradients, RowsBlock
+from .gradients import DenseBlock, FactoredBlock, GradientComputer, LinearInputs, PerExampleGradients, RowsBlock
 from .layers import ParameterSelection
 from .sketch import Basis
 
@@ -263,16 +264,83 @@ def sketch_sample(plans: list[BlockPlan], grads: PerExampleGradients) -> dict[tu
 # Scanning: a query's estimate and bound for every stored row
 
 
+#: A stored array of at least PACK_MIN_ROWS rows is scanned by fbgemm's float16 GEMM (float16 rows, float32
+#: query and sums: 1.5 ms per 100k x 200 against 2.0 for torch's float16 mat-vec, two queries at once in
+#: 1.75) once its checkpoint has been scanned ``pack_after`` times: packing costs about 12 ns per stored
+#: number (~2.5 s for a 100k-triple ConvE index), which a one-off query would not earn back. The packed
+#: copy is held besides the stored arrays (candidates' rows are gathered from those): twice the memory.
+PACK_MIN_ROWS = 4096
+#: ... packed in blocks of this many rows (packing goes through a float32 copy of each block).
+PACK_ROWS = 32768
+
+
+def _fbgemm_available() -> bool:
+    """Whether this torch has fbgemm's float16 GEMM (x86 builds; deprecated but present in torch 2.x)."""
+    global _FBGEMM
+    if _FBGEMM is None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                packed = torch.fbgemm_pack_gemm_matrix_fp16(torch.ones(8, 8))
+                _FBGEMM = bool(torch.fbgemm_linear_fp16_weight(torch.ones(1, 8), packed, torch.zeros(8))[0, 0] == 8)
+        except (AttributeError, RuntimeError):
+            _FBGEMM = False
+    return _FBGEMM
+
+
+_FBGEMM: bool | None = None
+
+
+class _Packed:
+    """A float16 array (rows, d) packed for fbgemm, in blocks of PACK_ROWS rows."""
+
+    def __init__(self, values: torch.Tensor):
+        self.blocks = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "deprecated": there is no successor on the CPU yet
+            for start in range(0, len(values), PACK_ROWS):
+                part = values[start : start + PACK_ROWS]
+                self.blocks.append((torch.fbgemm_pack_gemm_matrix_fp16(part.float()), torch.zeros(len(part))))
+
+    def products(self, queries: torch.Tensor) -> torch.Tensor:
+        """(M, rows) float32: each row's inner product with each query (M, d) float32."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parts = [torch.fbgemm_linear_fp16_weight(queries, packed, bias) for packed, bias in self.blocks]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 @dataclass
 class Stored:
     """One checkpoint's stored arrays for all rows (shards concatenated), plus the bases and the
-    rows' group ids of grouped blocks."""
+    rows' group ids of grouped blocks. ``pack_after``: scans after which large arrays are packed for
+    fbgemm (:data:`PACK_MIN_ROWS`; None: never)."""
 
     arrays: dict[str, torch.Tensor]
     bases: dict[tuple[str, str], Basis]
     groups: dict[str, torch.Tensor]  # block name -> (rows,) group id
     num_rows: int
     postings: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    pack_after: int | None = None
+    scans: int = 0
+    packed: dict[str, _Packed] = field(default_factory=dict)
+
+    def products(self, key: str, queries: torch.Tensor) -> torch.Tensor:
+        """Products of the float16 rows (rows, [examples,] d) of array ``key`` with each query (M, d), the
+        queries scaled to at most 1 in magnitude: (M, rows[, examples]), float16 from torch's mat-vec
+        product, float32 where the array is packed for fbgemm."""
+        values = self.arrays[key]
+        flat = values.reshape(-1, values.shape[-1])
+        packed = self.packed.get(key)
+        if (packed is None and self.pack_after is not None and self.scans >= self.pack_after and len(flat) >= PACK_MIN_ROWS
+                and flat.device.type == "cpu" and flat.dtype == torch.float16 and _fbgemm_available()):  # fmt: skip
+            packed = self.packed[key] = _Packed(flat)
+        if packed is not None:
+            out = packed.products(queries.float().cpu())
+        else:
+            q = queries.to(device=flat.device, dtype=flat.dtype)
+            out = torch.stack([torch.mv(flat, q[i]) for i in range(len(q))])
+        return out.view(len(queries), *values.shape[:-1])
 
     @property
     def device(self) -> torch.device:
@@ -282,7 +350,7 @@ class Stored:
         """The same arrays on ``device`` (a GPU scans them much faster)."""
         return Stored({k: v.to(device) for k, v in self.arrays.items()},
                       {k: Basis(b.matrix.to(device), b.gram_inverse.to(device)) for k, b in self.bases.items()},
-                      {k: v.to(device) for k, v in self.groups.items()}, self.num_rows)  # fmt: skip
+                      {k: v.to(device) for k, v in self.groups.items()}, self.num_rows, pack_after=self.pack_after)  # fmt: skip
 
     def rows_postings(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(starts, rows, slots): the (row, slot) pairs that look up each table row, as CSR."""
@@ -303,35 +371,35 @@ class _Estimate:
     error: torch.Tensor  # float64, the same shape
 
 
-def _mv(values: torch.Tensor, scale: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
-    """scale * (values @ query) in float64 for float16 rows (rows, [examples,] d); the query is scaled
-    into float16's range first (torch's float16 mat-vec product returns float16). ``scale`` None: the
-    caller applies the rows' scale."""
-    q_scale = float(query.abs().max()) if query.numel() else 0.0
-    if q_scale == 0.0:
+def _mv(stored: Stored, key: str, scale: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
+    """scale * (values @ query) in float64 for the float16 rows (rows, [examples,] d) of array ``key``;
+    the query is scaled to at most 1 first (torch's float16 mat-vec product returns float16). ``scale``
+    None: the caller applies the rows' scale."""
+    values = stored.arrays[key]
+    product, q_scale = _product(stored, key, query)
+    if product is None:
         return torch.zeros(values.shape[:-1], dtype=torch.float64, device=values.device)
-    q = (query.to(values.device) / q_scale).to(values.dtype)
-    product = torch.mv(values.reshape(-1, values.shape[-1]), q).view(values.shape[:-1]).double()
+    product = product.double()
     # in place: at 1M rows each float64 temporary costs milliseconds (the scan is memory bound)
     if scale is None:
         return product.mul_(q_scale)
     return product.mul_(scale.double().view(-1, *([1] * (product.dim() - 1)))).mul_(q_scale)
 
 
-def _side_estimate(arrays: dict[str, torch.Tensor], prefix: str, query: torch.Tensor, basis: Basis | None) -> _Estimate:
+def _side_estimate(stored: Stored, prefix: str, query: torch.Tensor, basis: Basis | None) -> _Estimate:
     """<x_row, query> for every stored row [and example] of one side (query: a vector of the side's full size)."""
+    arrays = stored.arrays
     rho_q = 0.0
     if basis is not None:
-        s, rho = basis.sketch(query.reshape(1, -1))
-        query, rho_q = basis.query(s)[0], float(rho[0])
+        query, rho_q = basis.sketch_query(query)
     scale = arrays[f"{prefix}/scale"]
     if f"{prefix}/values" in arrays:
-        estimate = _mv(arrays[f"{prefix}/values"], scale, query)
+        estimate = _mv(stored, f"{prefix}/values", scale, query)
     else:  # parameter by parameter (a whole dense block): the parts share the row scale, applied once
         estimate, start, i = None, 0, 0
         while f"{prefix}/values{i}" in arrays:
             part = arrays[f"{prefix}/values{i}"]
-            piece = _mv(part, None, query[start : start + part.shape[-1]])
+            piece = _mv(stored, f"{prefix}/values{i}", None, query[start : start + part.shape[-1]])
             estimate = piece if estimate is None else estimate.add_(piece)
             start, i = start + part.shape[-1], i + 1
         if estimate is not None:
@@ -358,51 +426,157 @@ def _combine(out: _Estimate, inp: _Estimate) -> _Estimate:
     return _Estimate(value, error)
 
 
+def _product(stored: Stored, key: str, query: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+    """The rows of array ``key`` times ``query / q`` (:meth:`Stored.products`), and q = max |query| (None and
+    0.0 for a zero query)."""
+    return _products(stored, key, [query])[0]
+
+
+def _products(stored: Stored, key: str, queries: list[torch.Tensor]) -> list[tuple[torch.Tensor | None, float]]:
+    """:func:`_product` for several queries over the same rows, in one pass where the array is packed."""
+    scales = [float(q.abs().max()) if q.numel() else 0.0 for q in queries]
+    live = [i for i, q_scale in enumerate(scales) if q_scale != 0.0]
+    found: dict[int, torch.Tensor] = {}
+    if live:
+        products = stored.products(key, torch.stack([queries[i].reshape(-1) / scales[i] for i in live]))
+        found = {i: products[j] for j, i in enumerate(live)}
+    return [(found.get(i), scales[i]) for i in range(len(queries))]
+
+
 def scan_block(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, query: PerExampleGradients,
-               modules: dict[str, nn.Module], query_norm: float) -> _Estimate:  # fmt: skip
-    """Estimate and bound of <g_row, g_query> for this block, every row (``query``: one test triple;
-    ``modules``: the model's modules at this checkpoint, for batch norm scales)."""
-    n = stored.num_rows
+               modules: dict[str, nn.Module], query_norm: float, out: _Estimate, weight: float = 1.0,
+               memo: dict | None = None) -> None:  # fmt: skip
+    """``out`` += ``weight`` times the estimate and bound of <g_row, g_query> for this block, every row
+    (``query``: one test triple; ``modules``: the model's modules at this checkpoint, for batch norm scales).
+
+    The scan is memory bound: float16 products are added into the float64 sums as they come (one pass
+    each over the rows after the product), where a block's estimate as such would cost a float64
+    temporary per step (milliseconds each at 1M rows). ``memo``: products one block computed for another
+    (a derived output side and its batch norm read the same rows), by array key, with their query."""
     block = query.blocks[plan.name]
     arrays = stored.arrays
+    memo = {} if memo is None else memo
     if plan.kind == "dense":
-        return _side_estimate(arrays, f"{plan.name}/values", block.values[0], stored.bases.get((plan.name, "values")))
-    if plan.kind == "factored":
-        total: _Estimate | None = None
-        for j in range(block.a.shape[1]):  # the query's examples (positions)
-            out = _out_side(plan, plans, stored, block.delta[0, j], modules)
-            inp = _side_estimate(arrays, f"{plan.name}/in", block.a[0, j], stored.bases.get((plan.name, "in")))
-            if plan.grouped:
-                group = stored.groups[plan.name]
-                inp = _Estimate(torch.take(inp.value, group), torch.take(inp.error, group))  # take: the fastest gather here
-            part = _combine(out, inp)
-            if total is None:
-                total = part
-            else:
-                total.value.add_(part.value)
-                total.error.add_(part.error)
+        _add_side(out, stored, f"{plan.name}/values", block.values[0], stored.bases.get((plan.name, "values")), weight, memo)
+    elif plan.kind == "factored":
+        if not _add_factored(plan, plans, stored, query, modules, out, weight, memo):
+            part = _factored_estimate(plan, plans, stored, block, modules)
+            out.value.add_(part.value, alpha=weight)
+            out.error.add_(part.error, alpha=weight)
+    elif plan.kind == "rows":
+        part = _rows_estimate(plan, stored, block)
+        out.value.add_(part.value, alpha=weight)
+        out.error.add_(part.error, alpha=weight)
+    else:
+        out.error.add_(arrays[f"{plan.name}/opaque/norm"], alpha=weight * query_norm)
+
+
+def _add_side(out: _Estimate, stored: Stored, prefix: str, query: torch.Tensor, basis: Basis | None, weight: float,
+              memo: dict) -> None:  # fmt: skip
+    """:func:`_side_estimate` of a side stored one example per row, added into ``out`` with ``weight``
+    (products already in ``memo`` for the same query are not computed again)."""
+    arrays = stored.arrays
+    rho_q = 0.0
+    if basis is not None:
+        query, rho_q = basis.sketch_query(query)
+    scale = arrays[f"{prefix}/scale"]
+    parts, start, i = [], 0, 0
+    if f"{prefix}/values" in arrays:
+        parts.append((f"{prefix}/values", query))
+    while f"{prefix}/values{i}" in arrays:  # parameter by parameter (a whole dense block): the parts share the row scale
+        size = arrays[f"{prefix}/values{i}"].shape[-1]
+        parts.append((f"{prefix}/values{i}", query[start : start + size]))
+        start, i = start + size, i + 1
+    for key, q in parts:
+        done = memo.pop(key, None)
+        product, q_scale = done[1] if done is not None and torch.equal(done[0], q) else _product(stored, key, q)
+        if product is not None:
+            out.value.addcmul_(product, scale.view(-1, *([1] * (product.dim() - 1))), value=weight * q_scale)
+    out.error.add_(arrays[f"{prefix}/norm"], alpha=weight * EPS * float(query.double().norm()))
+    if basis is not None:
+        out.error.add_(arrays[f"{prefix}/rho"], alpha=weight * rho_q)
+
+
+def _add_factored(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, query: PerExampleGradients,
+                  modules: dict[str, nn.Module], out: _Estimate, weight: float, memo: dict) -> bool:  # fmt: skip
+    """:func:`_factored_estimate` in a few passes over the rows for the common case (ConvE's Linear: one
+    example on both sides, the output side whole), added into ``out``; False where it does not apply.
+
+    With the input side's estimate A +- e_A and the output side's O = q * P (P: the row's float16 product
+    with the query scaled by 1 / q, times the row's scale) +- c * norm (c = EPS |query|), as in :func:`_combine`:
+    O A +- (|O| e_A + |A| c norm + c norm e_A) = q P A +- (q |P| e_A + c norm (|A| + e_A)).
+    A derived output side's rows are the batch norm's bias part: its product with the batch norm's own
+    query is computed in the same pass and left in ``memo`` for :func:`_add_side`."""
+    block = query.blocks[plan.name]
+    if block.a.shape[1] != 1 or plan.examples != 1 or plan.sketch[0]:
+        return False
+    inp = _side_estimate(stored, f"{plan.name}/in", block.a[0, 0], stored.bases.get((plan.name, "in")))
+    a, a_error = inp.value.reshape(-1), inp.error.reshape(-1)
+    if plan.grouped:
+        group = stored.groups[plan.name]
+        a, a_error = torch.take(a, group), torch.take(a_error, group)  # take: the fastest gather here
+    key, scale, norm, out_query = _out_side_arrays(plan, stored, block.delta[0, 0], modules)
+    queries = [out_query]
+    if plan.derived is not None and key.startswith(f"{plan.derived[0]}/values/values"):
+        dense = plans[plan.derived[0]]
+        start = sum(dense.sizes[: plan.derived[1]])
+        queries.append(query.blocks[dense.name].values[0][start : start + dense.sizes[plan.derived[1]]])
+    products = _products(stored, key, queries)
+    if len(queries) == 2:
+        memo[key] = (queries[1], products[1])
+    product, q_scale = products[0]
+    if product is not None:
+        p = torch.mul(product.reshape(-1), scale)  # float64
+        out.value.addcmul_(p, a, value=weight * q_scale)
+        out.error.addcmul_(p.abs_(), a_error, value=weight * q_scale)
+    out.error.addcmul_(a.abs_().add_(a_error), norm, value=weight * EPS * float(out_query.double().norm()))
+    return True
+
+
+def _out_side_arrays(plan: BlockPlan, stored: Stored, delta_q: torch.Tensor, modules: dict[str, nn.Module]):
+    """A whole output side's stored values (the array's key), row scale and row norm (bounding the values'
+    norm), and the query over them: the block's own, or (derived) the batch norm's bias part, queried by
+    ``s * delta_q`` (<s * bias_grad_row, delta_q> = <bias_grad_row, s * delta_q>; the whole row's norm
+    bounds the part's: a little looser, never wrong)."""
+    if plan.derived is None:
+        prefix = f"{plan.name}/out"
+        return f"{prefix}/values", stored.arrays[f"{prefix}/scale"], stored.arrays[f"{prefix}/norm"].reshape(-1), delta_q
+    dense_name, part = plan.derived
+    query = batch_norm_scale(modules[dense_name]).to(delta_q) * delta_q
+    prefix = f"{dense_name}/values"
+    key = f"{prefix}/values{part}" if f"{prefix}/values{part}" in stored.arrays else f"{prefix}/values"
+    return key, stored.arrays[f"{prefix}/scale"], stored.arrays[f"{prefix}/norm"], query
+
+
+def _factored_estimate(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, block: FactoredBlock,
+                       modules: dict[str, nn.Module]) -> _Estimate:  # fmt: skip
+    """Estimate and bound of a factored block's <g_row, g_query>, summed over the query's examples (positions)."""
+    n = stored.num_rows
+    total: _Estimate | None = None
+    for j in range(block.a.shape[1]):
+        out = _out_side(plan, plans, stored, block.delta[0, j], modules)
+        inp = _side_estimate(stored, f"{plan.name}/in", block.a[0, j], stored.bases.get((plan.name, "in")))
+        if plan.grouped:
+            group = stored.groups[plan.name]
+            inp = _Estimate(torch.take(inp.value, group), torch.take(inp.error, group))
+        part = _combine(out, inp)
         if total is None:
-            zeros = torch.zeros(n, dtype=torch.float64, device=stored.device)
-            return _Estimate(zeros, zeros.clone())
-        return total
-    if plan.kind == "rows":
-        return _rows_estimate(plan, stored, block)
-    norm = arrays[f"{plan.name}/opaque/norm"].double()
-    return _Estimate(torch.zeros(n, dtype=torch.float64, device=norm.device), norm * query_norm)
+            total = part
+        else:
+            total.value.add_(part.value)
+            total.error.add_(part.error)
+    if total is None:
+        zeros = torch.zeros(n, dtype=torch.float64, device=stored.device)
+        return _Estimate(zeros, zeros.clone())
+    return total
 
 
 def _out_side(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, delta_q: torch.Tensor,
               modules: dict[str, nn.Module]) -> _Estimate:  # fmt: skip
     if plan.derived is None:
-        return _side_estimate(stored.arrays, f"{plan.name}/out", delta_q, stored.bases.get((plan.name, "out")))
-    dense_name, part = plan.derived
-    # <s * bias_grad_row, delta_q> = <bias_grad_row, s * delta_q>: a query over the batch norm's stored bias part
-    query = batch_norm_scale(modules[dense_name]).to(delta_q) * delta_q
-    prefix = f"{dense_name}/values"
-    values = stored.arrays.get(f"{prefix}/values{part}", stored.arrays.get(f"{prefix}/values"))
-    estimate = _mv(values, stored.arrays[f"{prefix}/scale"], query)
-    # the whole row's norm bounds the part's: a little looser, never wrong
-    return _Estimate(estimate, EPS * stored.arrays[f"{prefix}/norm"].double() * float(query.double().norm()))
+        return _side_estimate(stored, f"{plan.name}/out", delta_q, stored.bases.get((plan.name, "out")))
+    key, scale, norm, query = _out_side_arrays(plan, stored, delta_q, modules)
+    return _Estimate(_mv(stored, key, scale, query), EPS * norm.double() * float(query.double().norm()))
 
 
 def _rows_estimate(plan: BlockPlan, stored: Stored, block: RowsBlock) -> _Estimate:
@@ -428,23 +602,20 @@ def _rows_estimate(plan: BlockPlan, stored: Stored, block: RowsBlock) -> _Estima
     return _Estimate(estimate, error)
 
 
-def checkpoint_estimate(plans: list[BlockPlan], stored: Stored, query: PerExampleGradients,
-                        modules: dict[str, nn.Module]) -> _Estimate:  # fmt: skip
-    """Sum over blocks of :func:`scan_block`: one query, one checkpoint, every row."""
+def checkpoint_estimate(plans: list[BlockPlan], stored: Stored, query: PerExampleGradients, modules: dict[str, nn.Module],
+                        out: _Estimate | None = None, weight: float = 1.0) -> _Estimate:  # fmt: skip
+    """Sum over blocks of :func:`scan_block`: one query, one checkpoint, every row; added, times ``weight``,
+    into ``out`` (float64 (rows,) each) where given, else into zeros of its own; returns the sums."""
     query_norm = float(query.squared_norms()[0].double().clamp_min(0).sqrt())
     by_name = {p.name: p for p in plans}
-    total: _Estimate | None = None
+    if out is None:
+        out = _Estimate(torch.zeros(stored.num_rows, dtype=torch.float64, device=stored.device),
+                        torch.zeros(stored.num_rows, dtype=torch.float64, device=stored.device))  # fmt: skip
+    memo: dict = {}
     for plan in plans:
-        part = scan_block(plan, by_name, stored, query, modules, query_norm)
-        if total is None:  # the first block's arrays are the sums' (no zeros to add them to)
-            total = part
-        else:
-            total.value += part.value
-            total.error += part.error
-    if total is None:
-        zeros = torch.zeros(stored.num_rows, dtype=torch.float64, device=stored.device)
-        return _Estimate(zeros, zeros.clone())
-    return total
+        scan_block(plan, by_name, stored, query, modules, query_norm, out, weight, memo)
+    stored.scans += 1
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -465,11 +636,12 @@ def refinable(plans: list[BlockPlan]) -> bool:
 
 
 def refined_estimate(plans: list[BlockPlan], stored: Stored, query: PerExampleGradients, modules: dict[str, nn.Module],
-                     rows: torch.Tensor, inputs: dict[str, torch.Tensor]) -> _Estimate:  # fmt: skip
+                     rows: torch.Tensor, inputs: dict[str, LinearInputs]) -> _Estimate:  # fmt: skip
     r"""Like :func:`checkpoint_estimate` for the stored ``rows`` only, with the Linear layers' input sides
-    given exactly (``inputs``: block name -> (len(rows), in) float32, bias column included): their
-    products then carry only the output side's float16 error, :math:`|X_2|\,e_1`, instead of the
-    sketch's residual bound. Needs :func:`refinable` plans."""
+    given exactly (``inputs``: block name -> the inputs of the rows' examples, float32, without the bias
+    column, which a block's plan adds where its size says so): their products then carry only the output
+    side's float16 error, :math:`|X_2|\,e_1`, instead of the sketch's residual bound. Needs
+    :func:`refinable` plans."""
     rows = rows.to(stored.device)
     sub = Stored({k: v.index_select(0, rows) for k, v in stored.arrays.items() if not _input_key(k, plans)},
                  {}, {}, len(rows))  # fmt: skip
@@ -479,16 +651,22 @@ def refined_estimate(plans: list[BlockPlan], stored: Stored, query: PerExampleGr
     for plan in plans:
         block = query.blocks[plan.name]
         if plan.kind == "dense":
-            part = _side_estimate(sub.arrays, f"{plan.name}/values", block.values[0], None)
+            part = _side_estimate(sub, f"{plan.name}/values", block.values[0], None)
         else:
-            # in float32, as the exact rescoring computes it (its rounding is within EPS_RECOMPUTED)
-            a = inputs[plan.name].to(stored.device)
-            a_norm = torch.linalg.vector_norm(a, dim=-1).double()
+            # in float32, as the exact rescoring computes it (its rounding is within EPS_RECOMPUTED); per
+            # row of the inputs as computed (once per (head, relation) pair), then for each example
+            given = inputs[plan.name]
+            a = given.values.to(stored.device)
+            bias = plan.sizes[1] == a.shape[1] + 1  # a bias column of ones: +1 to each norm^2, +a_q[-1] to each product
+            a_norm = given.rowwise(torch.linalg.vector_norm(a, dim=-1).double().pow(2).add_(float(bias)).sqrt_())
             part = _Estimate(torch.zeros_like(total), torch.zeros_like(total))
             for j in range(block.a.shape[1]):  # the query's examples (positions)
                 out = _out_side(plan, by_name, sub, block.delta[0, j], modules)
                 a_q = block.a[0, j].to(a)
-                inp = _Estimate((a @ a_q).double(), a_norm * (EPS_RECOMPUTED * float(a_q.double().norm())))
+                product = (a @ a_q[: a.shape[1]]).double()
+                if bias:
+                    product += float(a_q[-1])
+                inp = _Estimate(given.rowwise(product), a_norm * (EPS_RECOMPUTED * float(a_q.double().norm())))
                 both = _combine(out, inp)
                 part.value.add_(both.value)
                 part.error.add_(both.error)

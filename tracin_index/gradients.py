@@ -302,11 +302,13 @@ def check_gradients(train_squared_norms: torch.Tensor, test_squared_norms: torch
 
 
 @contextlib.contextmanager
-def only_selected_require_grad(model: nn.Module, selection: ParameterSelection) -> Iterator[None]:
-    """Turn requires_grad off everywhere but the selection, so backward stops at the selected layers."""
+def only_selected_require_grad(model: nn.Module, selection: ParameterSelection, parts: "ModelParts | None" = None) -> Iterator[None]:
+    """Turn requires_grad off everywhere but the selection, so backward stops at the selected layers.
+    ``parts``: the model's parameters and representations, where the caller holds them."""
+    parts = parts or ModelParts.of(model)
     selected = {id(getattr(m.module, p)) for m in selection.modules for p in m.parameter_names}
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    reps = _representations_with_unique(model)
+    saved = [(p, p.requires_grad) for p in parts.parameters]
+    reps = parts.unique_representations
     try:
         for p, _ in saved:
             p.requires_grad_(id(p) in selected)
@@ -320,8 +322,20 @@ def only_selected_require_grad(model: nn.Module, selection: ParameterSelection) 
             rep.unique = True
 
 
-def _representations_with_unique(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if getattr(m, "unique", False) is True and hasattr(m, "max_id")]
+@dataclass
+class ModelParts:
+    """What a forward and backward pass walks the model for, walked once: its modules, its parameters and
+    the representations that would share looked-up rows (``unique``). A query makes many small passes."""
+
+    modules: list[nn.Module]
+    parameters: list[nn.Parameter]
+    unique_representations: list[nn.Module]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ModelParts":
+        modules = list(model.modules())
+        reps = [m for m in modules if getattr(m, "unique", False) is True and hasattr(m, "max_id")]
+        return cls(modules, list(model.parameters()), reps)
 
 
 @dataclass
@@ -352,6 +366,12 @@ class GradientComputer:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def model_parts(self) -> "ModelParts":
+        """The model's modules and parameters, walked once (the model's structure does not change)."""
+        if getattr(self, "_model_parts", None) is None or self._model_parts[0] is not self.model:
+            self._model_parts = (self.model, ModelParts.of(self.model))
+        return self._model_parts[1]
 
     def _tail_tables_for_ce(self) -> dict[str, int]:
         """Selected embedding tables that 1-N scoring reads whole (tails): module name -> num rows."""
@@ -410,7 +430,8 @@ class GradientComputer:
         model = self.model
         hrt = hrt.to(self.device)
         batch_size = hrt.shape[0]
-        with evaluating(model), only_selected_require_grad(model, self.selection), self._recording() as calls:
+        parts = self.model_parts()
+        with evaluating(model, parts.modules), only_selected_require_grad(model, self.selection, parts), self._recording() as calls:
             losses = per_example_losses(model, hrt, self.loss)
             outputs = [c.output for m in self.selection.modules for c in calls[m.name]]
             grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else ()
@@ -598,26 +619,49 @@ class _StopForward(Exception):
     """Raised by a hook once the inputs it waits for are recorded: the rest of the forward pass is not needed."""
 
 
+@dataclass
+class LinearInputs:
+    """A Linear layer's inputs for n examples as computed: ``values`` (m, in) float32 without a bias
+    column, and ``rows`` (n,), the row of ``values`` of each example (None: one row each, m = n). A
+    layer computed once per (head, relation) pair holds one row per pair: nothing is expanded."""
+
+    values: torch.Tensor
+    rows: torch.Tensor | None
+
+    def rowwise(self, per_value: torch.Tensor) -> torch.Tensor:
+        """A per-row quantity of ``values`` for each example."""
+        return per_value if self.rows is None else per_value.index_select(0, self.rows)
+
+
 def linear_inputs(model: nn.Module, modules: dict[str, tuple[nn.Linear, bool]], hrt: torch.Tensor) -> dict[str, torch.Tensor]:
     """The inputs (with bias column where asked) of the named Linear layers for the triples ``hrt``, by a
     forward pass that stops before the first of them runs its product: no gradients, no later layers.
 
     ``modules``: name -> (module, with bias column).
     """
-    found: dict[str, torch.Tensor] = {}
+    found = linear_input_values(model, {name: module for name, (module, _) in modules.items()}, hrt)
+    return {name: with_bias_column(found[name].values, bias, found[name].rows) for name, (_, bias) in modules.items()}
 
-    def hook(name: str, bias: bool):
+
+def linear_input_values(model: nn.Module, modules: dict[str, nn.Linear], hrt: torch.Tensor,
+                        walked: list[nn.Module] | None = None) -> dict[str, LinearInputs]:  # fmt: skip
+    """:func:`linear_inputs` as the layers saw them (:class:`LinearInputs`: no bias column, no copy per
+    example). ``walked``: the model's modules, where the caller holds them (:class:`ModelParts`)."""
+    found: dict[str, LinearInputs] = {}
+
+    def hook(name: str):
         def record(module, args):
             # a layer computed once per group (a replica's PairLinear) holds its rows in the group order
-            found[name] = with_bias_column(args[0].detach(), bias, getattr(module, "row_map", None))
+            x = args[0].detach()
+            found[name] = LinearInputs(x.reshape(-1, x.shape[-1]), getattr(module, "row_map", None))
             if len(found) == len(modules):
                 raise _StopForward
 
         return record
 
-    handles = [module.register_forward_pre_hook(hook(name, bias)) for name, (module, bias) in modules.items()]
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
     try:
-        with evaluating(model), torch.no_grad():
+        with evaluating(model, walked), torch.no_grad():
             model.score_hrt(hrt)
     except _StopForward:
         pass

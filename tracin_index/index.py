@@ -29,8 +29,8 @@ from .builder import BuildSettings, build_index, selection_from_manifest
 from .checkpoints import Checkpoint, CheckpointModels
 from .directions import DEFAULT_DIRECTION, check_direction, training_examples
 from .errors import InputError, TracInWarning
-from .factors import BlockPlan, Stored, checkpoint_estimate, refinable, refined_estimate, sketched_sides
-from .gradients import (GradientComputer, PerExampleGradients, cosine, inverse_norms, linear_inputs, vanished,
+from .factors import BlockPlan, Stored, _Estimate, checkpoint_estimate, refinable, refined_estimate, sketched_sides
+from .gradients import (GradientComputer, LinearInputs, PerExampleGradients, cosine, inverse_norms, linear_input_values, vanished,
                         vanishing_message)
 from .layers import ParameterSelection
 from .replicas import pair_forward_applies
@@ -45,8 +45,15 @@ FIRST_ROUND = 64
 MAX_ROUND = 2048
 #: Rows refined in the first round (where refining applies); each further round twice as many.
 FIRST_REFINE_ROUND = 64
-#: Refine only when the scan leaves more candidates than this (else rescore them directly, in rounds).
-REFINE_MIN_CANDIDATES = 512
+#: Refine only when the scan leaves more candidates than this (else rescore them directly, in rounds):
+#: refining a row costs a fraction of rescoring it (a forward pass up to the Linear, inputs kept once per
+#: (head, relation) pair), so only a pool about one exact round's size is rescored directly.
+REFINE_MIN_CANDIDATES = 64
+#: Test triples after which an opened index packs its large stored arrays for fbgemm by default (each
+#: checkpoint's when it has been scanned this often): packing a 100k-triple ConvE index costs ~2.5 s and
+#: saves ~7 ms per query (1M: ~25 s and ~90 ms), so by then it has paid for itself; a one-off query
+#: never pays it. ``open(..., pack=True)`` (the server, benchmarks of warm queries) packs at once.
+PACK_AFTER_SCANS = 300
 #: A row's state in a query: bounds from the scan, refined bounds, exact score.
 _SCANNED, _REFINED, _EXACT = 0, 1, 2
 
@@ -109,6 +116,8 @@ class GradientIndex:
         self.last_query: QueryStats | None = None
         self._search = None  # search shards on a Dask cluster (open(..., dask=client))
         self._candidate_store = None  # a sharded query's candidates' factors (tracin_index.sharded.CandidateStore)
+        #: checkpoint scans after which the stored arrays are packed for fbgemm (None: never); see open()
+        self.pack_after: int | None = PACK_AFTER_SCANS
 
     # ------------------------------------------------------------------------------------------
     # build and open
@@ -136,12 +145,15 @@ class GradientIndex:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, device: str | None = None, allow_pickle: bool = False, dask=None,
-             shards: int | None = None) -> "GradientIndex":  # fmt: skip
+             shards: int | None = None, pack: bool | None = None) -> "GradientIndex":  # fmt: skip
         """Open a complete index. The model is loaded when a query first needs it, and refused then if
         its files or the checkpoints changed since the build; a pickled model only with ``allow_pickle``
         (nothing in the index directory can grant that). ``dask``: a ``distributed.Client``; the
         stored factors are then held by its workers in search shards (:mod:`tracin_index.sharded`):
-        the ranges the build recorded (``--index-shards``), else ``shards``, else one per worker."""
+        the ranges the build recorded (``--index-shards``), else ``shards``, else one per worker.
+        ``pack``: pack the large stored arrays for fbgemm's float16 GEMM (faster scans, a second copy in
+        memory; :data:`~tracin_index.factors.PACK_MIN_ROWS`): at the first query (True), never (False),
+        or once it has answered :data:`PACK_AFTER_SCANS` test triples (None)."""
         directory = Path(path)
         manifest = read_manifest(directory)
         if not manifest.get("complete"):
@@ -151,6 +163,7 @@ class GradientIndex:
         hrt, entities, relations, groups = read_triples(triples)
         index = cls(directory, manifest, hrt, entities, relations, groups, device=device or default_device(),
                     allow_pickle=bool(allow_pickle))  # fmt: skip
+        index.pack_after = PACK_AFTER_SCANS if pack is None else 0 if pack else None
         if dask is not None:
             from .sharded import ShardedSearch, search_ranges
 
@@ -217,6 +230,7 @@ class GradientIndex:
         """Checkpoint c's stored factors for all rows, read once (shards concatenated in row order)."""
         if c not in self._stored:
             self._stored[c] = load_stored(self.directory, self.manifest, self.plans, c, self.groups).to(self.device)
+            self._stored[c].pack_after = self.pack_after
         return self._stored[c]
 
     def squared_norms(self) -> np.ndarray:
@@ -268,6 +282,10 @@ class GradientIndex:
             stored_rows = (rows_t[:, None] * self.per_fact + torch.arange(self.per_fact)).reshape(-1)
         for c in range(self.num_checkpoints):
             query = test[c].index(slice(t, t + 1))
+            if rows is None and self.per_fact == 1 and not normalize:  # one stored row per triple: summed in place
+                checkpoint_estimate(self.plans, self.stored(c), query, self._modules_of(c), _Estimate(value, error),
+                                    self.checkpoints[c].learning_rate)  # fmt: skip
+                continue
             if rows is None:
                 part = checkpoint_estimate(self.plans, self.stored(c), query, self._modules_of(c))
             else:
@@ -290,13 +308,13 @@ class GradientIndex:
             return self.stored(c), rows
         return self._candidate_store.rows(c, rows)
 
-    def _linear_inputs(self, c: int, examples: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The factored blocks' Linear inputs (bias column where selected) for training ``examples`` at
-        checkpoint c, from a forward pass that stops there."""
+    def _linear_inputs(self, c: int, examples: torch.Tensor) -> dict[str, LinearInputs]:
+        """The factored blocks' Linear inputs for training ``examples`` at checkpoint c, from a forward
+        pass that stops there."""
         modules = self._modules_of(c)
-        wanted = {p.name: (modules[p.name], p.sizes[1] == modules[p.name].in_features + 1)
-                  for p in self.plans if p.kind == "factored"}  # fmt: skip
-        return linear_inputs(self._computer(c).model, wanted, examples)
+        wanted = {p.name: modules[p.name] for p in self.plans if p.kind == "factored"}
+        computer = self._computer(c)
+        return linear_input_values(computer.model, wanted, examples, computer.model_parts().modules)
 
     def exact_scores(self, test: list[PerExampleGradients], rows: np.ndarray, batch_size: int = 256,
                      normalize: bool = False) -> torch.Tensor:  # fmt: skip

@@ -289,10 +289,11 @@ def split_names(values: Sequence[str] | None) -> list[str]:
 
 
 @contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
+def evaluating(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
     """``model`` in eval mode for the block, its mode restored after; no work where it is in eval mode
-    already (``train()`` visits every submodule: a query's many small forward passes felt it)."""
-    if not any(m.training for m in model.modules()):
+    already (``train()`` visits every submodule: a query's many small forward passes felt it).
+    ``modules``: the model's modules, where the caller holds them (walking them costs too)."""
+    if not any(m.training for m in (modules if modules is not None else model.modules())):
         yield
         return
     was_training = model.training

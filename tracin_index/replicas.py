@@ -103,7 +103,9 @@ class ConvEReplica(nn.Module):
     def score_hrt(self, hrt: torch.Tensor) -> torch.Tensor:
         linear = self.interaction.hr1d[0]
         if self.pair_forward:
-            pairs, linear.row_map = torch.unique(hrt[:, :2], dim=0, return_inverse=True)
+            # one key per pair (sorted as the pairs themselves): torch.unique(dim=0) is ~50x slower
+            keys, linear.row_map = torch.unique(hrt[:, 0] * self.num_relations + hrt[:, 1], return_inverse=True)
+            pairs = torch.stack([keys // self.num_relations, keys % self.num_relations], 1)
         else:
             pairs, linear.row_map = hrt[:, :2], None
         try:

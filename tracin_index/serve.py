@@ -253,6 +253,6 @@ def serve(index_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, token: 
     if host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"warning: serving on {host}, reachable from other machines"
              + ("" if token else "; anyone who reaches it can query the index: consider --token"))  # fmt: skip
-    index = GradientIndex.open(index_dir, device=device, allow_pickle=allow_pickle)
+    index = GradientIndex.open(index_dir, device=device, allow_pickle=allow_pickle, pack=True)  # a server is kept busy
     index.run  # load the model now, not at the first request (and refuse changed files before serving)
     uvicorn.run(create_app(index, token=token), host=host, port=port, log_level="warning")

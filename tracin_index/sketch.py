@@ -82,6 +82,12 @@ def dequantize(q, scale) -> torch.Tensor:
     return torch.as_tensor(q).float() * torch.as_tensor(scale).float()[:, None]
 
 
+def read_quantized_bases(arrays, keys) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
+    """The stored (q, scale) of the sides ``keys`` (see :func:`read_bases`)."""
+    return {key: (torch.as_tensor(arrays[f"{key[0]}/{key[1]}/q"]), torch.as_tensor(arrays[f"{key[0]}/{key[1]}/scale"]).float())
+            for key in keys}  # fmt: skip
+
+
 def read_bases(arrays, keys) -> dict[tuple[str, str], torch.Tensor]:
     """The stored bases (:func:`dequantize`) of the sides ``keys`` ((block, side) pairs) from a bases
     file's arrays, each side's :func:`quantize` arrays under ``block/side/q`` and ``block/side/scale``."""
@@ -94,6 +100,8 @@ class Basis:
 
     matrix: torch.Tensor  # (k, d) float32: the stored basis, exactly
     gram_inverse: torch.Tensor  # (k, k) float64
+    #: the stored 8-bit entries and row scales (matrix = q * scale), where known: q is exact in float16
+    quantized: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_matrix(cls, matrix: torch.Tensor, device: torch.device | str = "cpu") -> "Basis":
@@ -123,10 +131,11 @@ class Basis:
         rho = ((squared - captured).clamp_min(0) + 1e-6 * squared).sqrt()
         return s, rho
 
-    def sketch_query(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def sketch_query(self, x: torch.Tensor, s: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """A query vector's :meth:`query` coordinates and residual norm, as :meth:`sketch` and :meth:`query`
-        give them (G^{-1} s computed once: at 512 directions it is a 2 MB product)."""
-        s = (x.reshape(1, -1).float() @ self.matrix.T).double()
+        give them (G^{-1} s computed once: at 512 directions it is a 2 MB product). ``s``: B x, where the
+        caller computed it (float32)."""
+        s = (x.reshape(1, -1).float() @ self.matrix.T if s is None else s.reshape(1, -1)).double()
         weighted = s @ self.gram_inverse
         squared = float(torch.linalg.vector_norm(x.float()).double() ** 2)
         captured = float((weighted * s).sum())

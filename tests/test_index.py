@@ -15,7 +15,7 @@ import torch
 
 from conftest import run_cli
 from reference import flat, per_triple_gradients
-from tracin_index.errors import InputError
+from tracin_index.errors import InputError, TracInWarning
 from tracin_index.factors import refinable
 from tracin_index.index import GradientIndex
 from tracin_index.models import ModelConfig, load_model, save_run_directory
@@ -137,6 +137,12 @@ def test_scans_of_arrays_packed_for_fbgemm_stay_within_their_bounds(tiny_run, tm
     unpacked = GradientIndex.open(tmp_path / "index", pack=False)
     unpacked.query(test[:NUM_TEST], top_k=10)
     assert not unpacked.stored(0).packed
+    # without the memory for the packed copies: scanned unpacked, said once, still exact
+    monkeypatch.setattr(factors, "available_memory", lambda: 2**10)
+    short = GradientIndex.open(tmp_path / "index", pack=True)
+    with pytest.warns(TracInWarning, match="not packing"):
+        assert_matches(short.query(test[:NUM_TEST], top_k=10), conve_reference["bce"])
+    assert not short.stored(0).packed
 
 
 def test_approximate_scores_are_within_their_bounds_and_said_to_be(tiny_run, tmp_path, conve_reference, capsys):

@@ -32,6 +32,7 @@ import torch
 from . import __version__
 from .checkpoints import Checkpoint, CheckpointModels
 from .errors import InputError, VanishingGradientError
+from .files import available_memory
 from .factors import DEFAULT_SKETCH_DIM, BlockPlan, plan_blocks, sketch_sample, sketched_sides
 from .directions import examples_per_fact, training_examples, uses_inverse_triples
 from .gradients import LOSSES, GradientComputer, linear_inputs, vanished, vanishing_message
@@ -558,18 +559,6 @@ class Builder:
 def _not_finite(c: int, rows: str) -> str:
     return (f"checkpoint {c + 1}: the gradients of {rows} are not finite (inf or NaN: the model's scores or "
             "weights overflow float32); check that checkpoint, or select other layers")  # fmt: skip
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux /proc/meminfo), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def _unchanged(path: Path, digest: str) -> bool:

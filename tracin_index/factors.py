@@ -37,6 +37,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .errors import TracInWarning
+from .files import available_memory
 from .gradients import DenseBlock, FactoredBlock, GradientComputer, LinearInputs, PerExampleGradients, RowsBlock
 from .layers import ParameterSelection
 from .sketch import Basis
@@ -272,6 +274,10 @@ def sketch_sample(plans: list[BlockPlan], grads: PerExampleGradients) -> dict[tu
 PACK_MIN_ROWS = 4096
 #: ... packed in blocks of this many rows (packing goes through a float32 copy of each block).
 PACK_ROWS = 32768
+#: fbgemm's packed copy of a float16 array takes up to this many times its bytes (measured: 100k x 200,
+#: 38 MB -> 99 MB); an array is packed only while that leaves PACK_SPARE of the memory available.
+PACK_GROWTH = 3
+PACK_SPARE = 0.25
 
 
 def _fbgemm_available() -> bool:
@@ -324,6 +330,7 @@ class Stored:
     pack_after: int | None = None
     scans: int = 0
     packed: dict[str, _Packed] = field(default_factory=dict)
+    pack_refused: bool = False
 
     def products(self, key: str, queries: torch.Tensor) -> torch.Tensor:
         """Products of the float16 rows (rows, [examples,] d) of array ``key`` with each query (M, d), the
@@ -346,8 +353,20 @@ class Stored:
         return next(iter(self.arrays.values())).device if self.arrays else torch.device("cpu")
 
     def _packing(self, values: torch.Tensor) -> bool:
-        return (self.pack_after is not None and self.scans >= self.pack_after and values.device.type == "cpu"
-                and _fbgemm_available())  # fmt: skip
+        """Whether to pack ``values`` now: asked for, on the CPU, with fbgemm, and with the memory for it
+        (else it is scanned unpacked, as before, and the index says so once)."""
+        if self.pack_after is None or self.scans < self.pack_after or values.device.type != "cpu" or not _fbgemm_available():
+            return False
+        available = available_memory()
+        need = PACK_GROWTH * values.numel() * values.element_size()
+        if available is not None and need > (1 - PACK_SPARE) * available:
+            if not self.pack_refused:
+                warnings.warn(f"not packing the index's stored arrays for faster scans: {need / 2**20:,.0f} MiB more "
+                              f"would leave less than {PACK_SPARE:.0%} of the {available / 2**20:,.0f} MiB available",
+                              TracInWarning, stacklevel=4)  # fmt: skip
+            self.pack_refused = True
+            return False
+        return True
 
     def sketch_query(self, side: tuple[str, str], query: torch.Tensor) -> tuple[torch.Tensor, float]:
         """:meth:`Basis.sketch_query` of ``side``'s basis; with packing on, B x by fbgemm from the basis's

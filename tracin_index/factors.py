@@ -355,15 +355,15 @@ class Stored:
     def _packing(self, values: torch.Tensor) -> bool:
         """Whether to pack ``values`` now: asked for, on the CPU, with fbgemm, and with the memory for it
         (else it is scanned unpacked, as before, and the index says so once)."""
-        if self.pack_after is None or self.scans < self.pack_after or values.device.type != "cpu" or not _fbgemm_available():
+        if (self.pack_after is None or self.scans < self.pack_after or self.pack_refused or values.device.type != "cpu"
+                or not _fbgemm_available()):  # fmt: skip
             return False
         available = available_memory()
         need = PACK_GROWTH * values.numel() * values.element_size()
         if available is not None and need > (1 - PACK_SPARE) * available:
-            if not self.pack_refused:
-                warnings.warn(f"not packing the index's stored arrays for faster scans: {need / 2**20:,.0f} MiB more "
-                              f"would leave less than {PACK_SPARE:.0%} of the {available / 2**20:,.0f} MiB available",
-                              TracInWarning, stacklevel=4)  # fmt: skip
+            warnings.warn(f"not packing the index's stored arrays for faster scans: {need / 2**20:,.0f} MiB more "
+                          f"would leave less than {PACK_SPARE:.0%} of the {available / 2**20:,.0f} MiB available",
+                          TracInWarning, stacklevel=4)  # fmt: skip
             self.pack_refused = True
             return False
         return True
@@ -373,10 +373,10 @@ class Stored:
         8-bit entries (exact in float16) times its row scales (1,024 x 10,369 float32 numbers read per
         checkpoint and query otherwise, at 512 directions)."""
         basis = self.bases[side]
-        if basis.quantized is None or not self._packing(basis.matrix):
-            return basis.sketch_query(query)
         key = f"{side[0]}/{side[1]}/basis"
         if key not in self.packed:
+            if basis.quantized is None or not self._packing(basis.quantized[0]):
+                return basis.sketch_query(query)
             self.packed[key] = _Packed(basis.quantized[0].to(torch.float16))
         q_scale = float(query.abs().max())
         if q_scale == 0.0:

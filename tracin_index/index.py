@@ -171,7 +171,7 @@ class GradientIndex:
             ranges = manifest.get("search_shards")
             if shards is not None or not ranges:
                 ranges = search_ranges(len(hrt), shards or max(1, len(dask.scheduler_info()["workers"])))
-            index._search = ShardedSearch(dask, directory, [tuple(r) for r in ranges])
+            index._search = ShardedSearch(dask, directory, [tuple(r) for r in ranges], pack_after=index.pack_after)
         return index
 
     @property

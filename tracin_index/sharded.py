@@ -86,7 +86,7 @@ class CandidateStore:
 class SearchShard:
     """One range of training triples' stored factors at every checkpoint, in a worker's memory."""
 
-    def __init__(self, directory: str, facts: tuple[int, int]):
+    def __init__(self, directory: str, facts: tuple[int, int], pack_after: int | None = None):
         from .index import load_stored, read_squared_norms
 
         path = Path(directory)
@@ -97,6 +97,8 @@ class SearchShard:
         self.facts = facts
         checkpoints = manifest["inputs"]["checkpoints"]
         self.stored = [load_stored(path, manifest, self.plans, c, groups, facts) for c in range(len(checkpoints))]
+        for stored in self.stored:  # packed for fbgemm like the whole index's (GradientIndex.open's ``pack``)
+            stored.pack_after = pack_after
         self.learning_rates = [float(r["learning_rate"]) for r in checkpoints]
         self.inverse_norms = [inverse_norms(torch.from_numpy(n)) for n in read_squared_norms(path, manifest, facts)]
 
@@ -149,11 +151,13 @@ def _on_cpu(grads: PerExampleGradients) -> PerExampleGradients:
     return PerExampleGradients(blocks, grads.parameter_names)
 
 
-def _load(directory: str, facts: tuple[int, int]) -> SearchShard:
-    return SearchShard(directory, facts)
+def _load(directory: str, facts: tuple[int, int], pack_after: int | None) -> SearchShard:
+    return SearchShard(directory, facts, pack_after)
 
 
-def _scan(shard: SearchShard, tests, modules, k: int, normalize: bool, ship: int) -> list[ShardCandidates]:
+def _scan(shard: SearchShard, tests, modules, k: int, normalize: bool, ship: int, threads: int | None) -> list[ShardCandidates]:
+    if threads:  # as the build's tasks: workers sharing a machine must not oversubscribe it
+        torch.set_num_threads(threads)
     return shard.scan(tests, modules, k, normalize, ship)
 
 
@@ -164,12 +168,16 @@ def _factors(shard: SearchShard, facts: np.ndarray) -> list[dict[str, torch.Tens
 class ShardedSearch:
     """The search shards of one index, placed on a Dask cluster's workers (one future each)."""
 
-    def __init__(self, client, directory: Path, ranges: list[tuple[int, int]], ship: int = SHIPPED):
+    def __init__(self, client, directory: Path, ranges: list[tuple[int, int]], ship: int = SHIPPED,
+                 pack_after: int | None = None, threads: int | None = 1):  # fmt: skip
+        """``threads``: torch threads per scan task (1: Dask's usual one worker process per core; None:
+        torch's default, all of the worker machine's cores)."""
         import distributed
 
-        self.client, self.ranges, self.ship = client, ranges, ship
+        self.client, self.ranges, self.ship, self.threads = client, ranges, ship, threads
         tag = uuid.uuid4().hex[:8]
-        self.shards = [client.submit(_load, str(Path(directory).resolve()), r, key=f"tracin-search-{i}-{tag}", pure=False)
+        self.shards = [client.submit(_load, str(Path(directory).resolve()), r, pack_after, key=f"tracin-search-{i}-{tag}",
+                                     pure=False)
                        for i, r in enumerate(ranges)]  # fmt: skip
         distributed.wait(self.shards)
         for future in self.shards:
@@ -179,7 +187,7 @@ class ShardedSearch:
     def scan(self, tests: list[PerExampleGradients], modules: list[dict], k: int, normalize: bool) -> list[list[ShardCandidates]]:
         """Every shard's candidates for every test triple: one task per shard (on the worker that holds it)."""
         tests = [_on_cpu(g) for g in tests]
-        futures = [self.client.submit(_scan, shard, tests, modules, k, normalize, self.ship, pure=False)
+        futures = [self.client.submit(_scan, shard, tests, modules, k, normalize, self.ship, self.threads, pure=False)
                    for shard in self.shards]  # fmt: skip
         return self.client.gather(futures)
 

@@ -24,7 +24,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -355,11 +355,7 @@ class Builder:
             # a shard holds whole facts (their examples' rows are adjacent), so it can store their exact norms
             shard_rows = self.settings.shard_size * self.per_fact
             tasks = plan_shards(self.num_rows, shard_rows, checkpoints)
-            # the principal directions of every checkpoint first (each starts from the previous one's), then the shards
-            for c in range(checkpoints):
-                self._bases(c, plans, manifest)
-            write_manifest(self.out, manifest)
-            self._run_tasks(self._todo(tasks, manifest), manifest)
+            self._run_tasks(tasks, manifest, plans)
             if self.index_shards is not None:  # how a cluster splits the search (tracin_index.sharded); no effect on the files
                 from .sharded import search_ranges
 
@@ -387,23 +383,30 @@ class Builder:
                 self.log(f"checkpoint {c + 1}: resuming, {len(mine) - left} of {len(mine)} shards already complete")
         return todo
 
-    def _run_tasks(self, todo: list[ShardTask], manifest: dict) -> None:
-        """Run the tasks (here, or on the runner's cluster) and reduce: record each shard in the manifest
-        as it completes, so that a build killed at any point resumes from what is recorded."""
-        if not todo:
-            return
+    def _run_tasks(self, tasks: list[ShardTask], manifest: dict, plans: list[BlockPlan]) -> None:
+        """Checkpoint by checkpoint: its principal directions (read, or fitted from the previous
+        checkpoint's: refitting makes its recorded shards stale), then the tasks of its shards not
+        recorded intact, run here or on the runner's cluster (there the building process fits the next
+        checkpoint's directions while the workers run this one's tasks); and reduce: record each shard
+        in the manifest as it completes, so that a build killed at any point resumes from what is recorded."""
         build = build_digest(manifest)
         directory = str(self.out.resolve())
-        jobs = [ShardJob(directory, task, build, manifest["files"].get(bases_path(task.checkpoint)), self.device,
-                         self.runner.threads, self.allow_pickle) for task in todo]  # fmt: skip
-        totals: dict[int, int] = {}
-        for task in todo:
-            totals[task.checkpoint] = totals.get(task.checkpoint, 0) + task.row_stop - task.row_start
-        done_rows = dict.fromkeys(totals, 0)
         checkpoints = len(self.models)
-        for c, total in totals.items():
-            self.progress(f"checkpoint {c + 1}/{checkpoints}", 0, total)
-        for job, record in self.runner.run(jobs):
+        totals: dict[int, int] = {}
+        done_rows: dict[int, int] = {}
+
+        def batches() -> Iterator[list[ShardJob]]:
+            for c in range(checkpoints):
+                self._bases(c, plans, manifest)
+                write_manifest(self.out, manifest)
+                todo = self._todo([t for t in tasks if t.checkpoint == c], manifest)
+                totals[c], done_rows[c] = sum(t.row_stop - t.row_start for t in todo), 0
+                if todo:
+                    self.progress(f"checkpoint {c + 1}/{checkpoints}", 0, totals[c])
+                yield [ShardJob(directory, task, build, manifest["files"].get(bases_path(c)), self.device,
+                                self.runner.threads, self.allow_pickle) for task in todo]  # fmt: skip
+
+        for job, record in self.runner.run(batches()):
             task = job.task
             manifest["shards"].append(record)
             manifest["shards"].sort(key=lambda s: (s["checkpoint"], s["shard"]))

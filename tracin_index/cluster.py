@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Iterator, Protocol
+from typing import Iterable, Iterator, Protocol
 
 from .errors import InputError
 from .tasks import ShardJob, run_job
@@ -25,8 +25,10 @@ class Runner(Protocol):
     #: torch threads per task (None: leave torch's default)
     threads: int | None
 
-    def run(self, jobs: list[ShardJob]) -> Iterator[tuple[ShardJob, dict]]:
-        """Run the jobs; yields (job, record) as each completes (any order)."""
+    def run(self, batches: Iterable[list[ShardJob]]) -> Iterator[tuple[ShardJob, dict]]:
+        """Run the jobs, batch by batch (a batch is asked for once the one before is under way: the
+        building process prepares the next checkpoint meanwhile); yields (job, record) as each
+        completes (any order)."""
         ...
 
 
@@ -35,9 +37,10 @@ class LocalRunner:
 
     threads = None
 
-    def run(self, jobs: list[ShardJob]) -> Iterator[tuple[ShardJob, dict]]:
-        for job in jobs:
-            yield job, run_job(job)
+    def run(self, batches: Iterable[list[ShardJob]]) -> Iterator[tuple[ShardJob, dict]]:
+        for jobs in batches:
+            for job in jobs:
+                yield job, run_job(job)
 
 
 def worker_environment() -> dict:
@@ -96,24 +99,33 @@ class DaskRunner:
             raise InputError(f"--dask-scheduler {address}: cannot reach the scheduler ({error})") from None
         return cls(client, threads=threads)
 
-    def run(self, jobs: list[ShardJob]) -> Iterator[tuple[ShardJob, dict]]:
+    def run(self, batches: Iterable[list[ShardJob]]) -> Iterator[tuple[ShardJob, dict]]:
         distributed = _import_distributed()
         build = uuid.uuid4().hex[:8]
         futures = {}
-        for job in jobs:
-            key = f"tracin-shard-{job.task.checkpoint}-{job.task.shard}-{build}"
-            futures[self.client.submit(run_job, job, key=key, retries=self.retries, pure=False)] = job
+        completed = distributed.as_completed()
+
+        def result(future) -> tuple[ShardJob, dict]:
+            job = futures[future]
+            try:
+                return job, future.result()
+            except InputError:
+                raise
+            except Exception as error:  # the worker's exception, after the retries
+                raise InputError(f"{job.task.relative_path}: failed on the cluster after {self.retries} retries "
+                                 f"({type(error).__name__}: {error})") from None  # fmt: skip
+
         try:
-            for future in distributed.as_completed(futures):
-                job = futures[future]
-                try:
-                    record = future.result()
-                except InputError:
-                    raise
-                except Exception as error:  # the worker's exception, after the retries
-                    raise InputError(f"{job.task.relative_path}: failed on the cluster after {self.retries} retries "
-                                     f"({type(error).__name__}: {error})") from None  # fmt: skip
-                yield job, record
+            for jobs in batches:  # the next batch is prepared while this one runs on the workers
+                for job in jobs:
+                    key = f"tracin-shard-{job.task.checkpoint}-{job.task.shard}-{build}"
+                    future = self.client.submit(run_job, job, key=key, retries=self.retries, pure=False)
+                    futures[future] = job
+                    completed.add(future)
+                for future in completed.next_batch(block=False) if completed.has_ready() else []:
+                    yield result(future)
+            for future in completed:
+                yield result(future)
         finally:
             for future in futures:
                 if not future.done():

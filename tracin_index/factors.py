@@ -491,7 +491,8 @@ def scan_block(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, que
                modules: dict[str, nn.Module], query_norm: float, out: _Estimate, weight: float = 1.0,
                memo: dict | None = None) -> None:  # fmt: skip
     """``out`` += ``weight`` times the estimate and bound of <g_row, g_query> for this block, every row
-    (``query``: one test triple; ``modules``: the model's modules at this checkpoint, for batch norm scales).
+    (``query``: one test triple; ``modules``: the model's modules at this checkpoint, for batch norm
+    scales, or those scales themselves).
 
     The scan is memory bound: float16 products are added into the float64 sums as they come (one pass
     each over the rows after the product), where a block's estimate as such would cost a float64
@@ -586,7 +587,8 @@ def _out_side_arrays(plan: BlockPlan, stored: Stored, delta_q: torch.Tensor, mod
         prefix = f"{plan.name}/out"
         return f"{prefix}/values", stored.arrays[f"{prefix}/scale"], stored.arrays[f"{prefix}/norm"].reshape(-1), delta_q
     dense_name, part = plan.derived
-    query = batch_norm_scale(modules[dense_name]).to(delta_q) * delta_q
+    module = modules[dense_name]  # the batch norm, or (a search shard's query) its scale
+    query = (module if torch.is_tensor(module) else batch_norm_scale(module)).to(delta_q) * delta_q
     prefix = f"{dense_name}/values"
     key = f"{prefix}/values{part}" if f"{prefix}/values{part}" in stored.arrays else f"{prefix}/values"
     return key, stored.arrays[f"{prefix}/scale"], stored.arrays[f"{prefix}/norm"], query

@@ -30,7 +30,7 @@ from .builder import BuildSettings, build_index, selection_from_manifest
 from .checkpoints import Checkpoint, CheckpointModels
 from .directions import DEFAULT_DIRECTION, check_direction, training_examples
 from .errors import InputError, TracInWarning
-from .factors import BlockPlan, Stored, _Estimate, checkpoint_estimate, refinable, refined_estimate, sketched_sides
+from .factors import BlockPlan, Stored, _Estimate, batch_norm_scale, checkpoint_estimate, refinable, refined_estimate, sketched_sides
 from .gradients import (GradientComputer, LinearInputs, PerExampleGradients, cosine, inverse_norms, linear_input_values, vanished,
                         vanishing_message)
 from .layers import ParameterSelection
@@ -361,7 +361,8 @@ class GradientIndex:
             if approximate or candidates is not None:
                 raise InputError("--approximate and --candidates are not available on an index searched in shards on a "
                                  "cluster; query it without them (exact), or open it without the cluster")  # fmt: skip
-            modules = [{p.derived[0]: self._modules_of(c)[p.derived[0]] for p in self.plans if p.derived}
+            # derived sides need their batch norm's scale only: 200 numbers travel, not the module
+            modules = [{p.derived[0]: batch_norm_scale(self._modules_of(c)[p.derived[0]]).cpu() for p in self.plans if p.derived}
                        for c in range(self.num_checkpoints)]  # fmt: skip
             sharded = self._search.scan(test, modules, top_k, normalize)  # one round trip per shard for all test triples
         results, counts, rounds_of, refined_of, fetched = [], [], [], [], []

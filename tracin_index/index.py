@@ -423,7 +423,7 @@ class GradientIndex:
         high[torch.as_tensor(rows, dtype=torch.long)] = torch.from_numpy(scan_high)
         from .sharded import CandidateStore
 
-        stores = [{key: torch.cat([p.stored[c][key] for p in parts]) for key in parts[0].stored[c]}
+        stores = [{key: torch.from_numpy(np.concatenate([p.stored[c][key] for p in parts])) for key in parts[0].stored[c]}
                   for c in range(self.num_checkpoints)]  # fmt: skip
         shipped = np.concatenate([p.shipped for p in parts])
         self._candidate_store = CandidateStore(shipped, stores, self.per_fact, self._search.fetch, self.device)

@@ -51,7 +51,7 @@ class ShardCandidates:
     low: np.ndarray  # their bounds from the scan
     high: np.ndarray
     shipped: np.ndarray  # the candidates whose stored factors come along, sorted
-    stored: list[dict[str, torch.Tensor]]  # per checkpoint: their per-row stored arrays (example rows)
+    stored: list[dict[str, np.ndarray]]  # per checkpoint: their per-row stored arrays (example rows; numpy pickles 10x faster)
     positive: int  # over all of the shard's triples, from the scan: estimates > 0, < 0, signs left open
     negative: int
     open_signs: int
@@ -136,10 +136,11 @@ class SearchShard:
                                        int(((low < 0) & (high > 0)).sum())))  # fmt: skip
         return out
 
-    def factors(self, local: np.ndarray) -> list[dict[str, torch.Tensor]]:
-        """Per checkpoint, the per-row stored arrays (refining needs them) of the shard's triples ``local``."""
+    def factors(self, local: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """Per checkpoint, the per-row stored arrays (refining needs them) of the shard's triples ``local``
+        (numpy: they travel, and a torch tensor pickles ten times slower)."""
         examples = torch.as_tensor((local[:, None] * self.per_fact + np.arange(self.per_fact)).reshape(-1), dtype=torch.long)
-        return [{key: v.index_select(0, examples) for key, v in s.arrays.items() if not _input_key(key, self.plans)}
+        return [{key: v.index_select(0, examples).numpy() for key, v in s.arrays.items() if not _input_key(key, self.plans)}
                 for s in self.stored]  # fmt: skip
 
 
@@ -163,7 +164,7 @@ def _scan(shard: SearchShard, query: bytes, k: int, normalize: bool, ship: int, 
     return shard.scan(tests, modules, k, normalize, ship)
 
 
-def _factors(shard: SearchShard, facts: np.ndarray) -> list[dict[str, torch.Tensor]]:
+def _factors(shard: SearchShard, facts: np.ndarray) -> list[dict[str, np.ndarray]]:
     return shard.factors(facts - shard.facts[0])
 
 
@@ -203,7 +204,7 @@ class ShardedSearch:
             if len(mine):
                 parts.append(self.client.submit(_factors, shard, mine, pure=False))
         got = self.client.gather(parts)
-        return [{key: torch.cat([g[c][key] for g in got]) for key in got[0][c]} for c in range(len(got[0]))]
+        return [{key: torch.from_numpy(np.concatenate([g[c][key] for g in got])) for key in got[0][c]} for c in range(len(got[0]))]
 
     def close(self) -> None:
         self.client.cancel(self.shards)

@@ -72,7 +72,7 @@ def test_an_index_built_and_queried_on_cuda_answers_as_on_the_cpu(tiny_run, tmp_
 
 def test_an_index_opened_on_this_machine_scans_on_cuda_within_the_cpu_bounds(tiny_run, tmp_path):
     GradientIndex.build(tmp_path / "index", model_path=tiny_run, sketch_dim=16, device="cpu")
-    index = GradientIndex.open(tmp_path / "index")  # the default device: cuda here
+    index = GradientIndex.open(tmp_path / "index", pack=True)  # the default device: cuda here (packing is for CPUs)
     on_cpu = GradientIndex.open(tmp_path / "index", device="cpu")
     assert str(index.device).startswith("cuda")
     _, _, test = run_ids(tiny_run)
@@ -82,3 +82,4 @@ def test_an_index_opened_on_this_machine_scans_on_cuda_within_the_cpu_bounds(tin
     for a, b in zip(index.query(test[:3]), on_cpu.query(test[:3])):
         assert [i.train_index for i in a.proponents] == [i.train_index for i in b.proponents]
         assert [i.train_index for i in a.opponents] == [i.train_index for i in b.opponents]
+    assert not index.stored(0).packed

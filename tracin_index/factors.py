@@ -375,7 +375,7 @@ class Stored:
         basis = self.bases[side]
         key = f"{side[0]}/{side[1]}/basis"
         if key not in self.packed:
-            if basis.quantized is None or not self._packing(basis.quantized[0]):
+            if basis.quantized is None or basis.matrix.device.type != "cpu" or not self._packing(basis.quantized[0]):
                 return basis.sketch_query(query)
             self.packed[key] = _Packed(basis.quantized[0].to(torch.float16))
         q_scale = float(query.abs().max())

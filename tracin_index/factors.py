@@ -332,34 +332,48 @@ class Stored:
     packed: dict[str, _Packed] = field(default_factory=dict)
     pack_refused: bool = False
 
-    def products(self, key: str, queries: torch.Tensor) -> torch.Tensor:
-        """Products of the float16 rows (rows, [examples,] d) of array ``key`` with each query (M, d), the
-        queries scaled to at most 1 in magnitude: (M, rows[, examples]), float16 from torch's mat-vec
-        product, float32 where the array is packed for fbgemm."""
-        values = self.arrays[key]
-        flat = values.reshape(-1, values.shape[-1])
-        packed = self.packed.get(key)
-        if packed is None and len(flat) >= PACK_MIN_ROWS and flat.dtype == torch.float16 and self._packing(flat):
-            packed = self.packed[key] = _Packed(flat)
+    def products(self, keys: str | tuple[str, ...], queries: torch.Tensor) -> torch.Tensor:
+        """Products of the float16 rows (rows, [examples,] d) of array ``keys`` (several: side by side, the
+        same rows) with each query (M, sum of d), the queries scaled to at most 1 in magnitude:
+        (M, rows[, examples]), float16 from torch's mat-vec products (a query's all-zero parts skipped),
+        float32 where the arrays are packed for fbgemm (side by side: fbgemm pads each row to a multiple
+        of 512 numbers, so a batch norm's two 200-wide parts take half the memory packed together)."""
+        keys = (keys,) if isinstance(keys, str) else keys
+        parts = [self.arrays[key] for key in keys]
+        flats = [v.reshape(-1, v.shape[-1]) for v in parts]
+        packed = self.packed.get("+".join(keys))
+        if (packed is None and len(flats[0]) >= PACK_MIN_ROWS and flats[0].dtype == torch.float16
+                and self._packing(flats[0], sum(f.numel() for f in flats))):  # fmt: skip
+            packed = self.packed["+".join(keys)] = _Packed(flats[0] if len(flats) == 1 else torch.cat(flats, 1))
         if packed is not None:
             out = packed.products(queries.float().cpu())
-        else:
-            q = queries.to(device=flat.device, dtype=flat.dtype)
-            out = torch.stack([torch.mv(flat, q[i]) for i in range(len(q))])
-        return out.view(len(queries), *values.shape[:-1])
+        elif len(flats) == 1:
+            q = queries.to(device=flats[0].device, dtype=flats[0].dtype)
+            out = torch.stack([torch.mv(flats[0], q[i]) for i in range(len(q))])
+        else:  # the parts' float16 products summed in float32 (exactly: a sum in float16 would round)
+            q = queries.to(device=flats[0].device, dtype=flats[0].dtype)
+            out = torch.zeros(len(q), len(flats[0]), dtype=torch.float32, device=flats[0].device)
+            for i in range(len(q)):
+                start = 0
+                for flat in flats:
+                    piece = q[i, start : start + flat.shape[1]]
+                    start += flat.shape[1]
+                    if bool(piece.any()):
+                        out[i].add_(torch.mv(flat, piece))
+        return out.view(len(queries), *parts[0].shape[:-1])
 
     @property
     def device(self) -> torch.device:
         return next(iter(self.arrays.values())).device if self.arrays else torch.device("cpu")
 
-    def _packing(self, values: torch.Tensor) -> bool:
-        """Whether to pack ``values`` now: asked for, on the CPU, with fbgemm, and with the memory for it
-        (else it is scanned unpacked, as before, and the index says so once)."""
+    def _packing(self, values: torch.Tensor, numel: int | None = None) -> bool:
+        """Whether to pack ``values`` (``numel`` numbers of its kind) now: asked for, on the CPU, with fbgemm,
+        and with the memory for it (else it is scanned unpacked, as before, and the index says so once)."""
         if (self.pack_after is None or self.scans < self.pack_after or self.pack_refused or values.device.type != "cpu"
                 or not _fbgemm_available()):  # fmt: skip
             return False
         available = available_memory()
-        need = PACK_GROWTH * values.numel() * values.element_size()
+        need = PACK_GROWTH * (numel or values.numel()) * values.element_size()
         if available is not None and need > (1 - PACK_SPARE) * available:
             warnings.warn(f"not packing the index's stored arrays for faster scans: {need / 2**20:,.0f} MiB more "
                           f"would leave less than {PACK_SPARE:.0%} of the {available / 2**20:,.0f} MiB available",
@@ -476,7 +490,7 @@ def _product(stored: Stored, key: str, query: torch.Tensor) -> tuple[torch.Tenso
     return _products(stored, key, [query])[0]
 
 
-def _products(stored: Stored, key: str, queries: list[torch.Tensor]) -> list[tuple[torch.Tensor | None, float]]:
+def _products(stored: Stored, key: str | tuple[str, ...], queries: list[torch.Tensor]) -> list[tuple[torch.Tensor | None, float]]:
     """:func:`_product` for several queries over the same rows, in one pass where the array is packed."""
     scales = [float(q.abs().max()) if q.numel() else 0.0 for q in queries]
     live = [i for i, q_scale in enumerate(scales) if q_scale != 0.0]
@@ -532,9 +546,12 @@ def _add_side(out: _Estimate, stored: Stored, prefix: str, query: torch.Tensor, 
         size = arrays[f"{prefix}/values{i}"].shape[-1]
         parts.append((f"{prefix}/values{i}", query[start : start + size]))
         start, i = start + size, i + 1
-    for key, q in parts:
-        done = memo.pop(key, None)
-        product, q_scale = done[1] if done is not None and torch.equal(done[0], q) else _product(stored, key, q)
+    done = memo.pop(prefix, None)
+    if done is not None and torch.equal(done[0], query):  # the whole block's product, computed with a derived side's
+        products = [done[1]]
+    else:
+        products = [_product(stored, key, q) for key, q in parts]
+    for product, q_scale in products:
         if product is not None:
             out.value.addcmul_(product, scale.view(-1, *([1] * (product.dim() - 1))), value=weight * q_scale)
     out.error.add_(arrays[f"{prefix}/norm"], alpha=weight * EPS * float(query.double().norm()))
@@ -561,14 +578,20 @@ def _add_factored(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, 
         group = stored.groups[plan.name]
         a, a_error = torch.take(a, group), torch.take(a_error, group)  # take: the fastest gather here
     key, scale, norm, out_query = _out_side_arrays(plan, stored, block.delta[0, 0], modules)
-    queries = [out_query]
-    if plan.derived is not None and key.startswith(f"{plan.derived[0]}/values/values"):
-        dense = plans[plan.derived[0]]
-        start = sum(dense.sizes[: plan.derived[1]])
-        queries.append(query.blocks[dense.name].values[0][start : start + dense.sizes[plan.derived[1]]])
-    products = _products(stored, key, queries)
-    if len(queries) == 2:
-        memo[key] = (queries[1], products[1])
+    dense = plans.get(plan.derived[0]) if plan.derived is not None else None
+    if dense is not None and key.startswith(f"{dense.name}/values/values"):
+        # the batch norm's parts side by side: its own product (all parts) and the derived side's (its
+        # bias part only) in one pass; the batch norm's scan takes its product from ``memo``
+        prefix, sizes, part = f"{dense.name}/values", dense.sizes, plan.derived[1]
+        keys = tuple(f"{prefix}/values{i}" for i in range(len(sizes)))
+        start = sum(sizes[:part])
+        padded = out_query.new_zeros(sum(sizes))
+        padded[start : start + sizes[part]] = out_query
+        dense_query = query.blocks[dense.name].values[0]
+        products = _products(stored, keys, [padded, dense_query])
+        memo[prefix] = (dense_query, products[1])
+    else:
+        products = _products(stored, key, [out_query])
     product, q_scale = products[0]
     if product is not None:
         p = torch.mul(product.reshape(-1), scale)  # float64

@@ -127,6 +127,7 @@ def test_scans_of_arrays_packed_for_fbgemm_stay_within_their_bounds(tiny_run, tm
     if not factors._fbgemm_available():
         pytest.skip("this torch has no fbgemm")
     monkeypatch.setattr(factors, "PACK_MIN_ROWS", 1)  # the tiny index's arrays too
+    monkeypatch.setattr(factors, "PACK_MIN_WIDTH", 1)  # (its input side's 16 directions included)
     GradientIndex.build(tmp_path / "index", model_path=tiny_run, sketch_dim=16)
     index = GradientIndex.open(tmp_path / "index", pack=True)
     _, _, test = run_ids(tiny_run)

@@ -266,17 +266,19 @@ def sketch_sample(plans: list[BlockPlan], grads: PerExampleGradients) -> dict[tu
 # Scanning: a query's estimate and bound for every stored row
 
 
-#: A stored array of at least PACK_MIN_ROWS rows is scanned by fbgemm's float16 GEMM (float16 rows, float32
-#: query and sums: 1.5 ms per 100k x 200 against 2.0 for torch's float16 mat-vec, two queries at once in
-#: 1.75) once its checkpoint has been scanned ``pack_after`` times: packing costs about 12 ns per stored
-#: number (~2.5 s for a 100k-triple ConvE index), which a one-off query would not earn back. The packed
-#: copy is held besides the stored arrays (candidates' rows are gathered from those): twice the memory.
+#: A stored array of at least PACK_MIN_ROWS rows and PACK_MIN_WIDTH numbers per row is scanned by fbgemm's
+#: float16 GEMM (float16 rows, float32 query and sums: 1.5 ms per 100k x 200 against 2.0 for torch's
+#: float16 mat-vec, two queries at once in 1.75) once its checkpoint has been scanned ``pack_after``
+#: times: packing costs about 12 ns per stored number (2-3 s for a 100k-triple ConvE index), which a
+#: one-off query would not earn back. The packed copy is held besides the stored arrays (candidates'
+#: rows are gathered from those), its rows padded to a multiple of PACK_PAD numbers (measured: 200-wide
+#: rows take 2.6x their float16 bytes packed, 400-wide 1.28x, 512-wide 1x): narrow arrays stay unpacked.
 PACK_MIN_ROWS = 4096
+PACK_MIN_WIDTH = 128
+PACK_PAD = 512
 #: ... packed in blocks of this many rows (packing goes through a float32 copy of each block).
 PACK_ROWS = 32768
-#: fbgemm's packed copy of a float16 array takes up to this many times its bytes (measured: 100k x 200,
-#: 38 MB -> 99 MB); an array is packed only while that leaves PACK_SPARE of the memory available.
-PACK_GROWTH = 3
+#: An array is packed only while its packed copy leaves this share of the memory available.
 PACK_SPARE = 0.25
 
 
@@ -342,8 +344,9 @@ class Stored:
         parts = [self.arrays[key] for key in keys]
         flats = [v.reshape(-1, v.shape[-1]) for v in parts]
         packed = self.packed.get("+".join(keys))
-        if (packed is None and len(flats[0]) >= PACK_MIN_ROWS and flats[0].dtype == torch.float16
-                and self._packing(flats[0], sum(f.numel() for f in flats))):  # fmt: skip
+        width = sum(f.shape[1] for f in flats)
+        if (packed is None and len(flats[0]) >= PACK_MIN_ROWS and width >= PACK_MIN_WIDTH and flats[0].dtype == torch.float16
+                and self._packing(flats[0], len(flats[0]), width)):  # fmt: skip
             packed = self.packed["+".join(keys)] = _Packed(flats[0] if len(flats) == 1 else torch.cat(flats, 1))
         if packed is not None:
             out = packed.products(queries.float().cpu())
@@ -366,14 +369,14 @@ class Stored:
     def device(self) -> torch.device:
         return next(iter(self.arrays.values())).device if self.arrays else torch.device("cpu")
 
-    def _packing(self, values: torch.Tensor, numel: int | None = None) -> bool:
-        """Whether to pack ``values`` (``numel`` numbers of its kind) now: asked for, on the CPU, with fbgemm,
-        and with the memory for it (else it is scanned unpacked, as before, and the index says so once)."""
+    def _packing(self, values: torch.Tensor, rows: int, width: int) -> bool:
+        """Whether to pack ``values`` (``rows`` x ``width`` float16 numbers) now: asked for, on the CPU, with
+        fbgemm, and with the memory for it (else it is scanned unpacked, as before, and the index says so once)."""
         if (self.pack_after is None or self.scans < self.pack_after or self.pack_refused or values.device.type != "cpu"
                 or not _fbgemm_available()):  # fmt: skip
             return False
         available = available_memory()
-        need = PACK_GROWTH * (numel or values.numel()) * values.element_size()
+        need = 2 * rows * -(-width // PACK_PAD) * PACK_PAD
         if available is not None and need > (1 - PACK_SPARE) * available:
             warnings.warn(f"not packing the index's stored arrays for faster scans: {need / 2**20:,.0f} MiB more "
                           f"would leave less than {PACK_SPARE:.0%} of the {available / 2**20:,.0f} MiB available",
@@ -389,7 +392,8 @@ class Stored:
         basis = self.bases[side]
         key = f"{side[0]}/{side[1]}/basis"
         if key not in self.packed:
-            if basis.quantized is None or basis.matrix.device.type != "cpu" or not self._packing(basis.quantized[0]):
+            q = basis.quantized
+            if q is None or basis.matrix.device.type != "cpu" or not self._packing(q[0], q[0].shape[0], q[0].shape[1]):
                 return basis.sketch_query(query)
             self.packed[key] = _Packed(basis.quantized[0].to(torch.float16))
         q_scale = float(query.abs().max())

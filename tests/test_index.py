@@ -215,6 +215,19 @@ def test_linear_layers_that_store_their_own_output_sides_are_scanned_within_thei
     assert_matches(index.query(test[:NUM_TEST], top_k=10), reference)
 
 
+def test_a_batch_norm_with_its_bias_alone_selected_derives_the_output_side_from_it(tiny_run, tmp_path):
+    """One parameter of the batch norm selected: its values stored whole (not per parameter), and the
+    Linear's output side still derived from them."""
+    names = ["interaction.hr1d.0.weight", "interaction.hr1d.0.bias", "interaction.hr1d.2.bias"]
+    reference = brute_force(tiny_run, "bce", names)
+    index = GradientIndex.build(tmp_path / "index", model_path=tiny_run, selection="names", sketch_dim=16,
+                                layer_names=("interaction.hr1d.0", "interaction.hr1d.2.bias"))  # fmt: skip
+    assert index.plans[0].derived == (index.plans[1].name, 0) and index.plans[1].sizes == (32,)
+    _, _, test = run_ids(tiny_run)
+    assert_bounds_hold(index, test, reference)
+    assert_matches(index.query(test[:NUM_TEST], top_k=10), reference)
+
+
 def test_self_influence_equals_the_squared_gradient_norms(tiny_run, tmp_path):
     index = GradientIndex.build(tmp_path / "index", model_path=tiny_run, sketch_dim=16)
     run, train, _ = run_ids(tiny_run)

@@ -582,12 +582,13 @@ def _add_factored(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, 
         group = stored.groups[plan.name]
         a, a_error = torch.take(a, group), torch.take(a_error, group)  # take: the fastest gather here
     key, scale, norm, out_query = _out_side_arrays(plan, stored, block.delta[0, 0], modules)
-    dense = plans.get(plan.derived[0]) if plan.derived is not None else None
-    if dense is not None and key.startswith(f"{dense.name}/values/values"):
-        # the batch norm's parts side by side: its own product (all parts) and the derived side's (its
-        # bias part only) in one pass; the batch norm's scan takes its product from ``memo``
+    if plan.derived is not None:
+        # the batch norm's parts side by side (stored apart, or whole where it has one parameter): its own
+        # product and the derived side's (its bias part only) in one pass; its scan takes its own from ``memo``
+        dense = plans[plan.derived[0]]
         prefix, sizes, part = f"{dense.name}/values", dense.sizes, plan.derived[1]
-        keys = tuple(f"{prefix}/values{i}" for i in range(len(sizes)))
+        split = f"{prefix}/values0" in stored.arrays
+        keys = tuple(f"{prefix}/values{i}" for i in range(len(sizes))) if split else (f"{prefix}/values",)
         start = sum(sizes[:part])
         padded = out_query.new_zeros(sum(sizes))
         padded[start : start + sizes[part]] = out_query

@@ -427,19 +427,14 @@ class _Estimate:
     error: torch.Tensor  # float64, the same shape
 
 
-def _mv(stored: Stored, key: str, scale: torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
-    """scale * (values @ query) in float64 for the float16 rows (rows, [examples,] d) of array ``key``;
-    the query is scaled to at most 1 first (torch's float16 mat-vec product returns float16). ``scale``
-    None: the caller applies the rows' scale."""
+def _mv(stored: Stored, key: str, scale: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """scale * (values @ query) in float64 for the float16 rows (rows, [examples,] d) of array ``key``."""
     values = stored.arrays[key]
     product, q_scale = _product(stored, key, query)
     if product is None:
         return torch.zeros(values.shape[:-1], dtype=torch.float64, device=values.device)
-    product = product.double()
     # in place: at 1M rows each float64 temporary costs milliseconds (the scan is memory bound)
-    if scale is None:
-        return product.mul_(q_scale)
-    return product.mul_(scale.double().view(-1, *([1] * (product.dim() - 1)))).mul_(q_scale)
+    return product.double().mul_(scale.double().view(-1, *([1] * (product.dim() - 1)))).mul_(q_scale)
 
 
 def _side_key(prefix: str) -> tuple[str, str]:
@@ -449,27 +444,13 @@ def _side_key(prefix: str) -> tuple[str, str]:
 
 
 def _side_estimate(stored: Stored, prefix: str, query: torch.Tensor, basis: Basis | None) -> _Estimate:
-    """<x_row, query> for every stored row [and example] of one side (query: a vector of the side's full size)."""
-    arrays = stored.arrays
-    rho_q = 0.0
-    if basis is not None:
-        query, rho_q = stored.sketch_query(_side_key(prefix), query)
-    scale = arrays[f"{prefix}/scale"]
-    if f"{prefix}/values" in arrays:
-        estimate = _mv(stored, f"{prefix}/values", scale, query)
-    else:  # parameter by parameter (a whole dense block): the parts share the row scale, applied once
-        estimate, start, i = None, 0, 0
-        while f"{prefix}/values{i}" in arrays:
-            part = arrays[f"{prefix}/values{i}"]
-            piece = _mv(stored, f"{prefix}/values{i}", None, query[start : start + part.shape[-1]])
-            estimate = piece if estimate is None else estimate.add_(piece)
-            start, i = start + part.shape[-1], i + 1
-        if estimate is not None:
-            estimate.mul_(scale.double().view(-1, *([1] * (estimate.dim() - 1))))
-    error = torch.mul(arrays[f"{prefix}/norm"].double(), EPS * float(query.double().norm()))
-    if basis is not None:
-        error.add_(arrays[f"{prefix}/rho"].double(), alpha=rho_q)
-    return _Estimate(estimate, error)
+    """<x_row, query> for every stored row [and example] of one side (query: a vector of the side's full
+    size): :func:`_add_side` into zeros."""
+    shape = stored.arrays[f"{prefix}/norm"].shape  # the rows [and examples]
+    out = _Estimate(torch.zeros(shape, dtype=torch.float64, device=stored.device),
+                    torch.zeros(shape, dtype=torch.float64, device=stored.device))  # fmt: skip
+    _add_side(out, stored, prefix, query, basis, 1.0, {})
+    return out
 
 
 def _combine(out: _Estimate, inp: _Estimate) -> _Estimate:
@@ -536,8 +517,9 @@ def scan_block(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, que
 
 def _add_side(out: _Estimate, stored: Stored, prefix: str, query: torch.Tensor, basis: Basis | None, weight: float,
               memo: dict) -> None:  # fmt: skip
-    """:func:`_side_estimate` of a side stored one example per row, added into ``out`` with ``weight``
-    (products already in ``memo`` for the same query are not computed again)."""
+    """``out`` (shaped as the side's rows [and examples]) += ``weight`` times <x_row, query> and its bound
+    for one side, stored whole (as one array, or parameter by parameter sharing the row scale) or
+    sketched (products already in ``memo`` for the same query are not computed again)."""
     arrays = stored.arrays
     rho_q = 0.0
     if basis is not None:

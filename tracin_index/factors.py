@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -395,7 +395,7 @@ class Stored:
             q = basis.quantized
             if q is None or basis.matrix.device.type != "cpu" or not self._packing(q[0], q[0].shape[0], q[0].shape[1]):
                 return basis.sketch_query(query)
-            self.packed[key] = _Packed(basis.quantized[0].to(torch.float16))
+            self.packed[key] = _Packed(q[0].to(torch.float16))
         q_scale = float(query.abs().max())
         if q_scale == 0.0:
             return basis.sketch_query(query)
@@ -405,7 +405,8 @@ class Stored:
     def to(self, device: torch.device | str) -> "Stored":
         """The same arrays on ``device`` (a GPU scans them much faster)."""
         return Stored({k: v.to(device) for k, v in self.arrays.items()},
-                      {k: Basis(b.matrix.to(device), b.gram_inverse.to(device), b.quantized) for k, b in self.bases.items()},
+                      {k: replace(b, matrix=b.matrix.to(device), gram_inverse=b.gram_inverse.to(device))
+                       for k, b in self.bases.items()},
                       {k: v.to(device) for k, v in self.groups.items()}, self.num_rows, pack_after=self.pack_after)  # fmt: skip
 
     def rows_postings(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -15,7 +15,6 @@ lists are the exact top k, without a fixed rerank depth.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from .gradients import (GradientComputer, LinearInputs, PerExampleGradients, cos
 from .layers import ParameterSelection
 from .replicas import pair_forward_applies
 from .results import Influence, InfluenceResult, Triple, ranked_rows
-from .sketch import Basis, read_bases, read_quantized_bases
+from .sketch import Basis, dequantize, read_quantized_bases
 from .store import TRIPLES, bases_path, read_arrays, read_manifest, read_triples, resolve_path, sha256_file
 
 #: Rows rescored exactly in the first round of a query; each further round takes twice as many, up to
@@ -677,9 +676,8 @@ def load_stored(directory: Path, manifest: dict, plans: list[BlockPlan], c: int,
     if sketched:
         name = bases_path(c)
         _check_file(directory / name, manifest["files"].get(name), "principal directions file")
-        stored_bases = read_arrays(directory / name)
-        matrices, quantized = read_bases(stored_bases, sketched), read_quantized_bases(stored_bases, sketched)
-        bases = {key: dataclasses.replace(Basis.from_matrix(matrix), quantized=quantized[key]) for key, matrix in matrices.items()}
+        quantized = read_quantized_bases(read_arrays(directory / name), sketched)
+        bases = {key: Basis.from_matrix(dequantize(*q), quantized=q) for key, q in quantized.items()}
     for p in plans:
         if p.grouped and facts is None and len(arrays[f"{p.name}/in/values"]) != manifest["num_groups"]:
             raise InputError(f"{directory}: the shards of checkpoint {c + 1} do not hold every "

@@ -83,15 +83,15 @@ def dequantize(q, scale) -> torch.Tensor:
 
 
 def read_quantized_bases(arrays, keys) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]:
-    """The stored (q, scale) of the sides ``keys`` (see :func:`read_bases`)."""
+    """The stored (q, scale) of the sides ``keys`` ((block, side) pairs) from a bases file's arrays, each
+    side's :func:`quantize` arrays under ``block/side/q`` and ``block/side/scale``."""
     return {key: (torch.as_tensor(arrays[f"{key[0]}/{key[1]}/q"]), torch.as_tensor(arrays[f"{key[0]}/{key[1]}/scale"]).float())
             for key in keys}  # fmt: skip
 
 
 def read_bases(arrays, keys) -> dict[tuple[str, str], torch.Tensor]:
-    """The stored bases (:func:`dequantize`) of the sides ``keys`` ((block, side) pairs) from a bases
-    file's arrays, each side's :func:`quantize` arrays under ``block/side/q`` and ``block/side/scale``."""
-    return {key: dequantize(arrays[f"{key[0]}/{key[1]}/q"], arrays[f"{key[0]}/{key[1]}/scale"]) for key in keys}
+    """The stored bases (:func:`dequantize`) of the sides ``keys`` (see :func:`read_quantized_bases`)."""
+    return {key: dequantize(q, scale) for key, (q, scale) in read_quantized_bases(arrays, keys).items()}
 
 
 @dataclass
@@ -104,7 +104,8 @@ class Basis:
     quantized: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
-    def from_matrix(cls, matrix: torch.Tensor, device: torch.device | str = "cpu") -> "Basis":
+    def from_matrix(cls, matrix: torch.Tensor, device: torch.device | str = "cpu",
+                    quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> "Basis":  # fmt: skip
         b = matrix.to(device=device, dtype=torch.float32)
         b64 = b.double()
         gram = b64 @ b64.T
@@ -112,7 +113,7 @@ class Basis:
         inverse = torch.zeros_like(gram)
         if bool(live.any()):
             inverse[live.nonzero()[:, 0][:, None], live.nonzero()[:, 0][None, :]] = torch.linalg.inv(gram[live][:, live])
-        return cls(b, inverse)
+        return cls(b, inverse, quantized)
 
     @property
     def dim(self) -> int:
@@ -125,22 +126,18 @@ class Basis:
         1e-6 ||x||^2 added to rho^2 covers that rounding, so rho never falls below the true residual.
         """
         s = x.float() @ self.matrix.T
-        s64 = s.double()
-        captured = ((s64 @ self.gram_inverse) * s64).sum(-1)
-        squared = torch.linalg.vector_norm(x.float(), dim=-1).double().pow(2)
-        rho = ((squared - captured).clamp_min(0) + 1e-6 * squared).sqrt()
-        return s, rho
+        return s, self._residual(x, s.double())[1]
 
     def sketch_query(self, x: torch.Tensor, s: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-        """A query vector's :meth:`query` coordinates and residual norm, as :meth:`sketch` and :meth:`query`
-        give them (G^{-1} s computed once: at 512 directions it is a 2 MB product). ``s``: B x, where the
-        caller computed it (float32)."""
-        s = (x.reshape(1, -1).float() @ self.matrix.T if s is None else s.reshape(1, -1)).double()
-        weighted = s @ self.gram_inverse
-        squared = float(torch.linalg.vector_norm(x.float()).double() ** 2)
-        captured = float((weighted * s).sum())
-        return weighted[0].float(), (max(squared - captured, 0.0) + 1e-6 * squared) ** 0.5
+        """A query vector's coordinates G^{-1} s (their inner products with stored coordinates are
+        <Pi x, Pi y>) and residual norm rho. ``s``: B x, where the caller computed it (float32)."""
+        s = x.reshape(1, -1).float() @ self.matrix.T if s is None else s.reshape(1, -1)
+        weighted, rho = self._residual(x.reshape(1, -1), s.double())
+        return weighted[0].float(), float(rho[0])
 
-    def query(self, s: torch.Tensor) -> torch.Tensor:
-        """G^{-1} s of a query's coordinates: its inner products with stored coordinates are <Pi x, Pi y>."""
-        return (s.double() @ self.gram_inverse).float()
+    def _residual(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """G^{-1} s (float64) and rho of rows ``x`` with coordinates ``s`` (float64), as :meth:`sketch` says."""
+        weighted = s @ self.gram_inverse
+        captured = (weighted * s).sum(-1)
+        squared = torch.linalg.vector_norm(x.float(), dim=-1).double().pow(2)
+        return weighted, ((squared - captured).clamp_min(0) + 1e-6 * squared).sqrt()

@@ -282,23 +282,19 @@ class GradientIndex:
             stored_rows = (rows_t[:, None] * self.per_fact + torch.arange(self.per_fact)).reshape(-1)
         for c in range(self.num_checkpoints):
             query = test[c].index(slice(t, t + 1))
-            if rows is None and self.per_fact == 1 and not normalize:  # one stored row per triple: summed in place
-                checkpoint_estimate(self.plans, self.stored(c), query, self._modules_of(c), _Estimate(value, error),
-                                    self.checkpoints[c].learning_rate)  # fmt: skip
-                continue
-            if rows is None:
-                part = checkpoint_estimate(self.plans, self.stored(c), query, self._modules_of(c))
-            else:
-                inputs = self._linear_inputs(c, examples.to(self.device))
-                stored, at = self.stored_rows(c, stored_rows)
-                part = refined_estimate(self.plans, stored, query, self._modules_of(c), at, inputs)
             weight = self.checkpoints[c].learning_rate
             if normalize:
                 if c not in self._inverse_norms:
                     self._inverse_norms[c] = inverse_norms(torch.from_numpy(self.squared_norms()[c])).to(self.device)
                 norms = self._inverse_norms[c] if rows is None else self._inverse_norms[c][rows_t.to(self.device)]
                 weight = weight * float(inverse_norms(query.squared_norms())[0]) * norms
-            add_weighted(value, error, part, weight, self.per_fact)
+            if rows is None:
+                add_checkpoint(value, error, self.plans, self.stored(c), query, self._modules_of(c), weight, self.per_fact)
+            else:
+                inputs = self._linear_inputs(c, examples.to(self.device))
+                stored, at = self.stored_rows(c, stored_rows)
+                part = refined_estimate(self.plans, stored, query, self._modules_of(c), at, inputs)
+                add_weighted(value, error, part, weight, self.per_fact)
         return value.cpu(), error.cpu()
 
     def stored_rows(self, c: int, rows: torch.Tensor) -> tuple[Stored, torch.Tensor]:
@@ -612,6 +608,17 @@ def add_weighted(value: torch.Tensor, error: torch.Tensor, part, weight, per_fac
     else:
         value.add_(fold(part.value, per_fact), alpha=weight)
         error.add_(fold(part.error, per_fact), alpha=weight)
+
+
+def add_checkpoint(value: torch.Tensor, error: torch.Tensor, plans: list[BlockPlan], stored: Stored,
+                   query: PerExampleGradients, modules: dict, weight, per_fact: int) -> None:  # fmt: skip
+    """``value`` and ``error`` (per training triple) += ``weight`` times one checkpoint's scan of every
+    stored row (:func:`~tracin_index.factors.checkpoint_estimate`): summed in place where a triple is one
+    row and the weight one number, else through :func:`add_weighted`."""
+    if per_fact == 1 and not torch.is_tensor(weight):
+        checkpoint_estimate(plans, stored, query, modules, _Estimate(value, error), weight)
+    else:
+        add_weighted(value, error, checkpoint_estimate(plans, stored, query, modules), weight, per_fact)
 
 
 def read_squared_norms(directory: Path, manifest: dict, facts: tuple[int, int] | None = None) -> np.ndarray:

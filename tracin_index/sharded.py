@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .factors import BlockPlan, Stored, _input_key, checkpoint_estimate
+from .factors import BlockPlan, Stored, _input_key
 from .gradients import PerExampleGradients, inverse_norms
 from .store import TRIPLES, read_manifest, read_triples
 
@@ -107,7 +107,7 @@ class SearchShard:
              ship: int = SHIPPED) -> list[ShardCandidates]:  # fmt: skip
         """Candidates of every test triple (``tests``: per checkpoint, the test triples' gradients), with
         the stored factors of the ``ship`` most promising each way."""
-        from .index import _candidates, add_weighted
+        from .index import _candidates, add_checkpoint
 
         out = []
         for t in range(len(tests[0])):
@@ -116,11 +116,10 @@ class SearchShard:
             error = torch.zeros(n, dtype=torch.float64)
             for c, stored in enumerate(self.stored):
                 query = tests[c].index(slice(t, t + 1))
-                part = checkpoint_estimate(self.plans, stored, query, modules[c])
                 weight = self.learning_rates[c]
                 if normalize:
                     weight = weight * float(inverse_norms(query.squared_norms())[0]) * self.inverse_norms[c]
-                add_weighted(value, error, part, weight, self.per_fact)
+                add_checkpoint(value, error, self.plans, stored, query, modules[c], weight, self.per_fact)
             low, high = value - error, value + error
             pro, opp = _candidates(low, high, k)
             local = np.union1d(pro, opp)

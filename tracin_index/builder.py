@@ -217,6 +217,8 @@ class Builder:
         self._computers: dict[int, GradientComputer] = {}
         self._halves: dict[int, dict[tuple[str, str], torch.Tensor]] = {}  # the last fitted bases: the next start
         self.groups: np.ndarray | None = None
+        self._pair_groups: tuple[np.ndarray, np.ndarray] | None = None
+        self._more_samples: dict[int, np.ndarray] = {}
 
     def computer(self, c: int) -> GradientComputer:
         model = self.models.model(c)
@@ -254,21 +256,31 @@ class Builder:
         and the index within WIDEST_BYTES per stored row and checkpoint (see WIDEST_SKETCH_DIM)."""
         stored = self.num_rows
         if any(p.grouped for p in plans):
-            stored = len(group_rows(self.examples.numpy(), self.inputs.run.model.num_relations)[1])
+            stored = len(self._pairs()[1])
         scan = sum(stored if p.grouped else self.num_rows for p in plans for _, _, dim in p.sides() if dim)
         scan_bytes = 2 * scan * max((dim for p in plans for _, _, dim in p.sides()), default=0)
         total = self.estimate_bytes(plans, stored)["total"]
         return scan_bytes <= WIDEST_SCAN_BYTES and total <= WIDEST_BYTES * self.num_rows * len(self.models)
 
+    def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`group_rows` of the stored rows, computed once (the plan's size check and the build use it)."""
+        if self._pair_groups is None:
+            self._pair_groups = group_rows(self.examples.numpy(), self.inputs.run.model.num_relations)
+        return self._pair_groups
+
     def _sample_rows(self, dim: int, wide: int) -> np.ndarray:
         """The sampled rows for a side of ``dim`` directions and ``wide`` numbers: :attr:`sample_rows`, with
-        more rows (seeded, drawn from the rest) for many directions, fewer for very wide sides."""
+        more rows (seeded, drawn from the rest; drawn once per size) for many directions, fewer for very
+        wide sides."""
         size = min(self.num_rows, max(SKETCH_SAMPLE, SAMPLE_PER_DIRECTION * dim), max(1, SKETCH_SAMPLE_BYTES // (4 * wide)))
         if size <= len(self.sample_rows):
             return self.sample_rows[:size]
-        rest = np.setdiff1d(np.arange(self.num_rows), self.sample_rows, assume_unique=True)
-        rng = np.random.default_rng(stable_seed(self.settings.seed, "sample", "more"))
-        return np.sort(np.concatenate([self.sample_rows, rng.choice(rest, size=size - len(self.sample_rows), replace=False)]))
+        if size not in self._more_samples:
+            rest = np.setdiff1d(np.arange(self.num_rows), self.sample_rows, assume_unique=True)
+            rng = np.random.default_rng(stable_seed(self.settings.seed, "sample", "more"))
+            more = rng.choice(rest, size=size - len(self.sample_rows), replace=False)
+            self._more_samples[size] = np.sort(np.concatenate([self.sample_rows, more]))
+        return self._more_samples[size]
 
     def _residual_energy(self, plans: list[BlockPlan]) -> float:
         """The largest share of the sampled inputs' energy that the planned sketches leave out, at the
@@ -327,7 +339,7 @@ class Builder:
         plans = self.plan()
         grouped = any(p.grouped for p in plans)
         hrt_np = self.inputs.hrt.numpy()
-        groups, group_first = group_rows(self.examples.numpy(), self.inputs.run.model.num_relations) if grouped else (None, None)
+        groups, group_first = self._pairs() if grouped else (None, None)
         self.groups = groups
         sizes = self.estimate_bytes(plans, len(group_first) if grouped else self.num_rows)
         checkpoints = len(self.models)

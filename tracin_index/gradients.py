@@ -355,6 +355,7 @@ class GradientComputer:
         self.selection = selection
         self.loss = loss
         self.inverse = uses_inverse_triples(model)
+        self._model_parts: tuple[nn.Module, ModelParts] | None = None  # (the model walked, its parts)
         self._tail_tables = self._tail_tables_for_ce() if loss == "ce" else {}
         if self._tail_tables and self.inverse:
             raise LossError(
@@ -369,7 +370,7 @@ class GradientComputer:
 
     def model_parts(self) -> "ModelParts":
         """The model's modules and parameters, walked once (the model's structure does not change)."""
-        if getattr(self, "_model_parts", None) is None or self._model_parts[0] is not self.model:
+        if self._model_parts is None or self._model_parts[0] is not self.model:
             self._model_parts = (self.model, ModelParts.of(self.model))
         return self._model_parts[1]
 

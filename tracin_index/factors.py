@@ -269,7 +269,7 @@ def sketch_sample(plans: list[BlockPlan], grads: PerExampleGradients) -> dict[tu
 #: A stored array of at least PACK_MIN_ROWS rows and PACK_MIN_WIDTH numbers per row is scanned by fbgemm's
 #: float16 GEMM (float16 rows, float32 query and sums: 1.5 ms per 100k x 200 against 2.0 for torch's
 #: float16 mat-vec, two queries at once in 1.75) once its checkpoint has been scanned ``pack_after``
-#: times: packing costs about 12 ns per stored number (2-3 s for a 100k-triple ConvE index), which a
+#: times: packing costs about 12 ns per stored number (3-5 s for a 100k-triple ConvE index), which a
 #: one-off query would not earn back. The packed copy is held besides the stored arrays (candidates'
 #: rows are gathered from those), its rows padded to a multiple of PACK_PAD numbers (measured: 200-wide
 #: rows take 2.6x their float16 bytes packed, 400-wide 1.28x, 512-wide 1x): narrow arrays stay unpacked.

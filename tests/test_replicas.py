@@ -73,3 +73,33 @@ def test_linear_inputs_of_a_replica_computing_per_pair_come_in_row_order(nations
     theirs = linear_inputs(model, {"fc": (model.interaction.hr1d[0], True)}, rows)["fc"]
     assert len(torch.unique(rows[:, :2], dim=0)) < len(rows)  # pairs repeat, and torch.unique sorts them
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_closed_form_gradients_of_conve_match_the_per_triple_autograd_loop(nations, inverse):
+    """ConvE's last two layers under bce come in closed form (no hooks, no backward pass): the same
+    gradients as one autograd backward per triple through the PyKEEN model, every direction."""
+    from pykeen.triples import TriplesFactory
+
+    from reference import per_triple_gradients
+    from tracin_index.replicas import closed_form_applies
+
+    training = TriplesFactory(nations.training.mapped_triples, nations.training.entity_to_id,
+                              nations.training.relation_to_id, create_inverse_triples=inverse)  # fmt: skip
+    model = make_model("ConvE", training, dtype=torch.float64)  # batch norm statistics randomised
+    replica = build_replica(replica_spec(model)).double()
+    replica.load_state_dict(model.state_dict())
+    selection = select_parameters(replica, mode="last")
+    assert closed_form_applies(replica, selection, "bce")
+    assert not closed_form_applies(replica, selection, "ce")
+    assert not closed_form_applies(replica, select_parameters(replica, mode="all"), "bce")
+    computer = GradientComputer(replica, selection, "bce")
+    batch = nations.training.mapped_triples[:20]
+    repeated = torch.tensor([[h, r, t] for (h, r), t in zip(batch[:8, :2].tolist(), batch[8:16, 2].tolist())])
+    batch = torch.cat([batch, repeated])  # eight (head, relation) pairs twice, with other tails
+    for direction in ("train", "tail", "head", "both") if inverse else ("train",):
+        ours = computer.compute(batch, direction).to_dense()
+        theirs = per_triple_gradients(model, batch, selection.parameter_names, "bce", direction)
+        assert set(ours) == set(theirs)
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-9, atol=1e-12, msg=f"{direction} {key}")

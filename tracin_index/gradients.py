@@ -31,6 +31,7 @@ from torch.func import functional_call, vjp, vmap
 from .directions import TRAIN, example_batches, uses_inverse_triples
 from .errors import LossError, TracInWarning, VanishingGradientError
 from .layers import ParameterSelection, SelectedModule, evaluating
+from .replicas import closed_form_applies
 
 LossName = Literal["bce", "ce"]
 LOSSES = ("bce", "ce")
@@ -356,6 +357,7 @@ class GradientComputer:
         self.loss = loss
         self.inverse = uses_inverse_triples(model)
         self._model_parts: tuple[nn.Module, ModelParts] | None = None  # (the model walked, its parts)
+        self._closed_form = closed_form_applies(model, selection, loss)
         self._tail_tables = self._tail_tables_for_ce() if loss == "ce" else {}
         if self._tail_tables and self.inverse:
             raise LossError(
@@ -432,6 +434,14 @@ class GradientComputer:
         hrt = hrt.to(self.device)
         batch_size = hrt.shape[0]
         parts = self.model_parts()
+        names = {m.name: m.full_parameter_names for m in self.selection.modules}
+        if self._closed_form:  # the same gradients without hooks or a backward pass (replicas.closed_form_applies)
+            with evaluating(model, parts.modules), torch.no_grad():
+                a, delta, values = model.bce_gradients(hrt)
+            linear, norm = self.selection.modules
+            shapes = tuple(getattr(norm.module, p).shape for p in norm.parameter_names)
+            blocks = {linear.name: FactoredBlock(a[:, None], delta[:, None], True, True), norm.name: DenseBlock(values, shapes)}
+            return PerExampleGradients(blocks, names)
         with evaluating(model, parts.modules), only_selected_require_grad(model, self.selection, parts), self._recording() as calls:
             losses = per_example_losses(model, hrt, self.loss)
             outputs = [c.output for m in self.selection.modules for c in calls[m.name]]
@@ -443,7 +453,6 @@ class GradientComputer:
                 blocks[m.name] = self._block(m, module_calls, batch_size)
             if self._tail_tables:
                 self._add_tail_rank_one(blocks, hrt)
-        names = {m.name: m.full_parameter_names for m in self.selection.modules}
         return PerExampleGradients(blocks, names)
 
     def check(self, hrt: torch.Tensor) -> None:
@@ -649,6 +658,11 @@ def linear_input_values(model: nn.Module, modules: dict[str, nn.Linear], hrt: to
     """:func:`linear_inputs` as the layers saw them (:class:`LinearInputs`: no bias column, no copy per
     example). ``walked``: the model's modules, where the caller holds them (:class:`ModelParts`)."""
     found: dict[str, LinearInputs] = {}
+    if getattr(model, "pair_forward", False) and list(modules.values()) == [model.interaction.hr1d[0]]:
+        # a ConvE replica computing per pair: its inputs directly, without hooks or the rest of the forward pass
+        with evaluating(model, walked), torch.no_grad():
+            features, rows = model.pair_features(hrt)
+        return {name: LinearInputs(features, rows) for name in modules}
 
     def hook(name: str):
         def record(module, args):

@@ -121,6 +121,46 @@ class ConvEReplica(nn.Module):
         x = self.interaction.encode(self.entity_representations[0](hr[:, 0]), self.relation_representations[0](hr[:, 1]))
         return x @ self.entity_representations[0]._embeddings.weight.T + self.entity_representations[1]._embeddings.weight.view(1, -1)
 
+    def pair_features(self, hrt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final Linear's inputs once per distinct (head, relation) pair of ``hrt`` (m, in), sorted as the
+        pairs, and the pair of each row (n,): what ``score_hrt`` feeds that layer with ``pair_forward``."""
+        keys, row_map = torch.unique(hrt[:, 0] * self.num_relations + hrt[:, 1], return_inverse=True)
+        heads = self.entity_representations[0](keys // self.num_relations)
+        relations = self.relation_representations[0](keys % self.num_relations)
+        s = self.interaction.shape
+        image = (-1, s["input_channels"], s["image_height"], s["image_width"])
+        x = self.interaction.hr2d(torch.cat([heads.view(image), relations.view(image)], dim=-2))
+        return x.view(x.shape[0], -1), row_map
+
+    def bce_gradients(self, hrt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r"""Per-example gradients of the ``bce`` loss :math:`\mathrm{softplus}(-s)` with respect to the final
+        Linear and the batch norm after it, in closed form (eval mode: running statistics, no dropout),
+        computed once per (head, relation) pair up to the Linear's product:
+
+        with :math:`y = W a + b`, :math:`\hat y = (y - \mu) / \sqrt{\sigma^2 + \epsilon}`, :math:`z = \gamma \hat y + eta`,
+        :math:`s = \langle \mathrm{relu}(z), e_t
+angle + b_t`: :math:`g = \partial L / \partial z = -\sigma(-s)\, e_t\, [z > 0]`,
+        the batch norm's gradients :math:`(g \hat y, g)`, the Linear's output gradient
+        :math:`\delta = g \gamma / \sqrt{\sigma^2 + \epsilon}`, its weight's :math:`\delta a^	op`.
+
+        What autograd gives through the module hooks (:mod:`tracin_index.gradients`), without the hooks and
+        the backward pass (a query computes a few gradients at a time: those fixed costs were half of it).
+        Returns the Linear's inputs with a column of ones (B, in + 1), its output gradients (B, out) and
+        the batch norm's weight and bias gradients side by side (B, 2 out)."""
+        linear, norm = self.interaction.hr1d[0], self.interaction.hr1d[2]
+        x, row_map = self.pair_features(hrt)
+        y = nn.functional.linear(x, linear.weight, linear.bias).index_select(0, row_map)
+        inv_std = torch.rsqrt(norm.running_var + norm.eps)
+        y_hat = (y - norm.running_mean) * inv_std
+        z = y_hat * norm.weight + norm.bias
+        tails = self.entity_representations[0](hrt[:, 2])
+        score = (torch.relu(z) * tails).sum(-1) + self.entity_representations[1](hrt[:, 2]).view(-1)
+        g = (-torch.sigmoid(-score))[:, None] * tails * (z > 0)
+        a = x.new_empty(len(hrt), x.shape[1] + 1)
+        torch.index_select(x, 0, row_map, out=a[:, :-1])
+        a[:, -1] = 1
+        return a, g * (inv_std * norm.weight), torch.cat([g * y_hat, g], 1)
+
 
 class DistMultInteraction(nn.Module):
     """PyKEEN's DistMult interaction (parameter-free)."""
@@ -186,6 +226,19 @@ def pair_forward_applies(model: nn.Module, selection) -> bool:
     """Whether ``model`` is a replica that can compute per (head, relation) pair for ``selection``: every
     selected module comes at or after ConvE's final Linear (``interaction.hr1d``)."""
     return isinstance(model, ConvEReplica) and all(m.name.startswith("interaction.hr1d.") for m in selection.modules)
+
+
+def closed_form_applies(model: nn.Module, selection, loss: str) -> bool:
+    """Whether ``model``'s per-example gradients for ``selection`` under ``loss`` come in closed form
+    (:meth:`ConvEReplica.bce_gradients`): a ConvE replica with its batch norm, the default selection of
+    its last two layers (the final Linear's and the batch norm's weights and biases), the ``bce`` loss."""
+    if not isinstance(model, ConvEReplica) or loss != "bce":
+        return False
+    layers = list(model.interaction.hr1d)
+    if [type(m) for m in layers] != [PairLinear, nn.Dropout, nn.BatchNorm1d, nn.ReLU] or not layers[2].affine or layers[2].running_var is None:
+        return False
+    wanted = [("interaction.hr1d.0", ("weight", "bias")), ("interaction.hr1d.2", ("weight", "bias"))]
+    return [(m.name, tuple(m.parameter_names)) for m in selection.modules] == wanted
 
 
 def replica_agrees(replica: nn.Module, model: nn.Module, hrt: torch.Tensor, gradients_of) -> bool:

@@ -157,7 +157,7 @@ angle + b_t`: :math:`g = \partial L / \partial z = -\sigma(-s)\, e_t\, [z > 0]`,
         score = (torch.relu(z) * tails).sum(-1) + self.entity_representations[1](hrt[:, 2]).view(-1)
         g = (-torch.sigmoid(-score))[:, None] * tails * (z > 0)
         a = x.new_empty(len(hrt), x.shape[1] + 1)
-        torch.index_select(x, 0, row_map, out=a[:, :-1])
+        a[:, :-1] = x.index_select(0, row_map)
         a[:, -1] = 1
         return a, g * (inv_std * norm.weight), torch.cat([g * y_hat, g], 1)
 

@@ -50,6 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("PYSTOW_HOME", os.path.join(tempfile.gettempdir(), "pystow-bench"))
@@ -408,6 +409,9 @@ def main() -> None:
             "speedup_vs_exact": (exact_s / len(exact)) / (queries["p50_ms"] / 1000),
             "indexes": {"default": {"default": default, "bytes_per_triple_checkpoint": build["bytes_per_triple_checkpoint"],
                                     "sketch_dim": build["sketch_dim"]}},
+            # each size's own provenance: the file keeps sizes from earlier runs (merged below)
+            "measured": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                         "git_commit": versions().get("git_commit"), "command": command_line()},
         }
     merged = {**previous, **results}
     out = {

@@ -51,7 +51,7 @@ FIRST_REFINE_ROUND = 64
 REFINE_MIN_CANDIDATES = 64
 #: Test triples after which an opened index packs its large stored arrays for fbgemm by default (each
 #: checkpoint's when it has been scanned this often): packing a 100k-triple ConvE index costs 3-5 s and
-#: saves ~10 ms per query (1M: 21-29 s and ~90 ms), so by then it has paid for itself; a one-off query
+#: saves ~10 ms per query (1M: 21-35 s and ~90 ms), so by then it has paid for itself; a one-off query
 #: never pays it. ``open(..., pack=True)`` (the server, benchmarks of warm queries) packs at once.
 PACK_AFTER_SCANS = 300
 #: A row's state in a query: bounds from the scan, refined bounds, exact score.

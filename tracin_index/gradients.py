@@ -440,7 +440,8 @@ class GradientComputer:
                 a, delta, values = model.bce_gradients(hrt)
             linear, norm = self.selection.modules
             shapes = tuple(getattr(norm.module, p).shape for p in norm.parameter_names)
-            blocks = {linear.name: FactoredBlock(a[:, None], delta[:, None], True, True), norm.name: DenseBlock(values, shapes)}
+            blocks = {linear.name: FactoredBlock(a[:, None], delta[:, None], True, True),
+                      norm.name: DenseBlock(values, shapes)}  # fmt: skip
             return PerExampleGradients(blocks, names)
         with evaluating(model, parts.modules), only_selected_require_grad(model, self.selection, parts), self._recording() as calls:
             losses = per_example_losses(model, hrt, self.loss)

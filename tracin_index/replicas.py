@@ -137,11 +137,10 @@ class ConvEReplica(nn.Module):
         Linear and the batch norm after it, in closed form (eval mode: running statistics, no dropout),
         computed once per (head, relation) pair up to the Linear's product:
 
-        with :math:`y = W a + b`, :math:`\hat y = (y - \mu) / \sqrt{\sigma^2 + \epsilon}`, :math:`z = \gamma \hat y + eta`,
-        :math:`s = \langle \mathrm{relu}(z), e_t
-angle + b_t`: :math:`g = \partial L / \partial z = -\sigma(-s)\, e_t\, [z > 0]`,
+        with :math:`y = W a + b`, :math:`\hat y = (y - \mu) / \sqrt{\sigma^2 + \epsilon}`, :math:`z = \gamma \hat y + \beta`,
+        :math:`s = \langle \mathrm{relu}(z), e_t\rangle + b_t`: :math:`g = \partial L / \partial z = -\sigma(-s)\, e_t\, [z > 0]`,
         the batch norm's gradients :math:`(g \hat y, g)`, the Linear's output gradient
-        :math:`\delta = g \gamma / \sqrt{\sigma^2 + \epsilon}`, its weight's :math:`\delta a^	op`.
+        :math:`\delta = g \gamma / \sqrt{\sigma^2 + \epsilon}`, its weight's :math:`\delta a^\top`.
 
         What autograd gives through the module hooks (:mod:`tracin_index.gradients`), without the hooks and
         the backward pass (a query computes a few gradients at a time: those fixed costs were half of it).
@@ -235,7 +234,9 @@ def closed_form_applies(model: nn.Module, selection, loss: str) -> bool:
     if not isinstance(model, ConvEReplica) or loss != "bce":
         return False
     layers = list(model.interaction.hr1d)
-    if [type(m) for m in layers] != [PairLinear, nn.Dropout, nn.BatchNorm1d, nn.ReLU] or not layers[2].affine or layers[2].running_var is None:
+    if [type(m) for m in layers] != [PairLinear, nn.Dropout, nn.BatchNorm1d, nn.ReLU]:
+        return False
+    if not layers[2].affine or layers[2].running_var is None:  # the closed form needs gamma, beta and running statistics
         return False
     wanted = [("interaction.hr1d.0", ("weight", "bias")), ("interaction.hr1d.2", ("weight", "bias"))]
     return [(m.name, tuple(m.parameter_names)) for m in selection.modules] == wanted

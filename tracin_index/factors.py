@@ -559,11 +559,8 @@ def _add_factored(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, 
     block = query.blocks[plan.name]
     if block.a.shape[1] != 1 or plan.examples != 1 or plan.sketch[0]:
         return False
-    inp = _side_estimate(stored, f"{plan.name}/in", block.a[0, 0], stored.bases.get((plan.name, "in")))
+    inp = _input_side(plan, stored, block.a[0, 0])
     a, a_error = inp.value.reshape(-1), inp.error.reshape(-1)
-    if plan.grouped:
-        group = stored.groups[plan.name]
-        a, a_error = torch.take(a, group), torch.take(a_error, group)  # take: the fastest gather here
     key, scale, norm, out_query = _out_side_arrays(plan, stored, block.delta[0, 0], modules)
     if plan.derived is not None:
         # the batch norm's parts side by side (stored apart, or whole where it has one parameter): its own
@@ -611,12 +608,7 @@ def _factored_estimate(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Sto
     n = stored.num_rows
     total: _Estimate | None = None
     for j in range(block.a.shape[1]):
-        out = _out_side(plan, plans, stored, block.delta[0, j], modules)
-        inp = _side_estimate(stored, f"{plan.name}/in", block.a[0, j], stored.bases.get((plan.name, "in")))
-        if plan.grouped:
-            group = stored.groups[plan.name]
-            inp = _Estimate(torch.take(inp.value, group), torch.take(inp.error, group))
-        part = _combine(out, inp)
+        part = _combine(_out_side(plan, plans, stored, block.delta[0, j], modules), _input_side(plan, stored, block.a[0, j]))
         if total is None:
             total = part
         else:
@@ -626,6 +618,16 @@ def _factored_estimate(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Sto
         zeros = torch.zeros(n, dtype=torch.float64, device=stored.device)
         return _Estimate(zeros, zeros.clone())
     return total
+
+
+def _input_side(plan: BlockPlan, stored: Stored, a_q: torch.Tensor) -> _Estimate:
+    """A factored block's input side: <a_row, a_q> and its bound for every stored row [and example]; a
+    grouped side's (stored once per (head, relation) pair) taken to each row."""
+    inp = _side_estimate(stored, f"{plan.name}/in", a_q, stored.bases.get((plan.name, "in")))
+    if plan.grouped:
+        group = stored.groups[plan.name]
+        inp = _Estimate(torch.take(inp.value, group), torch.take(inp.error, group))  # take: the fastest gather here
+    return inp
 
 
 def _out_side(plan: BlockPlan, plans: dict[str, BlockPlan], stored: Stored, delta_q: torch.Tensor,

@@ -74,13 +74,16 @@ class ConvEInteraction(nn.Module):
                      nn.BatchNorm1d(shape["embedding_dim"]) if batch_norm else None, nn.ReLU()]  # fmt: skip
         self.hr1d = nn.Sequential(*(layer for layer in layers_1d if layer is not None))
 
-    def encode(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """The (head, relation) vector that is dotted with the tail: (B, d)."""
+    def features(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The final Linear's inputs: the convolved [h; r] image, flattened (B, in)."""
         s = self.shape
         image = (-1, s["input_channels"], s["image_height"], s["image_width"])
-        x = torch.cat([h.view(image), r.view(image)], dim=-2)
-        x = self.hr2d(x)
-        return self.hr1d(x.view(x.shape[0], -1))
+        x = self.hr2d(torch.cat([h.view(image), r.view(image)], dim=-2))
+        return x.view(x.shape[0], -1)
+
+    def encode(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The (head, relation) vector that is dotted with the tail: (B, d)."""
+        return self.hr1d(self.features(h, r))
 
 
 class ConvEReplica(nn.Module):
@@ -101,18 +104,15 @@ class ConvEReplica(nn.Module):
         self.pair_forward = False
 
     def score_hrt(self, hrt: torch.Tensor) -> torch.Tensor:
-        linear = self.interaction.hr1d[0]
         if self.pair_forward:
-            # one key per pair (sorted as the pairs themselves): torch.unique(dim=0) is ~50x slower
-            keys, linear.row_map = torch.unique(hrt[:, 0] * self.num_relations + hrt[:, 1], return_inverse=True)
-            pairs = torch.stack([keys // self.num_relations, keys % self.num_relations], 1)
+            linear = self.interaction.hr1d[0]
+            features, linear.row_map = self.pair_features(hrt)
+            try:
+                x = self.interaction.hr1d(features)
+            finally:
+                linear.row_map = None
         else:
-            pairs, linear.row_map = hrt[:, :2], None
-        try:
-            x = self.interaction.encode(self.entity_representations[0](pairs[:, 0]),
-                                        self.relation_representations[0](pairs[:, 1]))  # fmt: skip
-        finally:
-            linear.row_map = None
+            x = self.interaction.encode(self.entity_representations[0](hrt[:, 0]), self.relation_representations[0](hrt[:, 1]))
         t = self.entity_representations[0](hrt[:, 2])
         bias = self.entity_representations[1](hrt[:, 2]).view(-1)
         return ((x * t).sum(-1) + bias).view(-1, 1)
@@ -124,13 +124,11 @@ class ConvEReplica(nn.Module):
     def pair_features(self, hrt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The final Linear's inputs once per distinct (head, relation) pair of ``hrt`` (m, in), sorted as the
         pairs, and the pair of each row (n,): what ``score_hrt`` feeds that layer with ``pair_forward``."""
+        # one key per pair (sorted as the pairs themselves): torch.unique(dim=0) is ~50x slower
         keys, row_map = torch.unique(hrt[:, 0] * self.num_relations + hrt[:, 1], return_inverse=True)
-        heads = self.entity_representations[0](keys // self.num_relations)
-        relations = self.relation_representations[0](keys % self.num_relations)
-        s = self.interaction.shape
-        image = (-1, s["input_channels"], s["image_height"], s["image_width"])
-        x = self.interaction.hr2d(torch.cat([heads.view(image), relations.view(image)], dim=-2))
-        return x.view(x.shape[0], -1), row_map
+        features = self.interaction.features(self.entity_representations[0](keys // self.num_relations),
+                                             self.relation_representations[0](keys % self.num_relations))  # fmt: skip
+        return features, row_map
 
     def bce_gradients(self, hrt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         r"""Per-example gradients of the ``bce`` loss :math:`\mathrm{softplus}(-s)` with respect to the final

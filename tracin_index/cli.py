@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from .errors import InputError, TracInError
 
@@ -24,8 +25,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True, soft_wrap=True)  # messages stay one line, whatever the width
-out = Console()
+# markup off: labels, paths and messages are data, printed as written (styles come only through styled())
+console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)  # messages stay one line, whatever the width
+out = Console(markup=False, highlight=False)
+
+
+def styled(prefix: str, style: str, message: str = "") -> Text:
+    """``prefix`` in ``style``, then ``message`` as written (never read as markup)."""
+    return Text.assemble((prefix, style), (f" {message}" if message else ""))
 
 #: Options that, as in the original argparse script, take several values after one flag.
 MULTI_VALUE_OPTIONS = frozenset({"--test-indices", "--last-layer-names", "--checkpoints", "--triple"})
@@ -84,7 +91,7 @@ def expand_multi_value_options(argv: Sequence[str]) -> list[str]:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    console.print(styled("warning:", "yellow", str(message)))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -102,13 +109,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not error.format_message().strip():  # no arguments at all: the help was shown
             raise SystemExit(2) from None
         hint = f" (see `{error.ctx.command_path} --help`)" if error.ctx else ""
-        console.print(f"[red]error:[/red] {error.format_message()}{hint}", highlight=False, soft_wrap=True)
+        console.print(styled("error:", "red", f"{error.format_message()}{hint}"))
         raise SystemExit(2) from None
     except TracInError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        console.print(styled("error:", "red", str(error)))
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        console.print("[red]interrupted[/red]")
+        console.print(styled("interrupted", "red"))
         raise SystemExit(130) from None
 
 
@@ -259,7 +266,7 @@ def _progress_bar():
     """A rich progress display and the callback the library reports to: (what, done, total)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+    bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    console=console, transient=False)  # fmt: skip
     tasks: dict[str, int] = {}
 
@@ -466,7 +473,7 @@ def serve(
         raise InputError(f"--port {port}: not a port number (1..65535)")
     console.print(f"serving {index_dir} at http://{host}:{port}/ (API docs at /docs); Ctrl-C stops it", highlight=False)
     run_server(index_dir, host=host, port=port, token=token, allow_pickle=allow_pickle, device=device,
-               warn=lambda m: console.print(f"[yellow]{m}[/yellow]", highlight=False))  # fmt: skip
+               warn=lambda m: console.print(Text(m, style="yellow")))  # fmt: skip
 
 
 @app.command()
@@ -477,7 +484,7 @@ def verify(index_dir: Path = typer.Argument(..., help="Index directory.")):
 
     problems = verify_directory(index_dir, read_manifest(index_dir))
     for problem in problems:
-        console.print(f"[red]damaged:[/red] {problem}", highlight=False)
+        console.print(styled("damaged:", "red", problem))
     if problems:
         raise InputError(f"{index_dir}: {len(problems)} file(s) damaged; run the same `tracin-index build` again to rebuild them")
     console.print("all files match their checksums")

@@ -140,9 +140,11 @@ def results_to_tsv(results: Sequence[InfluenceResult]) -> str:
 
 
 def render(results: Sequence[InfluenceResult], console=None) -> None:
-    """Rich tables: one per test triple, proponents then opponents."""
+    """Rich tables: one per test triple, proponents then opponents. Labels are printed as written (as
+    :class:`~rich.text.Text`, never read as markup), whatever the console's settings."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = console or Console()
     for r in results:
@@ -153,11 +155,11 @@ def render(results: Sequence[InfluenceResult], console=None) -> None:
         for kind, sign, items, count, style in lists:
             of = f"{kind} of {where}({t.head}, {t.relation}, {t.tail})"
             if not items:
-                console.print(f"{of}: no training triple has a {sign} influence", highlight=False)
+                console.print(Text(f"{of}: no training triple has a {sign} influence"))
                 continue
             if count is not None:
                 of += f": {len(items)} of {'' if r.counts_exact else 'about '}{count:,} with a {sign} influence"
-            table = Table(title=of, title_justify="left")
+            table = Table(title=Text(of), title_justify="left")
             table.add_column("#", justify="right")
             table.add_column("train row", justify="right")
             table.add_column("head")
@@ -165,7 +167,7 @@ def render(results: Sequence[InfluenceResult], console=None) -> None:
             table.add_column("tail")
             table.add_column("influence", justify="right", style=style)
             for rank, i in enumerate(items, start=1):
-                table.add_row(str(rank), str(i.train_index), i.head, i.relation, i.tail, f"{i.influence:.4g}")
+                table.add_row(str(rank), str(i.train_index), Text(i.head), Text(i.relation), Text(i.tail), f"{i.influence:.4g}")
             console.print(table)
 
 

@@ -311,6 +311,30 @@ def test_a_corrupted_shard_is_reported_by_name_and_rebuilt(tiny_run, tmp_path, c
     assert GradientIndex.open(out).verify() == []
 
 
+def test_verify_names_a_replaced_checkpoint_and_changed_training_triples_as_query_would(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    out = tmp_path / "index"
+    GradientIndex.build(out, model_path=run, shard_size=512, sketch_dim=16)
+    assert run_cli(capsys, "verify", out)[0] == 0
+    checkpoints = sorted((run / "checkpoints").glob("*.pt"))
+    shutil.copy(checkpoints[0], checkpoints[1])  # intact, readable, but not the weights the index was built from
+    _, _, test = run_ids(run)
+    with pytest.raises(InputError, match="changed since the index was built"):
+        GradientIndex.open(out).query(test[:1])
+    code, _, err = run_cli(capsys, "verify", out)
+    assert code == 2 and str(checkpoints[1]) in err and "checkpoint changed since the index was built" in err
+    assert any(str(checkpoints[1]) in p for p in GradientIndex.open(out).verify())
+
+    lines = (run / "train.tsv").read_text().splitlines(keepends=True)
+    (run / "train.tsv").write_text("".join(lines[1:] + lines[:1]))  # the same triples in another order: other rows
+    code, _, err = run_cli(capsys, "verify", out)
+    assert code == 2 and "training triples changed" in err and str(run / "train.tsv") in err
+    (run / "train.tsv").unlink()
+    code, _, err = run_cli(capsys, "verify", out)
+    assert code == 2 and "training triples recorded in the index are missing" in err
+
+
 def test_replaced_principal_directions_are_refused_then_refitted_with_their_shards(tiny_run, tmp_path):
     out = tmp_path / "index"
     index = GradientIndex.build(out, model_path=tiny_run, shard_size=512, sketch_dim=16)

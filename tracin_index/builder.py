@@ -153,7 +153,8 @@ def _model_files(source: Path) -> list[Path]:
     return [source]
 
 
-def _fingerprint_ids(hrt: np.ndarray) -> str:
+def fingerprint_ids(hrt: np.ndarray) -> str:
+    """The training triples' ids as the manifest fingerprints them (sha256 of the int64 (n, 3) array)."""
     return hashlib.sha256(np.ascontiguousarray(hrt, dtype=np.int64).tobytes()).hexdigest()
 
 
@@ -505,7 +506,7 @@ class Builder:
                 for c in self.models.checkpoints
             ],  # fmt: skip
             "training": {"source": relative_path(inputs.training_path, out), "num_triples": self.num_facts,
-                         "fingerprint": _fingerprint_ids(inputs.hrt.numpy())},  # fmt: skip
+                         "fingerprint": fingerprint_ids(inputs.hrt.numpy())},  # fmt: skip
         }
 
     def _start_manifest(self, inputs: dict, plans: list[BlockPlan], num_groups: int | None) -> dict:

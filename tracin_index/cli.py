@@ -478,16 +478,23 @@ def serve(
 
 @app.command()
 def verify(index_dir: Path = typer.Argument(..., help="Index directory.")):
-    """Check every file of an index against the checksums in its manifest (loads no model)."""
-    from .index import verify_directory
+    """Check every file of an index against the checksums in its manifest, and that the model, checkpoints and
+    training triples it was built from are unchanged (loads no model)."""
+    from .index import verify_directory, verify_inputs
     from .store import read_manifest
 
-    problems = verify_directory(index_dir, read_manifest(index_dir))
-    for problem in problems:
+    manifest = read_manifest(index_dir)
+    damaged, changed = verify_directory(index_dir, manifest), verify_inputs(index_dir, manifest)
+    for problem in damaged:
         console.print(styled("damaged:", "red", problem))
-    if problems:
-        raise InputError(f"{index_dir}: {len(problems)} file(s) damaged; run the same `tracin-index build` again to rebuild them")
-    console.print("all files match their checksums")
+    for problem in changed:
+        console.print(styled("changed:", "red", problem))
+    if damaged or changed:
+        what = [f"{len(damaged)} file(s) damaged (run the same `tracin-index build` again to rebuild them)"] if damaged else []
+        what += [f"{len(changed)} input(s) missing or changed (queries refuse the index until they are restored or it is "
+                 "rebuilt)"] if changed else []  # fmt: skip
+        raise InputError(f"{index_dir}: " + "; ".join(what))
+    console.print("all files match their checksums, and the model, checkpoints and training triples are those it was built from")
 
 
 @app.command()

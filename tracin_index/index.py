@@ -25,10 +25,10 @@ import h5py
 import numpy as np
 import torch
 
-from .builder import BuildSettings, build_index, selection_from_manifest
+from .builder import BuildSettings, build_index, fingerprint_ids, selection_from_manifest
 from .checkpoints import Checkpoint, CheckpointModels
 from .directions import DEFAULT_DIRECTION, check_direction, training_examples
-from .errors import InputError, TracInWarning
+from .errors import InputError, TracInError, TracInWarning
 from .factors import BlockPlan, Stored, _Estimate, batch_norm_scale, checkpoint_estimate, refinable, refined_estimate, sketched_sides
 from .gradients import (GradientComputer, LinearInputs, PerExampleGradients, cosine, inverse_norms, linear_input_values, vanished,
                         vanishing_message)
@@ -548,8 +548,9 @@ class GradientIndex:
         return [SelfInfluence(int(r), *labels[int(r)], float(scores[r])) for r in order]
 
     def verify(self) -> list[str]:
-        """Problems found: any file of the index missing or not matching its sha256 in the manifest."""
-        return verify_directory(self.directory, self.manifest)
+        """Problems found: any file of the index missing or not matching its sha256 in the manifest, and
+        any input it was built from (model, checkpoints, training triples) missing or changed since."""
+        return verify_directory(self.directory, self.manifest) + verify_inputs(self.directory, self.manifest)
 
 
 @dataclass
@@ -706,11 +707,46 @@ def verify_directory(directory: Path, manifest: dict) -> list[str]:
     return problems
 
 
-def _check_file(path: Path, digest: str | None, what: str) -> None:
+def verify_inputs(directory: Path, manifest: dict) -> list[str]:
+    """What the index was built from, checked as a query checks it (the model's files and the checkpoints,
+    by sha256) and the training triples (their ids, by the fingerprint the build recorded), loading no
+    model: one line per input that is missing or changed, saying what to do."""
+    inputs = manifest["inputs"]
+    source = resolve_path(inputs["model"]["source"], directory).resolve()  # resolved: messages name the file plainly
+    recorded = [(source / name if source.is_dir() else source, digest, "model file")
+                for name, digest in inputs["model"]["files"].items()]  # fmt: skip
+    recorded += [(resolve_path(r["path"], directory).resolve(), r["sha256"], "checkpoint") for r in inputs["checkpoints"] if r["path"]]
+    problems = [problem for path, digest, what in recorded if (problem := _file_problem(path, digest, what))]
+    training = resolve_path(inputs["training"]["source"], directory).resolve()
+    if not training.is_file():
+        problems.append(f"{training}: training triples recorded in the index are missing; put them back (or rebuild the index)")
+    else:
+        from .triples import IdMaps
+
+        _, entities, relations, _ = read_triples(directory / TRIPLES)
+        maps = IdMaps({label: i for i, label in enumerate(entities)}, {label: i for i, label in enumerate(relations)})
+        try:
+            same = fingerprint_ids(maps.read_ids(training).numpy()) == inputs["training"]["fingerprint"]
+        except TracInError:
+            same = False
+        if not same:
+            problems.append(f"{training}: training triples changed since the index was built; rebuild the index "
+                            "(or restore the file)")  # fmt: skip
+    return problems
+
+
+def _file_problem(path: Path, digest: str | None, what: str) -> str | None:
     if not path.is_file():
-        raise InputError(f"{path}: {what} recorded in the index is missing; rebuild the index (or put it back)")
+        return f"{path}: {what} recorded in the index is missing; rebuild the index (or put it back)"
     if digest is not None and sha256_file(path) != digest:
-        raise InputError(f"{path}: {what} changed since the index was built (sha256 differs); rebuild the index")
+        return f"{path}: {what} changed since the index was built (sha256 differs); rebuild the index (or restore the file)"
+    return None
+
+
+def _check_file(path: Path, digest: str | None, what: str) -> None:
+    problem = _file_problem(path, digest, what)
+    if problem is not None:
+        raise InputError(problem)
 
 
 def _candidates(low: torch.Tensor, high: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:

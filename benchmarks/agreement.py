@@ -4,7 +4,7 @@ Run from the repository root (defaults are the reported settings; about 15 minut
 
     python benchmarks/agreement.py
 
-Settings (each trained once with :func:`tracin_index.train.train_run` and cached under ``--work``,
+Settings (each trained once with :func:`tracin_index.kg.training.train_run` and cached under ``--work``,
 default ``/tmp/tracin-bench``, so that a rerun only redoes what is missing):
 
 - ``umls-conve``: ConvE (PyKEEN defaults, embedding_dim 200, trained with inverse triples as
@@ -54,11 +54,11 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine_info, update_accuracy_summary, versions, write_results  # noqa: E402
 
-from tracin_index.analyzer import TracInAnalyzer  # noqa: E402
+from tracin_index.exact import TracInAnalyzer  # noqa: E402
 from tracin_index.index import GradientIndex  # noqa: E402
-from tracin_index.models import load_model  # noqa: E402
-from tracin_index.train import train_run  # noqa: E402
-from tracin_index.triples import read_labeled_triples  # noqa: E402
+from tracin_index.kg.runs import load_model  # noqa: E402
+from tracin_index.kg.training import train_run  # noqa: E402
+from tracin_index.kg.triples import read_labeled_triples  # noqa: E402
 
 TIE_TOLERANCE = 1e-6
 FIXED_CANDIDATES = (10, 20, 50, 100)
@@ -83,7 +83,7 @@ def ensure_run(work: Path, name: str) -> Path:
 
 
 def exact_scores(work: Path, name: str, run_dir: Path, test: torch.Tensor, train: torch.Tensor) -> tuple[np.ndarray, float]:
-    from tracin_index.store import FORMAT_VERSION
+    from tracin_index.storage.layout import FORMAT_VERSION
 
     # keyed by the index format too: format 3 counts both examples of a model trained with inverse triples
     cache = work / "exact" / f"{name}-{len(test)}-v{FORMAT_VERSION}.npz"
@@ -146,8 +146,8 @@ def measure(index: GradientIndex, test: torch.Tensor, exact: np.ndarray) -> dict
         "recall_at_10_proponents": recall(pro, exact, 10, +1),
         "recall_at_10_opponents": recall(opp, exact, 10, -1),
         "largest_relative_error": largest_relative_error(results, exact),
-        "candidates_per_test_triple_mean": float(np.mean(index.last_query.candidates)),
-        "candidates_per_test_triple_max": int(np.max(index.last_query.candidates)),
+        "candidates_per_test_triple_mean": float(np.mean(index.last_query.rescored)),
+        "candidates_per_test_triple_max": int(np.max(index.last_query.rescored)),
         "seconds_per_test_triple": seconds / len(test),
     }
     row["fixed_candidates"] = {}

@@ -57,10 +57,10 @@ os.environ.setdefault("PYSTOW_HOME", os.path.join(tempfile.gettempdir(), "pystow
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-
-from tracin_index.directions import examples_per_fact, training_examples, uses_inverse_triples  # noqa: E402
 from common import QuietGuard, command_line, machine_info, update_summary, versions, write_results  # noqa: E402
 from gradient_throughput import time_batched, time_epoch, time_loop  # noqa: E402
+
+from tracin_index.kg.directions import examples_per_fact, training_examples, uses_inverse_triples  # noqa: E402
 
 TARGET_EPOCH_RATIO = 0.5
 TARGET_CAPTUM_SPEED = 1.0
@@ -82,16 +82,17 @@ def train_run(workdir: Path, epochs: int, every: int, seed: int) -> tuple[Path, 
 
 
 class _StageTimer:
-    """Wraps build stages (methods of the Builder) with timers, restoring them afterwards."""
+    """Wraps build stages (the plan, the replica check, the bases, the tasks) with timers, restoring them afterwards."""
 
     def __init__(self):
-        from tracin_index.builder import Builder
-        from tracin_index.tasks import ShardWorker
+        import tracin_index.build.builder as builder
+        from tracin_index.build.bases import CheckpointBases
+        from tracin_index.build.task import TaskInputs
 
         self.stages = {
-            "checks_s": [(Builder, "plan"), (Builder, "replica")],
-            "bases_s": [(Builder, "_bases")],
-            "shards_s": [(ShardWorker, "compute")],
+            "checks_s": [(builder, "plan_storage"), (builder.Builder, "_replica")],
+            "bases_s": [(CheckpointBases, "at")],
+            "shards_s": [(TaskInputs, "compute")],
         }
         self.seconds: dict[str, float] = {}
         self.saved = []
@@ -187,7 +188,7 @@ def _torch_neighbors():
 def time_captum(model, hrt: torch.Tensor, checkpoints, batch_size: int, projection_dim: int) -> tuple[float, dict]:
     from captum.influence import TracInCPFastRandProj
 
-    from tracin_index.checkpoints import load_state_dict_into
+    from tracin_index.kg.checkpoints import load_state_dict_into
 
     wrapper = _UpToFinalLinear(model).eval()
     for p in model.parameters():
@@ -217,7 +218,7 @@ def time_captum(model, hrt: torch.Tensor, checkpoints, batch_size: int, projecti
 
 def captum_loss_check(model, hrt: torch.Tensor) -> float:
     """Max abs difference between the wrapped model + loss_fn and tracin_index's per-triple bce loss."""
-    from tracin_index.gradients import per_example_losses
+    from tracin_index.gradients.computer import per_example_losses
 
     model.eval()
     with torch.no_grad():
@@ -255,11 +256,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     from pykeen.triples import CoreTriplesFactory
 
-    from tracin_index.gradients import GradientComputer
-    from tracin_index.layers import select_parameters
-    from tracin_index.models import load_model
-    from tracin_index.factors import DEFAULT_SKETCH_DIM
-    from tracin_index.triples import read_labeled_triples
+    from tracin_index.gradients.computer import GradientComputer
+    from tracin_index.gradients.selection import select_parameters
+    from tracin_index.kg.runs import load_model
+    from tracin_index.kg.triples import read_labeled_triples
+    from tracin_index.storage.plans import DEFAULT_SKETCH_DIM
 
     torch.set_num_threads(args.threads)
     run_start = time.perf_counter()

@@ -58,10 +58,10 @@ class TaskTimer:
     """Times every call of the task function in this process (the single-process build's tasks)."""
 
     def __init__(self):
-        import tracin_index.tasks as tasks
+        import tracin_index.build.task as tasks
 
         self.tasks, self.seconds = tasks, []
-        self.original = tasks.ShardWorker.compute
+        self.original = tasks.TaskInputs.compute
 
     def __enter__(self):
         original = self.original
@@ -73,11 +73,11 @@ class TaskTimer:
             finally:
                 self.seconds.append(time.perf_counter() - start)
 
-        self.tasks.ShardWorker.compute = timed
+        self.tasks.TaskInputs.compute = timed
         return self
 
     def __exit__(self, *exc):
-        self.tasks.ShardWorker.compute = self.original
+        self.tasks.TaskInputs.compute = self.original
 
 
 def digests(index) -> dict:
@@ -107,11 +107,11 @@ def main() -> None:
     parser.add_argument("--no-summary", action="store_true")
     args = parser.parse_args()
 
-    from tracin_index.cluster import DaskRunner
+    from tracin_index.build.runners import DaskRunner
+    from tracin_index.build.task import BuildTask
     from tracin_index.index import GradientIndex
-    from tracin_index.store import ShardTask
-    from tracin_index.tasks import ShardJob
-    from tracin_index.triples import read_labeled_triples
+    from tracin_index.kg.triples import read_labeled_triples
+    from tracin_index.storage.layout import ShardFile
 
     args.work.mkdir(parents=True, exist_ok=True)
     counters = cpu_counters()
@@ -146,7 +146,7 @@ def main() -> None:
         t0 = time.perf_counter()
         client.gather([client.submit(_noop, i, pure=False) for i in range(args.noop_tasks)])
         noop_ms = 1000 * (time.perf_counter() - t0) / args.noop_tasks
-        job = ShardJob(str(dask_dir.resolve()), ShardTask(0, 0, 0, args.shard_size), "0" * 64, "0" * 64, "cpu", 1, False)
+        job = BuildTask(str(dask_dir.resolve()), ShardFile(0, 0, 0, args.shard_size), "0" * 64, "0" * 64, "cpu", 1, False)
         record = clustered.manifest["shards"][0]
         bytes_per_task = len(pickle.dumps(job)) + len(pickle.dumps(record))
         print(f"overhead per task {noop_ms:.2f} ms; {bytes_per_task} bytes moved per task", flush=True)
@@ -186,7 +186,7 @@ def main() -> None:
         "query_times_ms_search_shards": sharded_times,
     }
     data = {
-        "protocol": {"run": str(args.run), "training_triples": int(single.num_rows),
+        "protocol": {"run": str(args.run), "training_triples": int(single.num_triples),
                      "checkpoints": single.num_checkpoints, "shard_size": args.shard_size, "workers": args.workers,
                      "threads": "1 torch thread per worker and for the single-process build; queries: 2 threads in "
                                 "this process, 1 per worker", "queries": args.queries},  # fmt: skip

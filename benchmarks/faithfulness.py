@@ -281,10 +281,11 @@ def retrain_task(task: tuple) -> tuple:
 
 def prepare(name: str, setting: Setting, args, log) -> dict:
     """Train the full model, pick targets, and compute every method's removal sets."""
-    from tracin_index.analyzer import TracInAnalyzer
+    from tracin_index.exact import TracInAnalyzer
     from tracin_index.index import GradientIndex
-    from tracin_index.models import ModelConfig, find_checkpoints, load_model, save_run_directory
-    from tracin_index.triples import IdMaps
+    from tracin_index.kg.checkpoints import find_checkpoints
+    from tracin_index.kg.runs import ModelConfig, load_model, save_run_directory
+    from tracin_index.kg.triples import IdMaps
 
     data = load_data(setting.dataset)
     run_dir = args.work / name / "run"

@@ -12,7 +12,7 @@ loss BCEAfterSigmoid, Adam, **inverse triples**), an index with its defaults (lo
 layers, float16 factors) and the default ``query``. This script measures that:
 
 - **Model**: ConvE on Nations (small: embedding 64 = 8 x 8, 16 filters), trained by
-  :func:`tracin_index.train.train_run` from TSV files (ids numbered over all splits, so that a retrain
+  :func:`tracin_index.kg.training.train_run` from TSV files (ids numbered over all splits, so that a retrain
   without some training triples keeps them), ``--epochs`` (40), Adam ``--lr`` (0.005), batch 256, seed
   ``--seed``, checkpoints every ``--epochs / 4`` epochs, each with Adam's second moments.
 - **Targets**: ``--targets`` (20) test triples whose tail the full model ranks first (filtered against
@@ -88,7 +88,7 @@ def write_splits(work: Path) -> dict[str, Path]:
 
 def train(out: Path, splits: dict[str, Path], args, removed=(), checkpoint_every: int | None = None) -> Path:
     """``train_run`` on the training file without the rows ``removed``."""
-    from tracin_index.train import train_run
+    from tracin_index.kg.training import train_run
 
     train_path = splits["train"]
     if len(removed):
@@ -116,7 +116,7 @@ def known_tails(splits: dict[str, Path]) -> dict[tuple[str, str], set[str]]:
 def evaluate(run_dir: Path, targets: list[tuple[str, str, str]], known: dict) -> list[dict]:
     """Filtered tail rank (ties count half) of each target (labels), its score and log-probability,
     as the model predicts tails (its forward relation ids)."""
-    from tracin_index.models import load_model
+    from tracin_index.kg.runs import load_model
 
     run = load_model(run_dir)
     model, maps = run.model.eval(), run.resolve_id_maps(None, None)
@@ -148,10 +148,10 @@ def retrain_task(task: tuple) -> tuple:
 def forward_only_scores(run_dir: Path, targets_ids: torch.Tensor, train_ids: torch.Tensor) -> np.ndarray:
     """Exact TracIn with each training fact's forward example only (h, 2r, t), as before inverse triples
     were counted: sum_c lr_c <g_tail(target), g(h, 2r, t)>."""
-    from tracin_index.directions import example_batches
-    from tracin_index.gradients import GradientComputer
-    from tracin_index.layers import select_parameters
-    from tracin_index.models import load_model
+    from tracin_index.gradients.computer import GradientComputer
+    from tracin_index.gradients.selection import select_parameters
+    from tracin_index.kg.directions import example_batches
+    from tracin_index.kg.runs import load_model
 
     run = load_model(run_dir)
     model = run.model.eval()
@@ -178,10 +178,10 @@ def top_rows(scores: np.ndarray, k: int) -> list[list[int]]:
 
 def removal_sets(run_dir: Path, work: Path, targets_ids: torch.Tensor, picks: np.ndarray, args, log) -> tuple[dict, dict]:
     """Each method's removal sets: per target, its rows in order (the top k are the first k)."""
-    from tracin_index.analyzer import TracInAnalyzer
+    from tracin_index.exact import TracInAnalyzer
     from tracin_index.index import GradientIndex
-    from tracin_index.models import load_model
-    from tracin_index.triples import read_labeled_triples
+    from tracin_index.kg.runs import load_model
+    from tracin_index.kg.triples import read_labeled_triples
 
     kmax = max(args.ks)
     run = load_model(run_dir)
@@ -309,7 +309,7 @@ def main() -> None:
     log(f"trained in {train_s:.1f} s; test MRR {test_mrr:.3f}; {len(first)}/{len(test_labels)} ranked first; "
         f"{len(picks)} targets")  # fmt: skip
 
-    from tracin_index.models import load_model
+    from tracin_index.kg.runs import load_model
 
     maps = load_model(run_dir).resolve_id_maps(None, None)
     targets_ids = torch.tensor([[maps.entity_to_id[h], maps.relation_to_id[r], maps.entity_to_id[t]] for h, r, t in targets])
@@ -353,7 +353,7 @@ def main() -> None:
         keys = {}
     data = {
         "protocol": {
-            "dataset": "nations", "model": "ConvE", "model_kwargs": MODEL_KWARGS, "training": "tracin_index.train.train_run "
+            "dataset": "nations", "model": "ConvE", "model_kwargs": MODEL_KWARGS, "training": "tracin_index.kg.training.train_run "
             "(PyKEEN sLCWA, 1 negative per positive, BCEAfterSigmoidLoss, Adam, inverse triples)",
             "epochs": args.epochs, "learning_rate": args.lr, "batch_size": 256, "seed": args.seed, "ks": args.ks,
             "targets": args.targets, "workers": args.workers, "methods": list(args.methods),

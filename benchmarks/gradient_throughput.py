@@ -15,7 +15,7 @@ dataset gives them), a ConvE with PyKEEN defaults (embedding_dim 200, final Line
 and the default parameter selection (last 2 layers: ``interaction.hr1d.0`` Linear and
 ``interaction.hr1d.2`` BatchNorm1d), loss ``bce``, each repeat times, in a rotating order:
 
-1. ``batched``: :meth:`tracin_index.gradients.GradientComputer.compute` over all batches, each
+1. ``batched``: :meth:`tracin_index.gradients.computer.GradientComputer.compute` over all batches, each
    result reduced by ``g.squared_norms().sum()`` so that nothing is skipped;
 2. ``loop`` (the original method): model in eval mode, only the selected parameters requiring grad,
    one ``torch.autograd.grad(loss_i, selected_params)`` per triple, gradients flattened
@@ -63,12 +63,13 @@ from pykeen.datasets import UMLS  # noqa: E402
 from pykeen.models import ConvE  # noqa: E402
 from pykeen.training import SLCWATrainingLoop  # noqa: E402
 
-from tracin_index.gradients import GradientComputer, per_example_losses, only_selected_require_grad  # noqa: E402
-from tracin_index.layers import select_parameters  # noqa: E402
+from tracin_index.gradients.computer import GradientComputer, only_selected_require_grad, per_example_losses  # noqa: E402
+from tracin_index.gradients.selection import select_parameters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 from common import QuietGuard, cpu_model  # noqa: E402  (benchmarks/ is this script's folder: on sys.path)
+
 TARGET_EPOCH_RATIO = 1.5
 TARGET_LOOP_SPEEDUP = 20.0
 METHODS = ("batched", "loop", "epoch", "forward")

@@ -43,10 +43,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from agreement import load_setting  # noqa: E402
-from common import RESULTS, REPO, QuietGuard, update_summary, write_results  # noqa: E402
+from common import REPO, RESULTS, QuietGuard, update_summary, write_results  # noqa: E402
 
-from tracin_index.analyzer import TracInAnalyzer  # noqa: E402
-from tracin_index.models import load_model  # noqa: E402
+from tracin_index.exact import TracInAnalyzer  # noqa: E402
+from tracin_index.kg.runs import load_model  # noqa: E402
 
 SETTING = "umls-conve"
 

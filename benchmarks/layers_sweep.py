@@ -51,10 +51,10 @@ from agreement import load_setting  # noqa: E402
 from common import RESULTS, QuietGuard, command_line, machine_info, update_summary, versions, write_results  # noqa: E402
 from last_vs_all import SETTING, overlaps  # noqa: E402
 
-from tracin_index.analyzer import TracInAnalyzer  # noqa: E402
-from tracin_index.gradients import GradientComputer  # noqa: E402
+from tracin_index.exact import TracInAnalyzer  # noqa: E402
+from tracin_index.gradients.computer import GradientComputer  # noqa: E402
 from tracin_index.index import GradientIndex  # noqa: E402
-from tracin_index.models import load_model  # noqa: E402
+from tracin_index.kg.runs import load_model  # noqa: E402
 
 LAYERS = (1, 2, 3, 5)
 

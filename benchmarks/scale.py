@@ -19,7 +19,7 @@ Per size (``--sizes``, default 100000 1000000):
    ``--train-batch`` (1024), ``--epochs`` (5) epochs, ``--checkpoints`` (3) of them spread evenly
    (after epochs 2, 3 and 5), without inverse triples
    (the index explains tail predictions either way). ``--train-loop slcwa`` trains through
-   :func:`tracin_index.train.train_run` instead (PyKEEN's sLCWA, one negative per positive: after 3
+   :func:`tracin_index.kg.training.train_run` instead (PyKEEN's sLCWA, one negative per positive: after 3
    epochs, 97 min, the 1M model ranked test triples barely better than chance). Cached.
    Reported: its filtered tail-prediction MRR and Hits@10 on ``--mrr-test`` (500) test triples
    against all entities, and the random-ranking MRR for comparison.
@@ -56,7 +56,17 @@ from pathlib import Path
 os.environ.setdefault("PYSTOW_HOME", os.path.join(tempfile.gettempdir(), "pystow-bench"))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import QuietGuard, command_line, machine_info, run_measured, update_accuracy_summary, update_summary, versions, write_json_atomic, write_results  # noqa: E402,E501
+from common import (  # noqa: E402,E501
+    QuietGuard,
+    command_line,
+    machine_info,
+    run_measured,
+    update_accuracy_summary,
+    update_summary,
+    versions,
+    write_json_atomic,
+    write_results,
+)
 from synthetic import labels, planted_graph  # noqa: E402
 
 TARGET_P50_MS = {100_000: 50.0, 1_000_000: 300.0}
@@ -99,7 +109,7 @@ def ensure_model(data: Path, args) -> tuple[Path, dict]:
             shutil.rmtree(run)
         start = time.perf_counter()
         if args.train_loop == "slcwa":
-            from tracin_index.train import train_run
+            from tracin_index.kg.training import train_run
 
             train_run(run, dataset=None, train_path=data / "train.tsv", valid_path=data / "valid.tsv",
                       test_path=data / "test.tsv", model="ConvE", epochs=args.epochs, checkpoint_every=1,
@@ -139,9 +149,9 @@ def train_sampled_softmax(data: Path, run: Path, args) -> list[float]:
     import torch
     import torch.nn.functional as F
 
-    from tracin_index.models import CHECKPOINT_DIR, ModelConfig, build_model, save_run_directory
-    from tracin_index.replicas import build_replica, replica_spec
-    from tracin_index.triples import IdMaps, read_labeled_triples
+    from tracin_index.kg.replicas import build_replica, replica_spec
+    from tracin_index.kg.runs import CHECKPOINT_DIR, ModelConfig, build_model, save_run_directory
+    from tracin_index.kg.triples import IdMaps, read_labeled_triples
 
     splits = {s: read_labeled_triples(data / f"{s}.tsv") for s in ("train", "valid", "test")}
     everything = np.concatenate([t.labels for t in splits.values()])
@@ -199,11 +209,11 @@ def measure_epoch(run: Path, data: Path, batch_size: int, max_rows: int = 100_00
     """One sLCWA epoch (Adam, one negative per positive, the training batch size) of the run's model,
     timed on the first ``max_rows`` training triples and scaled to all of them (an epoch's cost is
     linear in its batches): the training's own wall time may include pauses of a shared machine."""
+    from gradient_throughput import time_epoch
     from pykeen.triples import CoreTriplesFactory
 
-    from gradient_throughput import time_epoch
-    from tracin_index.models import load_model
-    from tracin_index.triples import read_labeled_triples
+    from tracin_index.kg.runs import load_model
+    from tracin_index.kg.triples import read_labeled_triples
 
     loaded = load_model(run)
     hrt = loaded.id_maps.to_ids(read_labeled_triples(data / "train.tsv"))
@@ -221,8 +231,8 @@ def filtered_mrr(run: Path, num: int) -> dict:
     import numpy as np
     import torch
 
-    from tracin_index.models import load_model
-    from tracin_index.triples import read_labeled_triples
+    from tracin_index.kg.runs import load_model
+    from tracin_index.kg.triples import read_labeled_triples
 
     loaded = load_model(run)
     model, maps = loaded.model.eval(), loaded.id_maps
@@ -273,7 +283,7 @@ import json, sys, time, statistics
 import numpy as np, torch
 torch.set_num_threads(int(sys.argv[4]))
 from tracin_index.index import GradientIndex
-from tracin_index.triples import read_labeled_triples
+from tracin_index.kg.triples import read_labeled_triples
 index = GradientIndex.open(sys.argv[1], device="cpu", pack=True)  # warm: packed for fbgemm at the first query
 maps = index.id_maps()
 test = maps.to_ids(read_labeled_triples(sys.argv[2]))[: int(sys.argv[3])]
@@ -283,7 +293,7 @@ for i in range(len(test)):
     start = time.perf_counter()
     results.append(index.query(test[i : i + 1], top_k=10)[0])
     times.append(time.perf_counter() - start)
-    candidates.append(index.last_query.candidates[0])
+    candidates.append(index.last_query.rescored[0])
     rounds.append(index.last_query.rounds[0])
 out = {"first_query_s": first, "times_s": times, "candidates": candidates, "rounds": rounds,
        "proponents": [[p.train_index for p in r.proponents] for r in results],
@@ -325,9 +335,9 @@ def run_queries(idx: Path, data: Path, args) -> dict:
 def exact_reference(run: Path, data: Path, num: int) -> tuple:
     import torch
 
-    from tracin_index.analyzer import TracInAnalyzer
-    from tracin_index.models import load_model
-    from tracin_index.triples import read_labeled_triples
+    from tracin_index.exact import TracInAnalyzer
+    from tracin_index.kg.runs import load_model
+    from tracin_index.kg.triples import read_labeled_triples
 
     loaded = load_model(run)
     train = loaded.id_maps.to_ids(read_labeled_triples(data / "train.tsv"))
@@ -358,7 +368,6 @@ def main() -> None:
     parser.add_argument("--max-wait", type=float, default=30.0)
     args = parser.parse_args()
     import torch
-
     from agreement import recall
 
     torch.set_num_threads(args.threads)

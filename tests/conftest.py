@@ -65,7 +65,7 @@ def two_checkpoints(nations, tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))  # the model's own weights differ from both checkpoints
-    from tracin_index.models import find_checkpoints
+    from tracin_index.kg.checkpoints import find_checkpoints
 
     return model, states, find_checkpoints([tmp_path])
 
@@ -84,7 +84,7 @@ def tiny_run(tmp_path_factory):
 
     The dataset is named "Nations" and the learning rate is 0.01 (not the default) on purpose: test_train
     checks that both are recorded as given (the name normalised)."""
-    from tracin_index.train import train_run
+    from tracin_index.kg.training import train_run
 
     out = tmp_path_factory.mktemp("tiny-run") / "run"
     return train_run(
@@ -124,7 +124,7 @@ def tiny_train_gradients(tiny_run):
 @pytest.fixture(scope="session")
 def conve_run(tmp_path_factory):
     """`tracin-index train` defaults on Nations (ConvE, embedding dim 200), 4 epochs, checkpoints after 2 and 4."""
-    from tracin_index.train import train_run
+    from tracin_index.kg.training import train_run
 
     out = tmp_path_factory.mktemp("conve-run") / "run"
     return train_run(out, dataset="nations", model="ConvE", epochs=4, checkpoint_every=2, progress=False)

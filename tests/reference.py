@@ -1,7 +1,7 @@
 """Independent reference computations: one autograd backward per triple, dense gradients, plain loops.
 
 For a model trained with inverse triples, the examples of a fact come from PyKEEN's own API (its
-relation inverter and ``score_*_inverse``), not from :mod:`tracin_index.directions`.
+relation inverter and ``score_*_inverse``), not from :mod:`tracin_index.kg.directions`.
 """
 
 from __future__ import annotations

@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import LEARNING_RATES
 from reference import flat, per_triple_gradients
-from tracin_index.analyzer import TracInAnalyzer
+
+from tracin_index.exact import TracInAnalyzer
 from tracin_index.results import top_influences
+
 
 def brute_force(model, states, test, training, names, loss):
     """sum_c lr_c <g_train, g_test> with one backward per triple, per checkpoint."""

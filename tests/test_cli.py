@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from tracin_index.cli import expand_multi_value_options
 
 
@@ -86,7 +86,7 @@ def test_missing_model_path(capsys, tmp_path):
 
 
 def test_pickled_model_needs_allow_pickle(capsys, tiny_run, tmp_path, nations):
-    from tracin_index.models import load_model
+    from tracin_index.kg.runs import load_model
 
     path = tmp_path / "model.pkl"
     torch.save(load_model(tiny_run).model, path)

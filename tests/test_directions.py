@@ -5,16 +5,16 @@ in the model's relation ids; each test direction explained. Checked against PyKE
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
 from reference import flat, per_triple_gradients
 from test_index import brute_force, expected_rows, run_ids
-from tracin_index.analyzer import TracInAnalyzer
-from tracin_index.directions import training_examples
+
 from tracin_index.errors import InputError
-from tracin_index.gradients import GradientComputer
+from tracin_index.exact import TracInAnalyzer
+from tracin_index.gradients.computer import GradientComputer
+from tracin_index.gradients.selection import select_parameters
 from tracin_index.index import GradientIndex
-from tracin_index.layers import select_parameters
+from tracin_index.kg.directions import training_examples
 
 DIRECTIONS = ("train", "tail", "head", "both")
 
@@ -57,7 +57,7 @@ def test_index_and_exact_explain_each_direction(tiny_run, tmp_path, tiny_train_g
     index = GradientIndex.build(tmp_path / "index", model_path=tiny_run, sketch_dim=16)
     assert index.inverse_triples and index.manifest["num_rows"] == 2 * len(train)
     grads = index.test_gradients(test, direction)
-    everything = np.arange(index.num_rows)
+    everything = np.arange(index.num_triples)
     for t in range(len(test)):
         value, error = index.estimates(grads, t)
         assert bool(((value - reference[t]).abs() <= error).all())
@@ -78,8 +78,9 @@ def test_index_and_exact_explain_each_direction(tiny_run, tmp_path, tiny_train_g
 
 def test_a_direction_the_model_cannot_explain_is_refused(nations, tmp_path, capsys):
     from conftest import make_model
-    from tracin_index.models import ModelConfig, save_run_directory
-    from tracin_index.triples import IdMaps
+
+    from tracin_index.kg.runs import ModelConfig, save_run_directory
+    from tracin_index.kg.triples import IdMaps
 
     model = make_model("DistMult", nations.training)
     with pytest.raises(InputError, match="inverse triples"):
@@ -100,10 +101,10 @@ def test_embedding_models_trained_with_inverse_triples(nations, tmp_path, name):
     are its two examples, and the index's exact lists equal the per-triple autograd loop's."""
     from pykeen.models import model_resolver
     from pykeen.triples import TriplesFactory
-
     from test_index import brute_force
-    from tracin_index.models import ModelConfig, save_run_directory
-    from tracin_index.triples import IdMaps
+
+    from tracin_index.kg.runs import ModelConfig, save_run_directory
+    from tracin_index.kg.triples import IdMaps
 
     training = TriplesFactory(nations.training.mapped_triples, nations.training.entity_to_id,
                               nations.training.relation_to_id, create_inverse_triples=True)  # fmt: skip

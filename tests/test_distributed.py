@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import run_cli
 from test_index import run_ids
+
 from tracin_index.errors import InputError
 from tracin_index.index import GradientIndex
 
@@ -40,7 +41,7 @@ def reference(tiny_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runner():
-    from tracin_index.cluster import DaskRunner
+    from tracin_index.build.runners import DaskRunner
 
     with DaskRunner.local(2, threads=1) as runner:
         yield runner
@@ -118,7 +119,7 @@ def test_cluster_options_are_checked_in_one_line(tiny_run, tmp_path, capsys):
     code, _, err = run_cli(capsys, "build", "--model-path", tiny_run, "--out", tmp_path / "b", "--dask-workers", "0")
     assert code != 0 and "at least 1" in err and "Traceback" not in err
     with pytest.raises(InputError, match="cannot reach the scheduler"):
-        from tracin_index.cluster import DaskRunner
+        from tracin_index.build.runners import DaskRunner
 
         DaskRunner.connect("tcp://127.0.0.1:9", timeout="2s")
 
@@ -127,8 +128,8 @@ def test_cluster_options_are_checked_in_one_line(tiny_run, tmp_path, capsys):
 def test_a_query_over_search_shards_on_the_cluster_equals_the_single_query(tiny_run, reference, runner, direction,
                                                                           normalize, ship):  # fmt: skip
     sharded = GradientIndex.open(reference.directory, dask=runner.client, shards=4, device="cpu")
-    assert len(sharded._search.shards) == 4
-    sharded._search.ship = ship  # 3: the shards send few candidates' factors, the rest is fetched as refining needs it
+    assert len(sharded.engine.search.shards) == 4
+    sharded.engine.search.ship = ship  # 3: the shards send few candidates' factors, the rest is fetched as refining needs it
     _, _, test = run_ids(tiny_run)
     ours = sharded.query(test[:6], top_k=10, direction=direction, normalize=normalize)
     theirs = reference.query(test[:6], top_k=10, direction=direction, normalize=normalize)
@@ -138,7 +139,7 @@ def test_a_query_over_search_shards_on_the_cluster_equals_the_single_query(tiny_
             assert [i.influence for i in x] == pytest.approx([i.influence for i in y], rel=1e-6)  # float32 rescoring
         assert (a.num_proponents, a.num_opponents, a.counts_exact) == (b.num_proponents, b.num_opponents, b.counts_exact)
     # the same candidates refined and rescored as the single index
-    assert sharded.last_query.candidates == reference.last_query.candidates
+    assert sharded.last_query.rescored == reference.last_query.rescored
     assert sharded.last_query.refined == reference.last_query.refined
     assert (max(sharded.last_query.fetched) > 0) == (ship == 3)
     with pytest.raises(InputError, match="not available on an index searched in shards"):

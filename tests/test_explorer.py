@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from test_index import run_ids
+
 from tracin_index.index import GradientIndex
 
 pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
@@ -28,7 +29,8 @@ def free_port() -> int:
 def server(tiny_run, tmp_path_factory):
     import httpx
     import uvicorn
-    from tracin_index.serve import create_app
+
+    from tracin_index.serve.app import create_app
 
     index = GradientIndex.build(tmp_path_factory.mktemp("explorer") / "index", model_path=tiny_run, sketch_dim=16,
                                 device="cpu")  # fmt: skip

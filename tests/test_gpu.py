@@ -6,15 +6,15 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_model
 from reference import flat, per_triple_gradients
 from test_analyzer import brute_force
 from test_index import run_ids
-from tracin_index.analyzer import TracInAnalyzer
-from tracin_index.gradients import GradientComputer
+
+from tracin_index.exact import TracInAnalyzer
+from tracin_index.gradients.computer import GradientComputer
+from tracin_index.gradients.selection import select_parameters
 from tracin_index.index import GradientIndex
-from tracin_index.layers import select_parameters
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -61,7 +61,7 @@ def test_cuda_analyzer_equals_brute_force_on_the_cpu(nations, two_checkpoints):
 def test_an_index_built_and_queried_on_cuda_answers_as_on_the_cpu(tiny_run, tmp_path):
     cpu = GradientIndex.build(tmp_path / "cpu", model_path=tiny_run, sketch_dim=16, device="cpu")
     gpu = GradientIndex.build(tmp_path / "gpu", model_path=tiny_run, sketch_dim=16, device="cuda")
-    assert gpu.stored(0).device.type == "cuda"  # the scan runs on the GPU
+    assert gpu.factor_arrays(0).device.type == "cuda"  # the scan runs on the GPU
     np.testing.assert_allclose(gpu.self_influences(), cpu.self_influences(), rtol=1e-5)
     _, _, test = run_ids(tiny_run)
     for a, b in zip(gpu.query(test[:5], top_k=10), cpu.query(test[:5], top_k=10)):
@@ -82,4 +82,4 @@ def test_an_index_opened_on_this_machine_scans_on_cuda_within_the_cpu_bounds(tin
     for a, b in zip(index.query(test[:3]), on_cpu.query(test[:3])):
         assert [i.train_index for i in a.proponents] == [i.train_index for i in b.proponents]
         assert [i.train_index for i in a.opponents] == [i.train_index for i in b.opponents]
-    assert not index.stored(0).packed
+    assert not index.factor_arrays(0).packed

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-
 from conftest import make_model
 from reference import flat, per_triple_gradients
+
 from tracin_index.errors import LossError
-from tracin_index.gradients import FactoredBlock, GradientComputer, RowsBlock
-from tracin_index.layers import select_parameters
+from tracin_index.gradients.blocks import FactoredBlock, RowsBlock
+from tracin_index.gradients.computer import GradientComputer
+from tracin_index.gradients.selection import select_parameters
 
 CASES = [
     ("ConvE", "last", "bce"),

@@ -12,15 +12,15 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
 from reference import flat, per_triple_gradients
+
 from tracin_index.errors import InputError, TracInWarning
-from tracin_index.factors import refinable
 from tracin_index.index import GradientIndex
-from tracin_index.models import ModelConfig, load_model, save_run_directory
-from tracin_index.store import exclusive_lock
-from tracin_index.triples import IdMaps, read_labeled_triples
+from tracin_index.kg.runs import ModelConfig, load_model, save_run_directory
+from tracin_index.kg.triples import IdMaps, read_labeled_triples
+from tracin_index.search.refine import refinable
+from tracin_index.storage.layout import exclusive_lock
 
 NUM_TEST = 6
 
@@ -97,7 +97,7 @@ def assert_bounds_hold(index, test, reference):
     """The scan's bounds hold for every row, and so do the refined ones (Linear inputs recomputed),
     which are tighter where an input side is sketched."""
     grads = index.test_gradients(test[:NUM_TEST])
-    rows = np.arange(index.num_rows)
+    rows = np.arange(index.num_triples)
     for t in range(NUM_TEST):
         value, error = index.estimates(grads, t)
         assert bool(((value - reference[t]).abs() <= error).all())
@@ -122,29 +122,29 @@ def test_conve_queries_are_exact_tracin_from_sketched_factors(tiny_run, tmp_path
 
 
 def test_scans_of_arrays_packed_for_fbgemm_stay_within_their_bounds(tiny_run, tmp_path, conve_reference, monkeypatch):
-    import tracin_index.factors as factors
+    import tracin_index.storage.arrays as arrays
 
-    if not factors._fbgemm_available():
+    if not arrays._fbgemm_available():
         pytest.skip("this torch has no fbgemm")
-    monkeypatch.setattr(factors, "PACK_MIN_ROWS", 1)  # the tiny index's arrays too
-    monkeypatch.setattr(factors, "PACK_MIN_WIDTH", 1)  # (its input side's 16 directions included)
+    monkeypatch.setattr(arrays, "PACK_MIN_ROWS", 1)  # the tiny index's arrays too
+    monkeypatch.setattr(arrays, "PACK_MIN_WIDTH", 1)  # (its input side's 16 directions included)
     GradientIndex.build(tmp_path / "index", model_path=tiny_run, sketch_dim=16)
     index = GradientIndex.open(tmp_path / "index", pack=True)
     _, _, test = run_ids(tiny_run)
     assert_bounds_hold(index, test, conve_reference["bce"])
     # the batch norm's two parts packed side by side (one pass for its own and the derived side's queries)
-    assert sorted(index.stored(0).packed) == ["interaction.hr1d.0/in/basis", "interaction.hr1d.0/in/values",
+    assert sorted(index.factor_arrays(0).packed) == ["interaction.hr1d.0/in/basis", "interaction.hr1d.0/in/values",
                                               "interaction.hr1d.2/values/values0+interaction.hr1d.2/values/values1"]  # fmt: skip
     assert_matches(index.query(test[:NUM_TEST], top_k=10), conve_reference["bce"])
     unpacked = GradientIndex.open(tmp_path / "index", pack=False)
     unpacked.query(test[:NUM_TEST], top_k=10)
-    assert not unpacked.stored(0).packed
+    assert not unpacked.factor_arrays(0).packed
     # without the memory for the packed copies: scanned unpacked, said once, still exact
-    monkeypatch.setattr(factors, "available_memory", lambda: 2**10)
+    monkeypatch.setattr(arrays, "available_memory", lambda: 2**10)
     short = GradientIndex.open(tmp_path / "index", pack=True)
     with pytest.warns(TracInWarning, match="not packing"):
         assert_matches(short.query(test[:NUM_TEST], top_k=10), conve_reference["bce"])
-    assert not short.stored(0).packed
+    assert not short.factor_arrays(0).packed
 
 
 def test_approximate_scores_are_within_their_bounds_and_said_to_be(tiny_run, tmp_path, conve_reference, capsys):
@@ -250,7 +250,7 @@ def test_the_size_estimate_printed_before_the_build_is_within_ten_percent(conve_
     (estimate,) = [m for m in messages if "bytes per triple and checkpoint" in m]
     estimated = float(estimate.split("(")[-1].split(" bytes")[0].replace(",", ""))
     actual = sum(p.stat().st_size for p in (tmp_path / "index").rglob("*") if p.is_file())
-    per_row = actual / (index.num_rows * index.num_checkpoints)
+    per_row = actual / (index.num_triples * index.num_checkpoints)
     assert abs(estimated - per_row) <= 0.1 * per_row
 
 
@@ -394,23 +394,26 @@ def test_an_index_refuses_a_checkpoint_changed_since_the_build(tiny_run, tmp_pat
 def test_a_build_that_does_not_fit_is_refused_before_writing(tiny_run, tmp_path, monkeypatch):
     import shutil as shutil_module
 
-    import tracin_index.builder as builder
+    import tracin_index.build.plan as plan
 
     usage = shutil_module.disk_usage(tmp_path)
-    monkeypatch.setattr(builder.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    monkeypatch.setattr(plan.shutil, "disk_usage", lambda path: usage._replace(free=1000))
     with pytest.raises(InputError, match=r"needs about .* MiB but the disk has 0.0 MiB free"):
         GradientIndex.build(tmp_path / "index", model_path=tiny_run)
     assert not (tmp_path / "index").exists()
     monkeypatch.undo()
-    monkeypatch.setattr(builder, "available_memory", lambda: 2**17)
+    monkeypatch.setattr(plan, "available_memory", lambda: 2**17)
     with pytest.raises(InputError, match=r"needs about .* of memory .* but 0.1 MiB is available"):
         GradientIndex.build(tmp_path / "index", model_path=tiny_run)
     assert not (tmp_path / "index").exists()
 
 
 def test_gradients_beyond_float16_are_stored_scaled_and_scored_within_bounds():
-    from tracin_index.factors import BlockPlan, Stored, checkpoint_estimate, encode
-    from tracin_index.gradients import DenseBlock, PerExampleGradients
+    from tracin_index.gradients.blocks import DenseBlock, PerExampleGradients
+    from tracin_index.search.scan import checkpoint_estimate
+    from tracin_index.storage.arrays import FactorArrays
+    from tracin_index.storage.encoding import encode
+    from tracin_index.storage.plans import BlockPlan
 
     values = torch.randn(50, 30, dtype=torch.float64) * 1e9  # float16 holds at most 65504
     values[0, :5] = torch.tensor([1e-9, -3e-7, 2e3, 7e10, -1e12])  # many orders of magnitude in one row
@@ -419,7 +422,7 @@ def test_gradients_beyond_float16_are_stored_scaled_and_scored_within_bounds():
     arrays = encode([plan], grads, {})
     assert all(torch.isfinite(v.float()).all() for v in arrays.values())
     query = PerExampleGradients({"dense": DenseBlock(torch.randn(1, 30, dtype=torch.float64) * 1e7, (torch.Size([30]),))})
-    estimate = checkpoint_estimate([plan], Stored(arrays, {}, {}, 50), query, {})
+    estimate = checkpoint_estimate([plan], FactorArrays(arrays, {}, {}, 50), query, {})
     exact = values @ query.blocks["dense"].values[0]
     assert bool(((estimate.value - exact).abs() <= estimate.error).all())
     norms = values.norm(dim=1) * query.blocks["dense"].values.norm()
@@ -480,9 +483,10 @@ def test_a_checkpoint_whose_gradients_overflow_is_refused_before_writing(tiny_ru
 
 
 def test_a_batch_without_new_groups_stores_no_group_rows():
-    from tracin_index.factors import BlockPlan, encode
-    from tracin_index.gradients import FactoredBlock, PerExampleGradients
-    from tracin_index.sketch import Basis, fit_basis
+    from tracin_index.gradients.blocks import FactoredBlock, PerExampleGradients
+    from tracin_index.storage.encoding import encode
+    from tracin_index.storage.plans import BlockPlan
+    from tracin_index.storage.sketch import Basis, fit_basis
 
     a, delta = torch.rand(6, 1, 40), torch.randn(6, 1, 3)
     plan = BlockPlan("linear", "factored", (3, 40), (0, 8), grouped=True)
@@ -494,7 +498,7 @@ def test_a_batch_without_new_groups_stores_no_group_rows():
 
 
 def test_loose_bounds_are_settled_by_rescoring_in_rounds_most_promising_first(tiny_run, tmp_path, conve_reference):
-    from tracin_index.index import _candidates
+    from tracin_index.search.settle import candidates
 
     index = GradientIndex.build(tmp_path / "index", model_path=tiny_run, sketch_dim=4)  # a sketch far too small
     _, _, test = run_ids(tiny_run)
@@ -504,10 +508,10 @@ def test_loose_bounds_are_settled_by_rescoring_in_rounds_most_promising_first(ti
     at_once = []
     for t in range(NUM_TEST):
         value, error = index.estimates(grads, t)
-        at_once.append(len(np.union1d(*_candidates(value - error, value + error, 10))))
+        at_once.append(len(np.union1d(*candidates(value - error, value + error, 10))))
     assert max(index.last_query.rounds) > 1  # several rounds were needed ...
-    assert sum(index.last_query.refined) > sum(index.last_query.candidates)  # ... most of them refining bounds ...
-    assert sum(index.last_query.candidates) < sum(at_once)  # ... and spared rescoring every candidate
+    assert sum(index.last_query.refined) > sum(index.last_query.rescored)  # ... most of them refining bounds ...
+    assert sum(index.last_query.rescored) < sum(at_once)  # ... and spared rescoring every candidate
 
 
 @pytest.mark.parametrize("allowed,affordable,expected", [(1.0, True, 128), (0.0, False, 256), (0.0, True, 512)],
@@ -516,10 +520,10 @@ def test_the_default_sketch_widens_where_128_directions_leave_too_much_out(conve
                                                                            affordable, expected):  # fmt: skip
     """128 directions, 256 where they leave too much out, 512 where 256 do too and the index and each scan
     stay small enough (here: a small graph, whose 512-direction bases alone would exceed the budget)."""
-    import tracin_index.builder as builder
+    import tracin_index.build.plan as plan
 
-    monkeypatch.setattr(builder, "AUTO_RESIDUAL", allowed)
+    monkeypatch.setattr(plan, "AUTO_RESIDUAL", allowed)
     if affordable:
-        monkeypatch.setattr(builder, "WIDEST_BYTES", 10**9)
+        monkeypatch.setattr(plan, "WIDEST_BYTES", 10**9)
     index = GradientIndex.build(tmp_path / "index", model_path=conve_run)
     assert index.plans[0].sketch == (0, expected) and index.manifest["settings"]["sketch_dim"] is None

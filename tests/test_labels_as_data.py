@@ -3,7 +3,6 @@
 import random
 
 import pytest
-
 from conftest import run_cli
 
 #: Labels that rich would read as markup (or that other printers mangle), and plain text of other scripts.

@@ -1,10 +1,10 @@
 """Parameter selection: last N layers by execution order, names (new and old), all, embedding fallback."""
 
 import pytest
-
 from conftest import make_model
+
 from tracin_index.errors import SelectionError
-from tracin_index.layers import select_parameters, split_names
+from tracin_index.gradients.selection import select_parameters, split_names
 
 
 def test_last_two_layers_of_conve_are_final_linear_and_batch_norm(nations):

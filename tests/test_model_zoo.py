@@ -4,11 +4,11 @@ is this test's outcome."""
 
 import pytest
 import torch
-
 from reference import flat, per_triple_gradients
+
 from tracin_index.errors import LossError, SelectionError
-from tracin_index.gradients import GradientComputer
-from tracin_index.layers import select_parameters
+from tracin_index.gradients.computer import GradientComputer
+from tracin_index.gradients.selection import select_parameters
 
 EXACT, NOT_LINEAR, REFUSED = "exact", "ce refused: score not linear in the tail", "refused"
 

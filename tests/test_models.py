@@ -1,4 +1,4 @@
-"""Specifications of tracin_index.models: run directories, checkpoints, pickles, the training callback."""
+"""Specifications of tracin_index.kg (runs, checkpoints, callback): run directories, checkpoints, pickles, the training callback."""
 
 from __future__ import annotations
 
@@ -8,17 +8,10 @@ import warnings
 import pytest
 import torch
 
-from tracin_index.errors import InputError, ModelLoadError, PickleRefusedError
-from tracin_index.models import (
-    Checkpoint,
-    ModelConfig,
-    TracInCheckpointCallback,
-    TracInWarning,
-    build_model,
-    find_checkpoints,
-    load_model,
-    load_state_dict_into,
-)
+from tracin_index.errors import InputError, ModelLoadError, PickleRefusedError, TracInWarning
+from tracin_index.kg.callback import TracInCheckpointCallback
+from tracin_index.kg.checkpoints import Checkpoint, find_checkpoints, load_state_dict_into
+from tracin_index.kg.runs import ModelConfig, build_model, load_model
 
 CONVE_KWARGS = {"embedding_dim": 32, "output_channels": 4}
 

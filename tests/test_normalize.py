@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli
 from reference import flat, per_triple_gradients
 from test_index import expected_rows, run_ids
-from tracin_index.analyzer import TracInAnalyzer
+
+from tracin_index.exact import TracInAnalyzer
 from tracin_index.index import GradientIndex
 
 NUM_TEST = 3
@@ -41,7 +41,7 @@ def test_normalized_scores_are_cosines_in_exact_and_in_the_index(tiny_run, tmp_p
     for t in range(NUM_TEST):
         value, error = index.estimates(grads, t, normalize=True)
         assert bool(((value - reference[t]).abs() <= error).all())
-        value, error = index.estimates(grads, t, normalize=True, rows=np.arange(index.num_rows))  # refined
+        value, error = index.estimates(grads, t, normalize=True, rows=np.arange(index.num_triples))  # refined
         assert bool(((value - reference[t]).abs() <= error).all())
     results = index.query(test[:NUM_TEST], top_k=10, normalize=True)
     plain = index.query(test[:NUM_TEST], top_k=10)

@@ -8,9 +8,10 @@ import torch
 from conftest import run_cli
 from reference import flat, per_triple_gradients
 from test_index import expected_rows, run_ids
-from tracin_index.analyzer import TracInAnalyzer
+
 from tracin_index.errors import InputError
-from tracin_index.optimizer import optimizer_record
+from tracin_index.exact import TracInAnalyzer
+from tracin_index.kg.checkpoints import optimizer_record
 
 NUM_TEST = 3
 
@@ -102,8 +103,9 @@ def test_the_index_refuses_adam_and_points_to_exact(tiny_run, tmp_path, capsys):
 
 def test_adam_aware_scores_of_an_embedding_model_keep_its_sparse_rows(tmp_path):
     from test_index import training_gradients
-    from tracin_index.gradients import RowsBlock
-    from tracin_index.train import train_run
+
+    from tracin_index.gradients.blocks import RowsBlock
+    from tracin_index.kg.training import train_run
 
     run_dir = train_run(tmp_path / "run", dataset="nations", model="DistMult", model_kwargs={"embedding_dim": 8},
                         epochs=2, checkpoint_every=1, learning_rate=0.05, progress=False)  # fmt: skip

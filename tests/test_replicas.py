@@ -6,12 +6,12 @@ import sys
 
 import pytest
 import torch
-
 from conftest import make_model
-from tracin_index.gradients import GradientComputer
+
+from tracin_index.gradients.computer import GradientComputer
+from tracin_index.gradients.selection import select_parameters
 from tracin_index.index import GradientIndex
-from tracin_index.layers import select_parameters
-from tracin_index.replicas import ConvEReplica, build_replica, replica_spec
+from tracin_index.kg.replicas import ConvEReplica, build_replica, replica_spec, shortcuts_for
 
 
 @pytest.mark.parametrize("name,mode,pairs", [("ConvE", "last", False), ("ConvE", "last", True), ("ConvE", "all", False),
@@ -20,14 +20,15 @@ def test_a_replica_scores_and_differentiates_like_the_pykeen_model(nations, name
     model = make_model(name, nations.training, dtype=torch.float64)
     replica = build_replica(replica_spec(model)).double()
     replica.load_state_dict(model.state_dict())
-    replica.pair_forward = pairs  # the layers before the last Linear once per (head, relation) pair
     batch = nations.training.mapped_triples[:40]
     repeated = torch.tensor([[h, r, t] for (h, r), t in zip(batch[:10, :2].tolist(), batch[10:20, 2].tolist())])
     batch = torch.cat([batch, repeated])  # ten (head, relation) pairs twice, with other tails
-    torch.testing.assert_close(replica.score_hrt(batch), model.score_hrt(batch), rtol=1e-12, atol=1e-12)
+    # per_pair: the layers before the last Linear once per (head, relation) pair
+    scores = replica.score_hrt(batch, per_pair=True) if pairs else replica.score_hrt(batch)
+    torch.testing.assert_close(scores, model.score_hrt(batch), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(replica.score_t(batch[:, :2]), model.score_t(batch[:, :2]), rtol=1e-12, atol=1e-12)
     for loss in ("bce", "ce"):
-        ours = GradientComputer(replica, select_parameters(replica, mode=mode), loss).compute(batch).to_dense()
+        ours = GradientComputer(replica, select_parameters(replica, mode=mode), loss, per_pair=pairs).compute(batch).to_dense()
         theirs = GradientComputer(model, select_parameters(model, mode=mode), loss).compute(batch).to_dense()
         assert set(ours) == set(theirs)
         for key in theirs:
@@ -55,21 +56,22 @@ def test_a_query_of_a_conve_index_never_imports_pykeen(tiny_run, tmp_path):
 
 def test_a_replica_that_disagrees_is_not_used(tiny_run, tmp_path, monkeypatch):
     original = ConvEReplica.score_hrt
-    monkeypatch.setattr(ConvEReplica, "score_hrt", lambda self, hrt: original(self, hrt) * 1.001)
+    monkeypatch.setattr(ConvEReplica, "score_hrt", lambda self, hrt, **kw: original(self, hrt, **kw) * 1.001)
     index = GradientIndex.build(tmp_path / "index", model_path=tiny_run, sketch_dim=16)
     assert index.manifest["replica"] is None
     assert type(GradientIndex.open(tmp_path / "index").run.model).__name__ == "ConvE"
 
 
 def test_linear_inputs_of_a_replica_computing_per_pair_come_in_row_order(nations):
-    from tracin_index.gradients import linear_inputs
+    from tracin_index.gradients.inputs import linear_inputs
 
     model = make_model("ConvE", nations.training, dtype=torch.float64)
     replica = build_replica(replica_spec(model)).double()
     replica.load_state_dict(model.state_dict())
-    replica.pair_forward = True
+    shortcuts = shortcuts_for(replica, [("interaction.hr1d.0", ("weight", "bias"))], "bce", per_pair=True)
+    assert shortcuts.per_pair
     rows = nations.training.mapped_triples[torch.randperm(200, generator=torch.Generator().manual_seed(3))]
-    ours = linear_inputs(replica, {"fc": (replica.interaction.hr1d[0], True)}, rows)["fc"]
+    ours = linear_inputs(replica, {"fc": (replica.interaction.hr1d[0], True)}, rows, shortcuts=shortcuts)["fc"]
     theirs = linear_inputs(model, {"fc": (model.interaction.hr1d[0], True)}, rows)["fc"]
     assert len(torch.unique(rows[:, :2], dim=0)) < len(rows)  # pairs repeat, and torch.unique sorts them
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
@@ -80,9 +82,11 @@ def test_closed_form_gradients_of_conve_match_the_per_triple_autograd_loop(natio
     """ConvE's last two layers under bce come in closed form (no hooks, no backward pass): the same
     gradients as one autograd backward per triple through the PyKEEN model, every direction."""
     from pykeen.triples import TriplesFactory
-
     from reference import per_triple_gradients
-    from tracin_index.replicas import closed_form_applies
+
+    def closed_form_applies(model, selection, loss):
+        shortcuts = GradientComputer(model, selection, loss).shortcuts
+        return shortcuts is not None and shortcuts.closed_form
 
     training = TriplesFactory(nations.training.mapped_triples, nations.training.entity_to_id,
                               nations.training.relation_to_id, create_inverse_triples=inverse)  # fmt: skip

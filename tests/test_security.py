@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from tracin_index.errors import PickleRefusedError
 from tracin_index.index import GradientIndex
-from tracin_index.models import load_model
-from tracin_index.store import sha256_file
+from tracin_index.kg.runs import load_model
+from tracin_index.storage.layout import sha256_file
 
 
 class _Payload:

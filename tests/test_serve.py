@@ -3,12 +3,14 @@ and its refusals, through FastAPI's test client."""
 
 import pytest
 from test_index import run_ids
+
 from tracin_index.index import GradientIndex
 
 pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
 pytest.importorskip("httpx", reason="httpx (the test client) is not installed")
 from fastapi.testclient import TestClient  # noqa: E402
-from tracin_index.serve import MAX_BATCH, create_app  # noqa: E402
+
+from tracin_index.serve.app import MAX_BATCH, create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_completion_facts_health_and_self_influence(served):
     assert facts["count"] == int(((index.hrt[:, 0] == 0) | (index.hrt[:, 2] == 0)).sum())
     assert all(first in (f["head"], f["tail"]) for f in facts["facts"])
     health = client.get("/api/health").json()
-    assert health["status"] == "ok" and health["training_triples"] == index.num_rows and health["scores"] == "exact"
+    assert health["status"] == "ok" and health["training_triples"] == index.num_triples and health["scores"] == "exact"
     ranked = client.get("/api/self-influence", params={"top_k": 5}).json()
     assert [r["train_index"] for r in ranked] == [r.train_index for r in index.self_influence(5)]
     assert len(client.get("/api/test-triples").json()) > 0

@@ -1,4 +1,4 @@
-"""Specifications of tracin_index.train.train_run (``tracin-index train``)."""
+"""Specifications of tracin_index.kg.training.train_run (``tracin-index train``)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_CONVE
+
 from tracin_index.errors import InputError
-from tracin_index.models import find_checkpoints, load_model
-from tracin_index.train import train_run
-from tracin_index.triples import read_labeled_triples
+from tracin_index.kg.checkpoints import find_checkpoints
+from tracin_index.kg.runs import load_model
+from tracin_index.kg.training import train_run
+from tracin_index.kg.triples import read_labeled_triples
+
 
 @pytest.fixture
 def conve_run(tiny_run):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tracin_index.errors import InputError, LabelError
-from tracin_index.triples import (
+from tracin_index.kg.triples import (
     IdMaps,
     LabeledTriples,
     make_id_maps,
@@ -385,7 +385,7 @@ def test_make_id_maps_sorts_inverse_relations_after_their_base_as_pykeen_does():
 
 
 def test_read_ids_streams_in_chunks_with_the_same_ids_and_line_numbers(tmp_path):
-    from tracin_index.triples import IdMaps, iter_labeled_triples, read_labeled_triples
+    from tracin_index.kg.triples import IdMaps, iter_labeled_triples, read_labeled_triples
 
     path = tmp_path / "t.tsv.gz"
     import gzip as _gzip
@@ -402,7 +402,7 @@ def test_read_ids_streams_in_chunks_with_the_same_ids_and_line_numbers(tmp_path)
 
 
 def test_read_ids_names_the_line_of_an_unknown_label_in_a_later_chunk(tmp_path):
-    from tracin_index.triples import IdMaps
+    from tracin_index.kg.triples import IdMaps
 
     path = tmp_path / "t.tsv"
     path.write_text("a\tr\tb\n" * 5 + "a\tr\tzz\n")

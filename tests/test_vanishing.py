@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
 from conftest import run_cli
-from tracin_index.analyzer import TracInAnalyzer
+
 from tracin_index.errors import VanishingGradientError
-from tracin_index.models import ModelConfig, save_run_directory
-from tracin_index.triples import IdMaps
+from tracin_index.exact import TracInAnalyzer
+from tracin_index.kg.runs import ModelConfig, save_run_directory
+from tracin_index.kg.triples import IdMaps
 
 
 def saturated_rescal(training):

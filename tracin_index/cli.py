@@ -142,7 +142,7 @@ def train(
     device: str = typer.Option("cpu"),
 ):
     """Train a PyKEEN model with TracIn-ready checkpoints, writing a run directory."""
-    from .train import train_run
+    from .kg.training import train_run
 
     if train_path is None and dataset is None:
         dataset = "nations"
@@ -194,10 +194,11 @@ def exact(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
 ):
     """Exact TracIn proponents and opponents of test triples (ground truth; one pass over the training set)."""
-    from .analyzer import TracInAnalyzer
-    from .models import find_checkpoints, load_model
+    from .exact import TracInAnalyzer
+    from .kg.checkpoints import find_checkpoints
+    from .kg.runs import load_model
+    from .kg.triples import read_labeled_triples, warn_duplicates
     from .results import render, write_results
-    from .triples import read_labeled_triples, warn_duplicates
 
     run = load_model(model_path, allow_pickle=allow_pickle)
     id_maps = run.resolve_id_maps(entity_to_id, relation_to_id)
@@ -311,8 +312,8 @@ def build(
     """Build an index of the training triples' gradient factors (resumes an interrupted build)."""
     import contextlib
 
-    from .builder import DEFAULT_SHARD_SIZE, BuildSettings
-    from .cluster import runner_for
+    from .build.runners import runner_for
+    from .build.settings import DEFAULT_SHARD_SIZE, BuildSettings
     from .index import GradientIndex
 
     names = _split(last_layer_names)
@@ -344,7 +345,7 @@ def build(
             runner=runner,
             index_shards=index_shards,
         )
-    console.print(f"index written: {index_.directory} ({index_.num_rows:,} training triples, "
+    console.print(f"index written: {index_.directory} ({index_.num_triples:,} training triples, "
                   f"{_directory_bytes(index_.directory) / 2**20:,.1f} MiB)", highlight=False)  # fmt: skip
 
 
@@ -375,8 +376,8 @@ def query(
     import torch
 
     from .index import GradientIndex
+    from .kg.triples import read_labeled_triples
     from .results import render, write_results
-    from .triples import read_labeled_triples
 
     _check_positive("--top-k", top_k)
     if candidates is not None:
@@ -391,7 +392,7 @@ def query(
         raise InputError("give either --triple HEAD RELATION TAIL or --test FILE")
     client = None
     if dask_scheduler is not None:
-        from .cluster import DaskRunner
+        from .build.runners import DaskRunner
 
         client = DaskRunner.connect(dask_scheduler).client
     index_ = GradientIndex.open(index_dir, device=device, allow_pickle=allow_pickle, dask=client)
@@ -467,7 +468,7 @@ def serve(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
 ):
     """Serve the index: a JSON API (docs at /docs) and an explorer in the browser at /."""
-    from .serve import serve as run_server
+    from .serve.app import serve as run_server
 
     if not 0 < port < 65536:
         raise InputError(f"--port {port}: not a port number (1..65535)")
@@ -480,8 +481,8 @@ def serve(
 def verify(index_dir: Path = typer.Argument(..., help="Index directory.")):
     """Check every file of an index against the checksums in its manifest, and that the model, checkpoints and
     training triples it was built from are unchanged (loads no model)."""
-    from .index import verify_directory, verify_inputs
-    from .store import read_manifest
+    from .storage.layout import read_manifest
+    from .storage.reader import verify_directory, verify_inputs
 
     manifest = read_manifest(index_dir)
     damaged, changed = verify_directory(index_dir, manifest), verify_inputs(index_dir, manifest)
@@ -510,9 +511,9 @@ def demo(
     import torch
 
     from .index import GradientIndex
+    from .kg.training import train_run
+    from .kg.triples import read_labeled_triples
     from .results import render
-    from .train import train_run
-    from .triples import read_labeled_triples
 
     run_dir, index_dir = out_dir / "run", out_dir / "index"
     started = time.perf_counter()
@@ -558,7 +559,7 @@ def _check_positive(flag: str, value: int) -> None:
 
 
 def _split(values: Optional[List[str]]) -> list[str] | None:
-    from .layers import split_names
+    from .gradients.selection import split_names
 
     return split_names(values) or None
 

@@ -45,15 +45,3 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, fsync: bool = False
 
 def write_json_atomic(path: str | os.PathLike, value: Any, *, fsync: bool = False) -> None:
     write_text_atomic(path, json.dumps(value, indent=2) + "\n", fsync=fsync)
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux /proc/meminfo), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None

@@ -66,6 +66,24 @@ class InfluenceResult:
         }
 
 
+@dataclass(frozen=True)
+class SelfInfluence:
+    """A training triple and its self-influence sum_c lr_c ||g(z; theta_c)||^2."""
+
+    train_index: int
+    head: str
+    relation: str
+    tail: str
+    self_influence: float
+
+
+def rank_self_influence(scores: np.ndarray, labels, top_k: int | None) -> list[SelfInfluence]:
+    """Training triples by descending self-influence (equal scores by training row); ``labels[row]``
+    labels training row ``row``; ``top_k`` None: all."""
+    order = np.lexsort((np.arange(len(scores)), -scores))[: top_k or len(scores)]
+    return [SelfInfluence(int(r), *labels[int(r)], float(scores[r])) for r in order]
+
+
 def ranked_rows(scores: np.ndarray, rows: np.ndarray, k: int, sign: int) -> np.ndarray:
     """Positions of the (at most) k scores of ``sign`` (+1: largest positive, -1: most negative), best
     first, equal scores by ascending row; scores of the other sign or zero are never taken."""

@@ -16,6 +16,7 @@ import io
 import itertools
 import os
 import re
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from tracin_index.errors import InputError, LabelError
+from ..errors import InputError, LabelError, TracInWarning
 
 __all__ = [
     "IdMaps",
@@ -341,7 +342,7 @@ class IdMaps:
 
     def _unknown_label(self, where: str, column: int, label: object) -> LabelError:
         plural = "relations" if column == 1 else "entities"
-        matches = _closest_labels(str(label), self._mapping(column))
+        matches = closest_labels(str(label), self._mapping(column))
         if matches:
             hint = f"closest known {plural}: " + ", ".join(repr(match) for match in matches)
         else:
@@ -370,10 +371,6 @@ def duplicate_rows(hrt: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def warn_duplicates(hrt: torch.Tensor | np.ndarray, source: str, line_numbers: np.ndarray | None = None) -> int:
     """Warn (TracInWarning) when training triples repeat; returns how many rows repeat an earlier one."""
-    import warnings
-
-    from .errors import TracInWarning
-
     repeats = duplicate_rows(hrt)
     if len(repeats):
         first = ", ".join(str(int(line_numbers[r]) if line_numbers is not None else int(r)) for r in repeats[:5])
@@ -574,7 +571,7 @@ def _invert(mapping: Mapping[str, int]) -> list[str]:
     return labels
 
 
-def _closest_labels(label: str, known: Mapping[str, int]) -> list[str]:
+def closest_labels(label: str, known: Mapping[str, int]) -> list[str]:
     """Up to three known labels like ``label``: same letters in another case first, then difflib's."""
     folded = label.casefold()
     same_but_case = [candidate for candidate in known if candidate.casefold() == folded]

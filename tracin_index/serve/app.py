@@ -28,11 +28,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from . import __version__
-from .errors import InputError, TracInError
-from .index import GradientIndex
-from .results import Triple
-from .triples import _closest_labels
+from ..errors import InputError, TracInError
+from ..index import GradientIndex
+from ..kg.triples import closest_labels, read_labeled_triples
+from ..results import Triple
+from ..storage.layout import resolve_path
+from ..version import __version__
 
 #: Largest top_k a request may ask for, test triples per POST, request body bytes.
 MAX_TOP_K = 1000
@@ -192,12 +193,12 @@ def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int
     def facts(entity: str = Query(..., min_length=1), limit: int = Query(50, ge=1, le=MAX_TOP_K)):
         eid = maps.entity_to_id.get(entity)
         if eid is None:
-            close = _closest_labels(entity, maps.entity_to_id)  # as the command line suggests labels
+            close = closest_labels(entity, maps.entity_to_id)  # as the command line suggests labels
             hint = f"closest known entities: {', '.join(repr(c) for c in close)}" if close else "no similar labels"
             raise InputError(f"unknown entity {entity!r}; {hint}")
         hrt = index.hrt
         rows = ((hrt[:, 0] == eid) | (hrt[:, 2] == eid)).nonzero()[0]
-        labels = index._row_labels()
+        labels = index.files.row_labels()
         return {"entity": entity, "count": int(len(rows)),
                 "facts": [dict(zip(("train_index", "head", "relation", "tail"), (int(r), *labels[int(r)]))) for r in rows[:limit]]}  # fmt: skip
 
@@ -210,7 +211,7 @@ def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int
         manifest = index.manifest
         return {"status": "ok", "version": __version__, "index": index.directory.name,
                 "model": manifest.get("replica", {}).get("model") if manifest.get("replica") else None,
-                "training_triples": index.num_rows, "entities": len(entities), "relations": len(relations),
+                "training_triples": index.num_triples, "entities": len(entities), "relations": len(relations),
                 "checkpoints": index.num_checkpoints, "loss": index.loss, "inverse_triples": index.inverse_triples,
                 "parameters": manifest["selection"].get("parameters"), "scores": "exact",
                 "index_bytes": sum(p.stat().st_size for p in index.directory.rglob("*") if p.is_file())}  # fmt: skip
@@ -226,9 +227,6 @@ def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int
 
 def _test_triples(index: GradientIndex) -> list[Triple]:
     """The test triples of the run the index was built from (its test.tsv), known labels only."""
-    from .store import resolve_path
-    from .triples import read_labeled_triples
-
     source = resolve_path(index.manifest["inputs"]["model"]["source"], index.directory)
     path = source / "test.tsv" if source.is_dir() else None
     if path is None or not path.is_file():

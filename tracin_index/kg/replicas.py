@@ -12,6 +12,8 @@ Replicas: ConvE and DistMult (PyKEEN 1.11). Everything here needs torch only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,7 +48,7 @@ class _Table(nn.Module):
 class PairLinear(nn.Linear):
     """A Linear layer that may be computed once per distinct (head, relation) pair: when ``row_map`` is
     set, its input holds one row per pair and its output one row per triple (``output[i] = y[row_map[i]]``).
-    Per-example gradients then still come per triple (:mod:`tracin_index.gradients` expands the input
+    Per-example gradients then still come per triple (:mod:`tracin_index.gradients.computer` expands the input
     by ``row_map``), while the product, the expensive part of ConvE, is done once per pair."""
 
     row_map: torch.Tensor | None = None
@@ -87,12 +89,7 @@ class ConvEInteraction(nn.Module):
 
 
 class ConvEReplica(nn.Module):
-    """PyKEEN 1.11's ConvE: ``score(h, r, t) = <hr1d(hr2d([h; r])), t> + b_t``.
-
-    ``pair_forward``: compute the layers up to the final Linear once per distinct (head, relation)
-    pair of a batch (they depend on nothing else), and the rest per triple. Only for selections that
-    hold nothing before the Linear's input (their gradients would come per pair).
-    """
+    """PyKEEN 1.11's ConvE: ``score(h, r, t) = <hr1d(hr2d([h; r])), t> + b_t``."""
 
     def __init__(self, num_entities: int, num_relations: int, shape: dict[str, int], batch_norm: bool):
         super().__init__()
@@ -101,10 +98,11 @@ class ConvEReplica(nn.Module):
         self.interaction = ConvEInteraction(shape, batch_norm)
         self.entity_representations = nn.ModuleList([_Table(num_entities, dim), _Table(num_entities, 1)])
         self.relation_representations = nn.ModuleList([_Table(num_relations, dim)])
-        self.pair_forward = False
 
-    def score_hrt(self, hrt: torch.Tensor) -> torch.Tensor:
-        if self.pair_forward:
+    def score_hrt(self, hrt: torch.Tensor, per_pair: bool = False) -> torch.Tensor:
+        """``per_pair``: compute the layers up to the final Linear once per distinct (head, relation) pair
+        of the batch (they depend on nothing else), the rest per triple (the same scores)."""
+        if per_pair:
             linear = self.interaction.hr1d[0]
             features, linear.row_map = self.pair_features(hrt)
             try:
@@ -123,7 +121,7 @@ class ConvEReplica(nn.Module):
 
     def pair_features(self, hrt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The final Linear's inputs once per distinct (head, relation) pair of ``hrt`` (m, in), sorted as the
-        pairs, and the pair of each row (n,): what ``score_hrt`` feeds that layer with ``pair_forward``."""
+        pairs, and the pair of each row (n,): what ``score_hrt`` feeds that layer ``per_pair``."""
         # one key per pair (sorted as the pairs themselves): torch.unique(dim=0) is ~50x slower
         keys, row_map = torch.unique(hrt[:, 0] * self.num_relations + hrt[:, 1], return_inverse=True)
         features = self.interaction.features(self.entity_representations[0](keys // self.num_relations),
@@ -140,7 +138,7 @@ class ConvEReplica(nn.Module):
         the batch norm's gradients :math:`(g \hat y, g)`, the Linear's output gradient
         :math:`\delta = g \gamma / \sqrt{\sigma^2 + \epsilon}`, its weight's :math:`\delta a^\top`.
 
-        What autograd gives through the module hooks (:mod:`tracin_index.gradients`), without the hooks and
+        What autograd gives through the module hooks (:mod:`tracin_index.gradients.computer`), without the hooks and
         the backward pass (a query computes a few gradients at a time: those fixed costs were half of it).
         Returns the Linear's inputs with a column of ones (B, in + 1), its output gradients (B, out) and
         the batch norm's weight and bias gradients side by side (B, 2 out)."""
@@ -219,25 +217,57 @@ def build_replica(spec: dict[str, Any]) -> nn.Module:
     return model.eval()
 
 
-def pair_forward_applies(model: nn.Module, selection) -> bool:
-    """Whether ``model`` is a replica that can compute per (head, relation) pair for ``selection``: every
-    selected module comes at or after ConvE's final Linear (``interaction.hr1d``)."""
-    return isinstance(model, ConvEReplica) and all(m.name.startswith("interaction.hr1d.") for m in selection.modules)
+@dataclass(frozen=True)
+class Shortcuts:
+    """What a model twin computes faster than module hooks and autograd, for one parameter selection and
+    loss; :func:`shortcuts_for` is the one place that knows which twin offers what.
+
+    ``per_pair``: the layers before ConvE's final Linear run once per distinct (head, relation) pair of a
+    batch (every selected module comes at or after that Linear, so no gradient is needed per pair).
+    ``closed_form``: the ``bce`` gradients of the default selection (the final Linear and the batch norm
+    after it) in closed form (:meth:`ConvEReplica.bce_gradients`).
+    """
+
+    model: ConvEReplica
+    per_pair: bool
+    closed_form: bool
+
+    def score_hrt(self, hrt: torch.Tensor) -> torch.Tensor:
+        return self.model.score_hrt(hrt, per_pair=self.per_pair)
+
+    def bce_gradients(self, hrt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.bce_gradients(hrt)
+
+    def linear_inputs(self, modules: dict[str, nn.Module], hrt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The final Linear's inputs once per pair and each row's pair (:meth:`ConvEReplica.pair_features`)
+        where ``modules`` is that Linear alone and the twin computes per pair; None otherwise."""
+        if not self.per_pair or list(modules.values()) != [self.model.interaction.hr1d[0]]:
+            return None
+        return self.model.pair_features(hrt)
 
 
-def closed_form_applies(model: nn.Module, selection, loss: str) -> bool:
-    """Whether ``model``'s per-example gradients for ``selection`` under ``loss`` come in closed form
-    (:meth:`ConvEReplica.bce_gradients`): a ConvE replica with its batch norm, the default selection of
-    its last two layers (the final Linear's and the batch norm's weights and biases), the ``bce`` loss."""
-    if not isinstance(model, ConvEReplica) or loss != "bce":
-        return False
+def shortcuts_for(model: nn.Module, selected: Sequence[tuple[str, Sequence[str]]], loss: str, *,
+                  per_pair: bool = True) -> Shortcuts | None:  # fmt: skip
+    """The shortcuts ``model`` offers for the selected modules ((name, parameter names) in execution order)
+    and ``loss``, or None (a PyKEEN model, or a twin with nothing faster to offer). ``per_pair``: whether
+    the caller wants the per-pair forward pass where it applies."""
+    if not isinstance(model, ConvEReplica):
+        return None
+    pair = per_pair and all(name.startswith("interaction.hr1d.") for name, _ in selected)
+    closed = loss == "bce" and _closed_form_fits(model, selected)
+    return Shortcuts(model, pair, closed) if pair or closed else None
+
+
+def _closed_form_fits(model: ConvEReplica, selected: Sequence[tuple[str, Sequence[str]]]) -> bool:
+    """A ConvE twin with its batch norm, the default selection of its last two layers (the final Linear's
+    and the batch norm's weights and biases)."""
     layers = list(model.interaction.hr1d)
     if [type(m) for m in layers] != [PairLinear, nn.Dropout, nn.BatchNorm1d, nn.ReLU]:
         return False
     if not layers[2].affine or layers[2].running_var is None:  # the closed form needs gamma, beta and running statistics
         return False
     wanted = [("interaction.hr1d.0", ("weight", "bias")), ("interaction.hr1d.2", ("weight", "bias"))]
-    return [(m.name, tuple(m.parameter_names)) for m in selection.modules] == wanted
+    return [(name, tuple(parameters)) for name, parameters in selected] == wanted
 
 
 def replica_agrees(replica: nn.Module, model: nn.Module, hrt: torch.Tensor, gradients_of) -> bool:

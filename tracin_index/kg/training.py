@@ -1,6 +1,6 @@
 """``tracin-index train``: train a PyKEEN model and write a run directory with checkpoints.
 
-The run directory (see :mod:`tracin_index.models`) is what ``build`` and ``exact`` read: the model
+The run directory (see :mod:`tracin_index.kg.runs`) is what ``build`` and ``exact`` read: the model
 rebuilt from ``config.json`` without unpickling, the label maps, the training triples in training
 order, and a checkpoint every few epochs with the learning rate used during that epoch.
 """
@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from pykeen.training import TrainingCallback
 
-from .errors import InputError, ModelLoadError
-from .models import ModelConfig, TracInCheckpointCallback, model_class, save_run_directory
+from ..errors import InputError, ModelLoadError
+from .callback import TracInCheckpointCallback
+from .runs import ModelConfig, model_class, pykeen_version, save_run_directory
+from .support import check_supported
 from .triples import IdMaps, make_id_maps, read_labeled_triples
 
 __all__ = ["BUNDLED_DATASETS", "train_run"]
@@ -69,8 +71,6 @@ def train_run(
         model_cls = model_class(model)
     except ModelLoadError as error:
         raise InputError(str(error)) from error
-    from .layers import check_supported
-
     check_supported(model_cls.__name__)  # before any training: its gradients could not be explained
     loop_cls = _lookup(training_loop_resolver, training_loop, "training loop")
     optimizer_cls = _optimizer_class(optimizer)
@@ -136,7 +136,7 @@ def train_run(
         create_inverse_triples=create_inverse_triples,
         random_seed=random_seed,
         extra={
-            "pykeen_version": _pykeen_version(),
+            "pykeen_version": pykeen_version(),
             "dataset": splits.name,
             "training": training_record,
         },
@@ -199,7 +199,7 @@ def _load_splits(dataset, train_path, valid_path, test_path, create_inverse_trip
 
 
 def _bundled_splits(dataset: str, create_inverse_triples: bool) -> _Splits:
-    from pykeen.datasets import Kinships, Nations, UMLS
+    from pykeen.datasets import UMLS, Kinships, Nations
 
     classes = {"nations": Nations, "umls": UMLS, "kinships": Kinships}
     key = dataset.strip().lower()
@@ -260,12 +260,6 @@ def _device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu")
     return device
-
-
-def _pykeen_version() -> str:
-    from pykeen.version import get_version
-
-    return get_version()
 
 
 # --------------------------------------------------------------------------------------------------

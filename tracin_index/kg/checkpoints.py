@@ -1,4 +1,5 @@
-"""Checkpoints: the weights TracIn visits, each with its learning rate, read without running code.
+"""Checkpoints: the weights TracIn visits, each with its learning rate (and, for Adam-aware scores, the
+optimizer's second moments: :func:`optimizer_record`), read without running code.
 
 Everything here needs torch only (not PyKEEN), so that a query can load checkpoints without paying
 for PyKEEN's import. :class:`CheckpointModels` holds the model at every checkpoint, loaded once,
@@ -16,10 +17,33 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from torch import nn
 
-from .errors import InputError, ModelLoadError, TracInWarning
+from ..errors import ModelLoadError, TracInWarning
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def optimizer_record(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint keeps of ``optimizer`` for Adam-aware scores: plain tensors and numbers only
+    (loadable with ``weights_only=True``). Parameters the optimizer has not stepped yet are left out."""
+    record: dict[str, Any] = {"name": type(optimizer).__name__}
+    if "exp_avg_sq" not in {key for state in optimizer.state.values() for key in state}:
+        return record
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    second, steps = {}, {}
+    for name, parameter in model.named_parameters():
+        state = optimizer.state.get(parameter, {})
+        if "exp_avg_sq" not in state:
+            continue
+        second[name] = state["exp_avg_sq"].detach().cpu().clone()
+        steps[name] = int(state["step"]) if "step" in state else 0
+        group = group_of[id(parameter)]
+        record.setdefault("beta2", float(group["betas"][1]))
+        record.setdefault("eps", float(group["eps"]))
+    record["exp_avg_sq"] = second
+    record["step"] = steps
+    return record
 
 
 def load_state_dict_into(model: torch.nn.Module, state_dict: Mapping[str, Any], source: str) -> None:
@@ -59,11 +83,11 @@ def _first_few(names: Sequence[str], n: int = 3) -> str:
 # Reading torch files without running code
 
 
-class _NeedsPickle(Exception):
+class NeedsPickle(Exception):
     """The file holds Python objects that only a full (code-running) unpickle can restore."""
 
 
-def _load_plain(path: Path) -> Any:
+def load_weights_only(path: Path) -> Any:
     """``torch.load`` restricted to plain tensors, numbers, strings, lists and dicts (runs no code)."""
     try:
         with warnings.catch_warnings():
@@ -74,7 +98,7 @@ def _load_plain(path: Path) -> Any:
     except pickle.UnpicklingError as error:
         if not _looks_like_torch_file(path):
             raise ModelLoadError(_NOT_TORCH.format(path=path)) from error
-        raise _NeedsPickle(str(error)) from error
+        raise NeedsPickle(str(error)) from error
     except Exception as error:  # torch raises KeyError, EOFError, RuntimeError ... for non-torch files
         raise ModelLoadError(
             f"{path}: is not a PyTorch file that can be read with weights_only=True ({type(error).__name__}: "
@@ -149,16 +173,12 @@ class Checkpoint:
             raise ValueError("this checkpoint stands for the loaded model itself; it has no file to load")
         return read_state_dict(self.path)
 
-    def preconditioner(self, names: Sequence[str]):
-        """Adam's preconditioner at this checkpoint for the parameters ``names``
-        (:class:`~tracin_index.optimizer.Preconditioner`); refused where the file records no optimizer state."""
-        from .optimizer import Preconditioner
-
+    def optimizer_state(self) -> Any:
+        """The optimizer's record this checkpoint file holds (:func:`optimizer_record`), or None."""
         if self.path is None:
-            raise InputError("--optimizer adam needs checkpoint files that record the optimizer's state; the model "
-                             "alone has none")  # fmt: skip
+            raise ValueError("this checkpoint stands for the loaded model itself; it has no file to read")
         obj = _load_checked(self.path)
-        return Preconditioner.from_record(obj.get("optimizer") if isinstance(obj, Mapping) else None, list(names), str(self.path))
+        return obj.get("optimizer") if isinstance(obj, Mapping) else None
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -167,10 +187,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_checked(path: Path) -> Any:
-    """:func:`_load_plain`, refusing (:class:`ModelLoadError`) a file that holds more than plain tensors and numbers."""
+    """:func:`load_weights_only`, refusing (:class:`ModelLoadError`) a file that holds more than plain tensors and numbers."""
     try:
-        return _load_plain(path)
-    except _NeedsPickle as error:
+        return load_weights_only(path)
+    except NeedsPickle as error:
         raise ModelLoadError(_not_plain_message(path)) from error
 
 

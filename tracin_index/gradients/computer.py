@@ -4,9 +4,8 @@ The model is in eval mode, so examples do not interact (dropout off, batch norm 
 statistics) and the gradient of the summed loss with respect to a layer's output, row by row, is
 each example's own output gradient. From (layer input, output gradient) per example:
 
-- ``nn.Linear`` :math:`y = W a + b`: :math:`\nabla_W = \delta a^\top`, :math:`\nabla_b = \delta`. Kept as
-  factors ``a`` (with a 1 appended for the bias) and ``delta``; then
-  :math:`\langle g_1, g_2\rangle = \langle a_1, a_2\rangle \langle \delta_1, \delta_2\rangle`.
+- ``nn.Linear`` :math:`y = W a + b`: the factors ``a`` (with a 1 appended for the bias) and ``delta``
+  (:class:`~tracin_index.gradients.blocks.FactoredBlock`).
 - other small modules (batch norm affine parameters, convolutions): dense per-example gradients by
   ``torch.func`` (vmap of a vjp through that module alone).
 - embedding tables: the rows an example looked up and their gradients; under the 1-N ``ce`` loss
@@ -21,17 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass, field
-from typing import Iterator, Literal, Union
+from dataclasses import dataclass
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-from .directions import TRAIN, example_batches, uses_inverse_triples
-from .errors import LossError, TracInWarning, VanishingGradientError
-from .layers import ParameterSelection, SelectedModule, evaluating
-from .replicas import closed_form_applies
+from ..errors import LossError, TracInWarning, VanishingGradientError
+from ..kg.checkpoints import Checkpoint, CheckpointModels
+from ..kg.directions import TRAIN, example_batches, uses_inverse_triples
+from ..kg.replicas import Shortcuts, shortcuts_for
+from .blocks import Block, DenseBlock, FactoredBlock, PerExampleGradients, RowsBlock, merge_examples
+from .inputs import LinearInputs, linear_input_values, with_bias_column
+from .selection import ParameterSelection, SelectedModule, evaluating
 
 LossName = Literal["bce", "ce"]
 LOSSES = ("bce", "ce")
@@ -46,220 +48,16 @@ _TAIL_LINEAR_INTERACTIONS = (
 )
 
 
-# ---------------------------------------------------------------------------------------------
-# Gradient blocks: one per selected module, each with its own exact inner product.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FactoredBlock:
-    """Per-example gradient of a Linear layer as factors: sum over l of outer(delta[b, l], a[b, l]).
-
-    ``a``: (B, L, in [+1]); ``delta``: (B, L, out). L > 1 when the layer is applied to several
-    positions of one example (or called several times); L = 1 for ConvE.
-    """
-
-    a: torch.Tensor
-    delta: torch.Tensor
-    has_weight: bool
-    has_bias: bool
-
-    def dot(self, other: "FactoredBlock") -> torch.Tensor:
-        if self.a.shape[1] == 1 and other.a.shape[1] == 1:
-            return (self.a[:, 0] @ other.a[:, 0].T) * (self.delta[:, 0] @ other.delta[:, 0].T)
-        aa = torch.einsum("blm,cqm->bclq", self.a, other.a)
-        dd = torch.einsum("bln,cqn->bclq", self.delta, other.delta)
-        return (aa * dd).sum(dim=(2, 3))
-
-    def squared_norms(self) -> torch.Tensor:
-        if self.a.shape[1] == 1:  # vector_norm: one pass, no temporary (3x faster than pow().sum() on 10,369 columns)
-            return torch.linalg.vector_norm(self.a[:, 0], dim=-1).pow(2) * torch.linalg.vector_norm(self.delta[:, 0], dim=-1).pow(2)
-        aa = torch.einsum("blm,bqm->blq", self.a, self.a)
-        dd = torch.einsum("bln,bqn->blq", self.delta, self.delta)
-        return (aa * dd).sum(dim=(1, 2))
-
-    def to_dense(self) -> list[torch.Tensor]:
-        """Per-example [weight, bias] gradients (those selected), shapes (B, out, in) and (B, out)."""
-        out = []
-        a = self.a[..., :-1] if self.has_bias else self.a
-        if self.has_weight:
-            out.append(torch.einsum("bln,blm->bnm", self.delta, a))
-        if self.has_bias:
-            out.append(self.delta.sum(1))
-        return out
-
-    def index(self, rows: torch.Tensor | slice) -> "FactoredBlock":
-        return FactoredBlock(self.a[rows], self.delta[rows], self.has_weight, self.has_bias)
-
-    def summed(self) -> list[torch.Tensor]:
-        """[weight, bias] gradients (those selected) summed over the examples."""
-        out = []
-        if self.has_weight:
-            a = self.a[..., :-1] if self.has_bias else self.a
-            out.append(torch.einsum("bln,blm->nm", self.delta, a))
-        if self.has_bias:
-            out.append(self.delta.sum((0, 1)))
-        return out
-
-
-@dataclass
-class DenseBlock:
-    """Per-example gradients flattened to (B, P), parameters concatenated in ``shapes`` order."""
-
-    values: torch.Tensor
-    shapes: tuple[torch.Size, ...]
-
-    def dot(self, other: "DenseBlock") -> torch.Tensor:
-        return self.values @ other.values.T
-
-    def squared_norms(self) -> torch.Tensor:
-        return self.values.pow(2).sum(-1)
-
-    def to_dense(self) -> list[torch.Tensor]:
-        out, start = [], 0
-        for shape in self.shapes:
-            n = shape.numel()
-            out.append(self.values[:, start : start + n].reshape(-1, *shape))
-            start += n
-        return out
-
-    def index(self, rows: torch.Tensor | slice) -> "DenseBlock":
-        return DenseBlock(self.values[rows], self.shapes)
-
-    def summed(self) -> list[torch.Tensor]:
-        total, out, start = self.values.sum(0), [], 0
-        for shape in self.shapes:
-            out.append(total[start : start + shape.numel()].reshape(shape))
-            start += shape.numel()
-        return out
-
-
-@dataclass
-class RowsBlock:
-    r"""Per-example gradient of an embedding table (num_rows x dim) without materialising the table.
-
-    Gradient of example b = sum_k onehot(ids[b, k]) rows[b, k]^T  (+ coef[b] vec[b]^T when rank-one).
-    Ids may repeat (head == tail); the sum handles that.
-    """
-
-    num_rows: int
-    ids: torch.Tensor  # (B, K) long
-    rows: torch.Tensor  # (B, K, D)
-    coef: torch.Tensor | None = None  # (B, num_rows)
-    vec: torch.Tensor | None = None  # (B, D)
-
-    def dot(self, other: "RowsBlock") -> torch.Tensor:
-        total = self._rows_dot(self.ids, self.rows, other.ids, other.rows)
-        if other.coef is not None:
-            total = total + self._rows_low_rank(self.ids, self.rows, other.coef, other.vec)
-        if self.coef is not None:
-            total = total + self._rows_low_rank(other.ids, other.rows, self.coef, self.vec).T
-            if other.coef is not None:
-                total = total + (self.coef @ other.coef.T) * (self.vec @ other.vec.T)
-        return total
-
-    @staticmethod
-    def _rows_dot(ids1, rows1, ids2, rows2) -> torch.Tensor:
-        if ids1.shape[1] == 0 or ids2.shape[1] == 0:
-            return rows1.new_zeros(ids1.shape[0], ids2.shape[0])
-        dots = torch.einsum("bkd,cqd->bckq", rows1, rows2)
-        same = ids1[:, None, :, None] == ids2[None, :, None, :]
-        return (dots * same).sum(dim=(2, 3))
-
-    @staticmethod
-    def _rows_low_rank(ids1, rows1, coef2, vec2) -> torch.Tensor:
-        """<sum_k onehot(ids1[b,k]) rows1[b,k]^T, coef2[c] vec2[c]^T> for all b, c."""
-        if ids1.shape[1] == 0:
-            return rows1.new_zeros(ids1.shape[0], coef2.shape[0])
-        row_vec = torch.einsum("bkd,cd->bck", rows1, vec2)
-        coef_at_rows = coef2[:, ids1].permute(1, 0, 2)  # (B1, B2, K)
-        return (row_vec * coef_at_rows).sum(-1)
-
-    def squared_norms(self) -> torch.Tensor:
-        gram = torch.einsum("bkd,bqd->bkq", self.rows, self.rows)
-        same = self.ids[:, :, None] == self.ids[:, None, :]
-        total = (gram * same).sum(dim=(1, 2))
-        if self.coef is not None:
-            cross = torch.einsum("bkd,bd->bk", self.rows, self.vec) * torch.gather(self.coef, 1, self.ids)
-            total = total + 2 * cross.sum(-1) + self.coef.pow(2).sum(-1) * self.vec.pow(2).sum(-1)
-        return total
-
-    def to_dense(self) -> list[torch.Tensor]:
-        B, K, D = self.rows.shape
-        dense = self.rows.new_zeros(B, self.num_rows, D)
-        dense.scatter_add_(1, self.ids[:, :, None].expand(B, K, D), self.rows)
-        if self.coef is not None:
-            dense = dense + self.coef[:, :, None] * self.vec[:, None, :]
-        return [dense]
-
-    def summed(self) -> list[torch.Tensor]:
-        D = self.rows.shape[-1]
-        table = self.rows.new_zeros(self.num_rows, D).index_add_(0, self.ids.reshape(-1), self.rows.reshape(-1, D))
-        if self.coef is not None:
-            table = table + self.coef.T @ self.vec
-        return [table]
-
-    def index(self, rows: torch.Tensor | slice) -> "RowsBlock":
-        return RowsBlock(
-            self.num_rows,
-            self.ids[rows],
-            self.rows[rows],
-            None if self.coef is None else self.coef[rows],
-            None if self.vec is None else self.vec[rows],
-        )
-
-
-Block = Union[FactoredBlock, DenseBlock, RowsBlock]
-
-
-@dataclass
-class PerExampleGradients:
-    """Per-example gradients of a batch, one structured block per selected module."""
-
-    blocks: dict[str, Block]
-    parameter_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        block = next(iter(self.blocks.values()))
-        return (block.a if isinstance(block, FactoredBlock) else block.values if isinstance(block, DenseBlock) else block.ids).shape[0]
-
-    def dot(self, other: "PerExampleGradients") -> torch.Tensor:
-        """Inner products <g_self[b], g_other[c]> of all pairs, shape (len(self), len(other))."""
-        return sum(block.dot(other.blocks[name]) for name, block in self.blocks.items())
-
-    def squared_norms(self) -> torch.Tensor:
-        return sum(block.squared_norms() for block in self.blocks.values())
-
-    def to_dense(self) -> dict[str, torch.Tensor]:
-        """Full per-example gradients by parameter name, shape (B, *parameter.shape). For small models and tests."""
-        return {
-            name: tensor
-            for module_name, block in self.blocks.items()
-            for name, tensor in zip(self.parameter_names[module_name], block.to_dense())
-        }
-
-    def index(self, rows: torch.Tensor | slice) -> "PerExampleGradients":
-        return PerExampleGradients({n: b.index(rows) for n, b in self.blocks.items()}, self.parameter_names)
-
-    def summed(self) -> dict[str, torch.Tensor]:
-        """Gradients summed over the examples, by parameter name (what one backward of the summed loss gives)."""
-        return {name: tensor for module_name, block in self.blocks.items()
-                for name, tensor in zip(self.parameter_names[module_name], block.summed())}  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-# Computing them.
-# ---------------------------------------------------------------------------------------------
-
-
-def per_example_losses(model: nn.Module, hrt: torch.Tensor, loss: LossName) -> torch.Tensor:
+def per_example_losses(model: nn.Module, hrt: torch.Tensor, loss: LossName,
+                       score_hrt: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
     """Per-triple loss, shape (B,).
 
-    ``bce``: softplus(-s(h, r, t)) = BCE with logits against label 1.
+    ``bce``: softplus(-s(h, r, t)) = BCE with logits against label 1 (``score_hrt``: how to compute s, where
+    not ``model.score_hrt``: a twin's shortcut).
     ``ce``: -log softmax_t'(s(h, r, t'))[t] over all entities t'.
     """
     if loss == "bce":
-        return nn.functional.softplus(-model.score_hrt(hrt).view(-1))
+        return nn.functional.softplus(-(score_hrt or model.score_hrt)(hrt).view(-1))
     if loss == "ce":
         scores = model.score_t(hrt[:, :2])
         return torch.logsumexp(scores, dim=-1) - scores.gather(1, hrt[:, 2:3]).view(-1)
@@ -280,6 +78,12 @@ def vanishing_message(what: str, loss: str) -> str:
     advice = "try --loss ce" if loss == "bce" else "check the model's scores, or select other layers"
     return (f"the loss gradients of {what} vanish (zero or subnormal at every checkpoint): the {loss} loss is "
             f"saturated, so every influence on them is 0; {advice}")  # fmt: skip
+
+
+def not_finite_message(c: int, rows: str) -> str:
+    """Checkpoint c's gradients of ``rows`` are inf or NaN: what to tell the user."""
+    return (f"checkpoint {c + 1}: the gradients of {rows} are not finite (inf or NaN: the model's scores or "
+            "weights overflow float32); check that checkpoint, or select other layers")  # fmt: skip
 
 
 def check_gradients(train_squared_norms: torch.Tensor, test_squared_norms: torch.Tensor | None, loss: str,
@@ -347,9 +151,13 @@ class _Call:
 
 
 class GradientComputer:
-    """Computes :class:`PerExampleGradients` of batches of (head, relation, tail) id triples."""
+    """Computes :class:`PerExampleGradients` of batches of (head, relation, tail) id triples.
 
-    def __init__(self, model: nn.Module, selection: ParameterSelection, loss: LossName = "bce"):
+    ``per_pair``: let a model twin compute the layers before ConvE's final Linear once per (head,
+    relation) pair where that applies (:func:`~tracin_index.kg.replicas.shortcuts_for`): the same
+    gradients, fewer products."""
+
+    def __init__(self, model: nn.Module, selection: ParameterSelection, loss: LossName = "bce", *, per_pair: bool = False):
         if loss not in LOSSES:
             raise LossError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
         self.model = model
@@ -357,7 +165,9 @@ class GradientComputer:
         self.loss = loss
         self.inverse = uses_inverse_triples(model)
         self._model_parts: tuple[nn.Module, ModelParts] | None = None  # (the model walked, its parts)
-        self._closed_form = closed_form_applies(model, selection, loss)
+        self.shortcuts: Shortcuts | None = shortcuts_for(
+            model, [(m.name, m.parameter_names) for m in selection.modules], loss, per_pair=per_pair
+        )
         self._tail_tables = self._tail_tables_for_ce() if loss == "ce" else {}
         if self._tail_tables and self.inverse:
             raise LossError(
@@ -369,6 +179,11 @@ class GradientComputer:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def per_pair(self) -> bool:
+        """Whether the layers before the final Linear run once per (head, relation) pair of a batch."""
+        return self.shortcuts is not None and self.shortcuts.per_pair
 
     def model_parts(self) -> "ModelParts":
         """The model's modules and parameters, walked once (the model's structure does not change)."""
@@ -422,7 +237,7 @@ class GradientComputer:
     def compute(self, hrt: torch.Tensor, direction: str = TRAIN) -> PerExampleGradients:
         """Per-fact gradients of the facts ``hrt`` ((B, 3), the label maps' ids), as trained (``direction``
         "train": the sum over the fact's training examples) or one test direction ("tail", "head",
-        "both"); see :mod:`tracin_index.directions`."""
+        "both"); see :mod:`tracin_index.kg.directions`."""
         parts = example_batches(hrt, self.inverse, direction)
         if len(parts) == 1:
             return self.compute_examples(parts[0])
@@ -435,16 +250,17 @@ class GradientComputer:
         batch_size = hrt.shape[0]
         parts = self.model_parts()
         names = {m.name: m.full_parameter_names for m in self.selection.modules}
-        if self._closed_form:  # the same gradients without hooks or a backward pass (replicas.closed_form_applies)
+        if self.shortcuts is not None and self.shortcuts.closed_form:  # the same gradients, no hooks or backward pass
             with evaluating(model, parts.modules), torch.no_grad():
-                a, delta, values = model.bce_gradients(hrt)
+                a, delta, values = self.shortcuts.bce_gradients(hrt)
             linear, norm = self.selection.modules
             shapes = tuple(getattr(norm.module, p).shape for p in norm.parameter_names)
             blocks = {linear.name: FactoredBlock(a[:, None], delta[:, None], True, True),
                       norm.name: DenseBlock(values, shapes)}  # fmt: skip
             return PerExampleGradients(blocks, names)
         with evaluating(model, parts.modules), only_selected_require_grad(model, self.selection, parts), self._recording() as calls:
-            losses = per_example_losses(model, hrt, self.loss)
+            score = self.shortcuts.score_hrt if self.per_pair else None
+            losses = per_example_losses(model, hrt, self.loss, score)
             outputs = [c.output for m in self.selection.modules for c in calls[m.name]]
             grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else ()
             deltas = iter(grads)
@@ -455,6 +271,11 @@ class GradientComputer:
             if self._tail_tables:
                 self._add_tail_rank_one(blocks, hrt)
         return PerExampleGradients(blocks, names)
+
+    def linear_inputs(self, modules: dict[str, nn.Linear], hrt: torch.Tensor) -> dict[str, LinearInputs]:
+        """The named Linear layers' inputs for the examples ``hrt`` (:func:`~tracin_index.gradients.inputs.linear_input_values`),
+        per pair where this computer computes per pair."""
+        return linear_input_values(self.model, modules, hrt, self.model_parts().modules, self.shortcuts)
 
     def check(self, hrt: torch.Tensor) -> None:
         """Refuse (:class:`LossError`) a model and selection whose per-example gradients, as this class
@@ -581,112 +402,6 @@ class GradientComputer:
             blocks[name] = RowsBlock(block.num_rows, block.ids, block.rows, coef, q)
 
 
-def inverse_norms(squared_norms: torch.Tensor) -> torch.Tensor:
-    """1 / ||g|| from squared norms, float64; 0 where the gradient is 0 (it then contributes nothing)."""
-    norms = squared_norms.double().clamp_min(0).sqrt()
-    return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(norms))
-
-
-def cosine(dots: torch.Tensor, test_squared: torch.Tensor, train_squared: torch.Tensor) -> torch.Tensor:
-    """Inner products (T, N) divided by the norms of both sides (``--normalize``); 0 where either norm is 0."""
-    return dots * inverse_norms(test_squared)[:, None] * inverse_norms(train_squared)[None, :]
-
-
-def merge_examples(grads: PerExampleGradients, parts: int) -> PerExampleGradients:
-    """Gradients of B facts from those of their examples, computed as ``parts`` consecutive batches of
-    B (example j of fact i at row j * B + i): summed, kept factored (a Linear's factors side by side)."""
-    size = len(grads) // parts
-    pieces = [slice(j * size, (j + 1) * size) for j in range(parts)]
-    blocks: dict[str, Block] = {}
-    for name, block in grads.blocks.items():
-        if isinstance(block, FactoredBlock):
-            blocks[name] = FactoredBlock(torch.cat([block.a[p] for p in pieces], 1),
-                                         torch.cat([block.delta[p] for p in pieces], 1), block.has_weight, block.has_bias)  # fmt: skip
-        elif isinstance(block, DenseBlock):
-            blocks[name] = DenseBlock(sum(block.values[p] for p in pieces), block.shapes)
-        else:
-            if block.coef is not None:  # refused by GradientComputer
-                raise LossError("the 1-N tail term of several examples cannot be merged")
-            blocks[name] = RowsBlock(block.num_rows, torch.cat([block.ids[p] for p in pieces], 1),
-                                     torch.cat([block.rows[p] for p in pieces], 1))  # fmt: skip
-    return PerExampleGradients(blocks, grads.parameter_names)
-
-
-def with_bias_column(x: torch.Tensor, bias: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """A Linear layer's inputs as rows (n, in), with a column of ones appended when its bias is selected;
-    ``rows``: the input held one row per group, ``rows[i]`` being the group of row i."""
-    x = x.reshape(-1, x.shape[-1])
-    if rows is not None:
-        x = x.index_select(0, rows)
-    if not bias:
-        return x
-    out = x.new_empty(x.shape[0], x.shape[1] + 1)
-    out[:, :-1] = x
-    out[:, -1] = 1
-    return out
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the inputs it waits for are recorded: the rest of the forward pass is not needed."""
-
-
-@dataclass
-class LinearInputs:
-    """A Linear layer's inputs for n examples as computed: ``values`` (m, in) float32 without a bias
-    column, and ``rows`` (n,), the row of ``values`` of each example (None: one row each, m = n). A
-    layer computed once per (head, relation) pair holds one row per pair: nothing is expanded."""
-
-    values: torch.Tensor
-    rows: torch.Tensor | None
-
-    def rowwise(self, per_value: torch.Tensor) -> torch.Tensor:
-        """A per-row quantity of ``values`` for each example."""
-        return per_value if self.rows is None else per_value.index_select(0, self.rows)
-
-
-def linear_inputs(model: nn.Module, modules: dict[str, tuple[nn.Linear, bool]], hrt: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The inputs (with bias column where asked) of the named Linear layers for the triples ``hrt``, by a
-    forward pass that stops before the first of them runs its product: no gradients, no later layers.
-
-    ``modules``: name -> (module, with bias column).
-    """
-    found = linear_input_values(model, {name: module for name, (module, _) in modules.items()}, hrt)
-    return {name: with_bias_column(found[name].values, bias, found[name].rows) for name, (_, bias) in modules.items()}
-
-
-def linear_input_values(model: nn.Module, modules: dict[str, nn.Linear], hrt: torch.Tensor,
-                        walked: list[nn.Module] | None = None) -> dict[str, LinearInputs]:  # fmt: skip
-    """:func:`linear_inputs` as the layers saw them (:class:`LinearInputs`: no bias column, no copy per
-    example). ``walked``: the model's modules, where the caller holds them (:class:`ModelParts`)."""
-    found: dict[str, LinearInputs] = {}
-    if getattr(model, "pair_forward", False) and list(modules.values()) == [model.interaction.hr1d[0]]:
-        # a ConvE replica computing per pair: its inputs directly, without hooks or the rest of the forward pass
-        with evaluating(model, walked), torch.no_grad():
-            features, rows = model.pair_features(hrt)
-        return {name: LinearInputs(features, rows) for name in modules}
-
-    def hook(name: str):
-        def record(module, args):
-            # a layer computed once per group (a replica's PairLinear) holds its rows in the group order
-            x = args[0].detach()
-            found[name] = LinearInputs(x.reshape(-1, x.shape[-1]), getattr(module, "row_map", None))
-            if len(found) == len(modules):
-                raise _StopForward
-
-        return record
-
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
-    try:
-        with evaluating(model, walked), torch.no_grad():
-            model.score_hrt(hrt)
-    except _StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return found
-
-
 def _batch_norm_gradients(module: nn.Module, names: tuple[str, ...], xs: torch.Tensor, ds: torch.Tensor) -> torch.Tensor | None:
     r"""Per-example gradients of an eval-mode batch norm's affine parameters in closed form, or None for
     other modules. With :math:`\hat x = (x - \mu) / \sqrt{\sigma^2 + \epsilon}` (running statistics):
@@ -706,3 +421,45 @@ def _batch_norm_gradients(module: nn.Module, names: tuple[str, ...], xs: torch.T
         else:
             return None
     return torch.cat(parts, dim=1)
+
+
+class CheckpointGradients:
+    """The model at every checkpoint, loaded once (:class:`~tracin_index.kg.checkpoints.CheckpointModels`),
+    each with its :class:`GradientComputer` and its modules by name: what queries and the build compute
+    gradients with. ``select``: the parameter selection of a model (each model copy needs its own: the
+    selection holds the modules to hook). ``max_bytes``: the copies kept at once (0: one model, reloaded
+    at each checkpoint, as the build goes checkpoint by checkpoint)."""
+
+    def __init__(self, model: nn.Module, checkpoints: Sequence[Checkpoint], select: Callable[[nn.Module], ParameterSelection],
+                 loss: LossName, *, per_pair: bool = False, max_bytes: int = 2 * 2**30):  # fmt: skip
+        self.models = CheckpointModels(model, checkpoints, max_bytes=max_bytes)
+        self.select, self.loss, self.per_pair = select, loss, per_pair
+        self._computers: dict[int, GradientComputer] = {}
+        self._selections: dict[int, ParameterSelection] = {}  # by id() of the model
+        self._modules: dict[int, dict[str, nn.Module]] = {}
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        return self.models.checkpoints
+
+    def learning_rate(self, c: int) -> float:
+        return self.models.learning_rate(c)
+
+    def computer(self, c: int) -> GradientComputer:
+        """The gradient computer of the model with checkpoint c's weights."""
+        model = self.models.model(c)
+        if c not in self._computers or self._computers[c].model is not model:
+            if id(model) not in self._selections:
+                self._selections[id(model)] = self.select(model)
+            self._computers[c] = GradientComputer(model, self._selections[id(model)], self.loss, per_pair=self.per_pair)
+        return self._computers[c]
+
+    def modules(self, c: int) -> dict[str, nn.Module]:
+        """The modules of the model at checkpoint c by name (batch norm scales for derived sides)."""
+        model = self.computer(c).model
+        if self._modules.get(c, {}).get("") is not model:
+            self._modules[c] = dict(model.named_modules())
+        return self._modules[c]

@@ -15,8 +15,8 @@ single example's share of the step. :math:`P_c = 1 / (\sqrt{\hat v_c} + \epsilon
 is no longer rank one after that; it becomes a dense matrix per test triple
 (:class:`MatrixBlock`), and a training row's product with it costs one Linear forward.
 
-Checkpoints record the state (:func:`optimizer_record`, written by
-:class:`~tracin_index.models.TracInCheckpointCallback` and ``tracin-index train``): the optimizer's
+Checkpoints record the state (:func:`~tracin_index.kg.checkpoints.optimizer_record`, written by
+:class:`~tracin_index.kg.callback.TracInCheckpointCallback` and ``tracin-index train``): the optimizer's
 name, its step count, beta2 and epsilon, and ``exp_avg_sq`` per parameter. Scoring with
 ``--optimizer adam`` is refused, in one line, for checkpoints without it.
 """
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
-from .errors import InputError
-from .gradients import Block, DenseBlock, FactoredBlock, PerExampleGradients, RowsBlock
+from ..errors import InputError
+from ..kg.checkpoints import Checkpoint
+from .blocks import Block, DenseBlock, FactoredBlock, PerExampleGradients, RowsBlock
 
 #: The scores ``--optimizer`` picks: plain TracIn (gradients, as SGD steps them) or Adam's steps.
 OPTIMIZERS = ("sgd", "adam")
@@ -44,33 +44,20 @@ def check_optimizer(name: str) -> str:
     return name
 
 
-def optimizer_record(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
-    """What a checkpoint keeps of ``optimizer`` for Adam-aware scores: plain tensors and numbers only
-    (loadable with ``weights_only=True``). Parameters the optimizer has not stepped yet are left out."""
-    record: dict[str, Any] = {"name": type(optimizer).__name__}
-    if "exp_avg_sq" not in {key for state in optimizer.state.values() for key in state}:
-        return record
-    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    second, steps = {}, {}
-    for name, parameter in model.named_parameters():
-        state = optimizer.state.get(parameter, {})
-        if "exp_avg_sq" not in state:
-            continue
-        second[name] = state["exp_avg_sq"].detach().cpu().clone()
-        steps[name] = int(state["step"]) if "step" in state else 0
-        group = group_of[id(parameter)]
-        record.setdefault("beta2", float(group["betas"][1]))
-        record.setdefault("eps", float(group["eps"]))
-    record["exp_avg_sq"] = second
-    record["step"] = steps
-    return record
-
-
 @dataclass
 class Preconditioner:
     """:math:`P = 1 / (\\sqrt{\\hat v} + \\epsilon)` per selected parameter, by full parameter name."""
 
     factors: dict[str, torch.Tensor]
+
+    @classmethod
+    def at(cls, checkpoint: Checkpoint, names: list[str]) -> "Preconditioner":
+        """Adam's preconditioner at ``checkpoint`` for the parameters ``names``; refused where the file records
+        no optimizer state (or there is no file: the model alone)."""
+        if checkpoint.path is None:
+            raise InputError("--optimizer adam needs checkpoint files that record the optimizer's state; the model "
+                             "alone has none")  # fmt: skip
+        return cls.from_record(checkpoint.optimizer_state(), list(names), str(checkpoint.path))
 
     @classmethod
     def from_record(cls, record: Any, names: list[str], where: str) -> "Preconditioner":

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import InputError
+from ..errors import InputError
 
 #: What a training fact is: every example it was trained as.
 TRAIN = "train"

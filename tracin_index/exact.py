@@ -7,7 +7,7 @@ r"""Exact TracIn (ground truth): every training triple scored against the test t
 over checkpoints :math:`c` with learning rates :math:`\eta_c`, for the gradient :math:`g_S` of
 the per-triple loss restricted to the selected parameters :math:`S`. Each checkpoint is loaded
 once per call and each test gradient computed once per checkpoint; training gradients come a
-batch at a time from :class:`~tracin_index.gradients.GradientComputer` and are never stored.
+batch at a time from :class:`~tracin_index.gradients.computer.GradientComputer` and are never stored.
 """
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 from torch import nn
 
-from .directions import DEFAULT_DIRECTION, TRAIN, check_direction, training_examples
 from .errors import InputError
-from .gradients import GradientComputer, LossName, PerExampleGradients, check_gradients, cosine
-from .layers import ParameterSelection, select_parameters
-from .optimizer import check_optimizer
+from .gradients.adam import Preconditioner, check_optimizer
+from .gradients.blocks import PerExampleGradients, cosine
+from .gradients.computer import GradientComputer, LossName, check_gradients
+from .gradients.selection import ParameterSelection, select_parameters
+from .kg.directions import DEFAULT_DIRECTION, TRAIN, check_direction, training_examples
 from .results import InfluenceResult, Triple, sign_counts, top_influences
 
 if TYPE_CHECKING:
-    from .models import Checkpoint
-    from .triples import IdMaps
+    from .kg.checkpoints import Checkpoint
+    from .kg.triples import IdMaps
 
 
 def _as_id_triples(triples, name: str) -> torch.Tensor:
@@ -48,16 +49,16 @@ class TracInAnalyzer:
     :param use_last_layers_only: differentiate the last ``num_last_layers`` layers (the original
         paper's practice); otherwise all parameters.
     :param last_layer_names: explicit module or parameter names (overrides the two above).
-    :param checkpoints: :class:`~tracin_index.models.Checkpoint` objects, each with its learning rate.
+    :param checkpoints: :class:`~tracin_index.kg.checkpoints.Checkpoint` objects, each with its learning rate.
     :param loss: ``bce`` (default) or ``ce`` (1-N softmax), see DESIGN.md.
     :param direction: the test predictions explained, for a model trained with inverse triples:
         ``tail`` (default, f(h, r, t)), ``head`` (f(t, r_inv, h)) or ``both``. A training triple's
-        gradient is always that of every example it was trained as (see :mod:`tracin_index.directions`).
+        gradient is always that of every example it was trained as (see :mod:`tracin_index.kg.directions`).
     :param normalize: the cosine form: each checkpoint's inner product divided by both gradients'
         norms at that checkpoint (a gradient of norm 0 contributes 0), so that influence ranks by
         the direction of the gradients, not their size.
     :param optimizer: ``sgd`` (default, plain TracIn) or ``adam``: the training gradient divided by the
-        root of Adam's second moment recorded with each checkpoint (:mod:`tracin_index.optimizer`).
+        root of Adam's second moment recorded with each checkpoint (:mod:`tracin_index.gradients.adam`).
     """
 
     def __init__(
@@ -100,7 +101,7 @@ class TracInAnalyzer:
                                  "alone has none")  # fmt: skip
             names = self.selection.parameter_names
             # read (and refuse) before any work: one preconditioner per checkpoint
-            self._preconditioners = [c.preconditioner(names) for c in self.checkpoints]
+            self._preconditioners = [Preconditioner.at(c, names) for c in self.checkpoints]
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
         self.batch_size = batch_size

@@ -1,6 +1,6 @@
 """An index larger than one machine's memory: search shards held by Dask workers.
 
-A query's scan reads every stored row (:mod:`tracin_index.factors`); at 20M training triples and 10
+A query's scan reads every stored row (:mod:`tracin_index.search.scan`); at 20M training triples and 10
 checkpoints that is hundreds of GB, more than one machine holds. ``build --index-shards S`` records
 S ranges of training triples; ``GradientIndex.open(path, dask=client)`` (``query --dask-scheduler``)
 loads each range's stored factors into one worker's memory (:class:`SearchShard`, a future that
@@ -23,20 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError
-from .factors import BlockPlan, Stored, _input_key
-from .gradients import PerExampleGradients, inverse_norms
-from .store import TRIPLES, read_manifest, read_triples
-
-
-def search_ranges(num_facts: int, shards: int) -> list[tuple[int, int]]:
-    """``shards`` contiguous ranges of training triples of (nearly) equal size."""
-    if shards < 1:
-        raise InputError(f"--index-shards must be at least 1, got {shards}")
-    shards = min(shards, max(1, num_facts))
-    bounds = np.linspace(0, num_facts, shards + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-
+from ..errors import InputError
+from ..gradients.blocks import PerExampleGradients, inverse_norms
+from ..storage.arrays import FactorArrays
+from ..storage.plans import is_input_side
+from ..storage.reader import IndexFiles
+from .scan import add_checkpoint, checkpoint_weight
+from .settle import candidates
 
 #: Candidates per side whose stored factors a shard sends with its answer (the most promising: highest
 #: upper bounds, lowest lower bounds); a query that refines further fetches the others' when needed.
@@ -65,7 +58,7 @@ class CandidateStore:
         self.facts, self.stores, self.per_fact, self.fetch, self.device = facts, stores, per_fact, fetch, device
         self.fetched = 0
 
-    def rows(self, c: int, rows: torch.Tensor) -> tuple[Stored, torch.Tensor]:
+    def rows(self, c: int, rows: torch.Tensor) -> tuple[FactorArrays, torch.Tensor]:
         """Checkpoint c's stored factors and the places of the stored ``rows`` (examples) in them."""
         k = self.per_fact
         wanted = np.unique(rows.numpy() // k)
@@ -80,7 +73,7 @@ class CandidateStore:
             self.facts = facts[order]
             self.fetched += len(missing)
         local = np.searchsorted(self.facts, rows.numpy() // k) * k + rows.numpy() % k
-        stored = Stored(self.stores[c], {}, {}, len(self.facts) * k).to(self.device)
+        stored = FactorArrays(self.stores[c], {}, {}, len(self.facts) * k).to(self.device)
         return stored, torch.as_tensor(local, dtype=torch.long)
 
 
@@ -88,27 +81,20 @@ class SearchShard:
     """One range of training triples' stored factors at every checkpoint, in a worker's memory."""
 
     def __init__(self, directory: str, facts: tuple[int, int], pack_after: int | None = None):
-        from .index import load_stored, read_squared_norms
-
-        path = Path(directory)
-        manifest = read_manifest(path)
-        _, _, _, groups = read_triples(path / TRIPLES)
-        self.plans = [BlockPlan.from_json(p) for p in manifest["plans"]]
-        self.per_fact = int(manifest.get("examples_per_triple", 1))
+        files = IndexFiles.open(directory)
+        self.plans = files.plans
+        self.per_fact = files.per_triple
         self.facts = facts
-        checkpoints = manifest["inputs"]["checkpoints"]
-        self.stored = [load_stored(path, manifest, self.plans, c, groups, facts) for c in range(len(checkpoints))]
+        self.stored = [files.factor_arrays(c, facts) for c in range(len(files.checkpoints))]
         for stored in self.stored:  # packed for fbgemm like the whole index's (GradientIndex.open's ``pack``)
             stored.pack_after = pack_after
-        self.learning_rates = [float(r["learning_rate"]) for r in checkpoints]
-        self.inverse_norms = [inverse_norms(torch.from_numpy(n)) for n in read_squared_norms(path, manifest, facts)]
+        self.learning_rates = [float(c.learning_rate) for c in files.checkpoints]
+        self.inverse_norms = [inverse_norms(torch.from_numpy(n)) for n in files.squared_norms(facts)]
 
     def scan(self, tests: list[PerExampleGradients], modules: list[dict], k: int, normalize: bool,
              ship: int = SHIPPED) -> list[ShardCandidates]:  # fmt: skip
         """Candidates of every test triple (``tests``: per checkpoint, the test triples' gradients), with
         the stored factors of the ``ship`` most promising each way."""
-        from .index import _candidates, add_checkpoint
-
         out = []
         for t in range(len(tests[0])):
             n = self.facts[1] - self.facts[0]
@@ -116,12 +102,10 @@ class SearchShard:
             error = torch.zeros(n, dtype=torch.float64)
             for c, stored in enumerate(self.stored):
                 query = tests[c].index(slice(t, t + 1))
-                weight = self.learning_rates[c]
-                if normalize:
-                    weight = weight * float(inverse_norms(query.squared_norms())[0]) * self.inverse_norms[c]
+                weight = checkpoint_weight(self.learning_rates[c], query, self.inverse_norms[c] if normalize else None)
                 add_checkpoint(value, error, self.plans, stored, query, modules[c], weight, self.per_fact)
             low, high = value - error, value + error
-            pro, opp = _candidates(low, high, k)
+            pro, opp = candidates(low, high, k)
             local = np.union1d(pro, opp)
             estimate = ((low + high) / 2).numpy()  # as the single index counts signs
             if len(pro) > ship:
@@ -139,7 +123,7 @@ class SearchShard:
         """Per checkpoint, the per-row stored arrays (refining needs them) of the shard's triples ``local``
         (numpy: they travel, and a torch tensor pickles ten times slower)."""
         examples = torch.as_tensor((local[:, None] * self.per_fact + np.arange(self.per_fact)).reshape(-1), dtype=torch.long)
-        return [{key: v.index_select(0, examples).numpy() for key, v in s.arrays.items() if not _input_key(key, self.plans)}
+        return [{key: v.index_select(0, examples).numpy() for key, v in s.arrays.items() if not is_input_side(key, self.plans)}
                 for s in self.stored]  # fmt: skip
 
 

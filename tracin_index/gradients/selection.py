@@ -10,12 +10,13 @@ import contextlib
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .errors import SelectionError
+from ..errors import SelectionError
+from ..kg.support import check_supported
 
 SelectionMode = Literal["last", "names", "all"]
 ModuleKind = Literal["linear", "dense", "embedding"]
@@ -93,25 +94,6 @@ class ParameterSelection:
             "embedding_fallback": self.embedding_fallback,
             "skipped": list(self.skipped),
         }
-
-
-_GRAPH = ("message-passing models compute every entity's representation from the whole training graph, so "
-          "one triple's gradient is not its own (and a run directory does not record the graph)")
-_LITERALS = "it needs numeric literals, which a run directory does not record"
-#: PyKEEN models tracin-index refuses, and why.
-UNSUPPORTED_MODELS = {
-    "RGCN": _GRAPH, "CompGCN": _GRAPH, "NodePiece": _GRAPH, "InductiveNodePiece": _GRAPH,
-    "InductiveNodePieceGNN": _GRAPH, "ComplExLiteral": _LITERALS, "DistMultLiteral": _LITERALS,
-    "DistMultLiteralGated": _LITERALS,
-}  # fmt: skip
-
-
-def check_supported(model_or_name) -> None:
-    """Refuse (:class:`SelectionError`) a model of a kind whose per-example gradients tracin-index cannot take."""
-    name = model_or_name if isinstance(model_or_name, str) else type(model_or_name).__name__
-    if name in UNSUPPORTED_MODELS:
-        raise SelectionError(f"{name} is not supported: {UNSUPPORTED_MODELS[name]}; train another model "
-                             "(e.g. ConvE, ComplEx, DistMult, TuckER)")  # fmt: skip
 
 
 def _is_embedding(name: str, module: nn.Module, representation_prefixes: Sequence[str]) -> bool:
@@ -276,6 +258,13 @@ def select_parameters(
         selected(n, m, [p for p in _own_parameter_names(m) if p in chosen[n]]) for n, m in ordered if n in chosen
     ]
     return ParameterSelection(tuple(in_order), mode="names", requested_names=tuple(names))
+
+
+def recorded_selection(model: nn.Module, settings: Mapping) -> ParameterSelection:
+    """The selection an index's recorded settings (its manifest's ``settings``) make of ``model``."""
+    if settings["selection"] == "names":
+        return select_parameters(model, mode="names", names=list(settings["layer_names"]))
+    return select_parameters(model, mode=settings["selection"], num_last_layers=settings["num_last_layers"])
 
 
 def known_sorted(ordered: Sequence[tuple[str, nn.Module]]) -> list[str]:

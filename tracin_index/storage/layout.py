@@ -5,7 +5,7 @@ idx/
   manifest.json                     inputs (paths relative to idx/), settings, block plans, every file's sha256
   triples.h5                        "hrt" ids per training row, entity and relation labels, (head, relation) group ids
   bases/ckpt-000.h5                 principal directions (float16) of each sketched side, per checkpoint
-  shards/ckpt-000/shard-00000.h5    the rows' stored factors (see tracin_index.factors) + "squared_norms"
+  shards/ckpt-000/shard-00000.h5    the rows' stored factors (tracin_index.storage.plans, .encoding) + "squared_norms"
 ```
 
 Every file is written under a temporary name and renamed when complete, and the manifest is
@@ -28,8 +28,8 @@ from typing import Any, Iterator, Mapping
 import h5py
 import numpy as np
 
-from . import files
-from .errors import InputError
+from .. import files
+from ..errors import InputError
 
 FORMAT = "tracin-index"
 FORMAT_VERSION = 3
@@ -130,8 +130,9 @@ def exclusive_lock(directory: Path) -> Iterator[None]:
 
 
 @dataclass(frozen=True)
-class ShardTask:
-    """One independent unit of a build: one checkpoint, one range of training rows."""
+class ShardFile:
+    """One shard file of an index: one checkpoint's stored factors of one range of stored rows (the unit
+    a build computes independently, :class:`~tracin_index.build.task.BuildTask`)."""
 
     checkpoint: int
     shard: int
@@ -143,12 +144,13 @@ class ShardTask:
         return f"shards/ckpt-{self.checkpoint:03d}/shard-{self.shard:05d}.h5"
 
 
-def plan_shards(num_rows: int, shard_size: int, num_checkpoints: int) -> list[ShardTask]:
-    """The tasks of a build, checkpoint by checkpoint (a worker loads each checkpoint once)."""
+def plan_shard_files(num_rows: int, shard_size: int, num_checkpoints: int) -> list[ShardFile]:
+    """The shard files of an index, checkpoint by checkpoint (a build computes them in this order, so
+    that a worker loads each checkpoint once)."""
     if shard_size < 1:
         raise InputError(f"shard size must be at least 1, got {shard_size}")
     starts = list(enumerate(range(0, num_rows, shard_size)))
-    return [ShardTask(c, s, start, min(start + shard_size, num_rows)) for c in range(num_checkpoints) for s, start in starts]
+    return [ShardFile(c, s, start, min(start + shard_size, num_rows)) for c in range(num_checkpoints) for s, start in starts]
 
 
 def write_arrays(path: Path, arrays: Mapping[str, np.ndarray], attrs: Mapping[str, Any] | None = None) -> str:
@@ -177,6 +179,16 @@ def read_arrays(path: Path, names: list[str] | None = None) -> dict[str, np.ndar
             return {name: f[name][...] for name in names}
     except (OSError, KeyError) as error:
         raise InputError(f"{path}: unreadable ({error}); run the same `tracin-index build` again to rebuild it") from None
+
+
+def search_ranges(num_triples: int, shards: int) -> list[tuple[int, int]]:
+    """``shards`` contiguous ranges of training triples of (nearly) equal size: the search shards a cluster
+    holds an index in (:mod:`tracin_index.search.shards`), recorded by ``build --index-shards``."""
+    if shards < 1:
+        raise InputError(f"--index-shards must be at least 1, got {shards}")
+    shards = min(shards, max(1, num_triples))
+    bounds = np.linspace(0, num_triples, shards + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 # -- triples --------------------------------------------------------------------------------------
@@ -212,3 +224,8 @@ def read_triples(path: Path) -> tuple[np.ndarray, list[str], list[str], np.ndarr
 
 def bases_path(checkpoint: int) -> str:
     return f"bases/ckpt-{checkpoint:03d}.h5"
+
+
+def fingerprint_ids(hrt: np.ndarray) -> str:
+    """The training triples' ids as the manifest fingerprints them (sha256 of the int64 (n, 3) array)."""
+    return hashlib.sha256(np.ascontiguousarray(hrt, dtype=np.int64).tobytes()).hexdigest()

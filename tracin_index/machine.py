@@ -1,0 +1,22 @@
+"""What this machine offers: memory available to new allocations, and the device to compute on."""
+
+from __future__ import annotations
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux /proc/meminfo), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def default_device() -> str:
+    """``cuda`` where torch sees a GPU, else ``cpu``: the default of every command's ``--device``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,249 @@
+r"""The query engine: exact TracIn proponents and opponents of test triples, from an opened index.
+
+A query computes the test triple's gradient at every checkpoint, scans every training triple's stored
+factors for an estimate of its influence and a certain bound on the estimate's error
+(:mod:`tracin_index.search.scan`), and settles the top k from the bounds, refining and rescoring
+exactly only the candidates the bounds cannot rule out (:mod:`tracin_index.search.settle`). On a
+cluster the scan runs in search shards (:mod:`tracin_index.search.shards`); refining and rescoring
+stay here, so the answers are the same.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import InputError, TracInWarning
+from ..gradients.blocks import PerExampleGradients, cosine, inverse_norms
+from ..gradients.computer import CheckpointGradients, vanished, vanishing_message
+from ..gradients.inputs import LinearInputs
+from ..kg.directions import DEFAULT_DIRECTION, check_direction, training_examples
+from ..results import InfluenceResult, Triple
+from ..storage.arrays import FactorArrays
+from ..storage.plans import batch_norm_scale
+from ..storage.reader import IndexFiles
+from .refine import refinable, refined_estimate
+from .scan import add_checkpoint, add_weighted, checkpoint_weight
+from .settle import best_estimates, counted_result, settle
+from .shards import CandidateStore, ShardedSearch
+
+#: Test triples after which an opened index packs its large stored arrays for fbgemm by default (each
+#: checkpoint's when it has been scanned this often): packing costs seconds that a one-off query never
+#: earns back (``benchmarks/scale.py`` measures both). ``GradientIndex.open(..., pack=True)`` packs at once.
+PACK_AFTER_SCANS = 300
+
+
+@dataclass
+class QueryStats:
+    """What the last query did, per test triple: rows rescored exactly (``rescored``), rows whose bounds
+    were refined first (``refined``), in how many rounds of either (``rounds``)."""
+
+    rescored: list[int]
+    rounds: list[int]
+    refined: list[int] = field(default_factory=list)
+    #: a sharded query's: candidates whose stored factors were fetched from their shards while refining
+    fetched: list[int] = field(default_factory=list)
+
+
+class QueryEngine:
+    """Answers queries on one opened index (``files``). ``load_gradients``: loads the model at every
+    checkpoint when a query first needs it. ``pack_after``: checkpoint scans after which the stored arrays
+    are packed for fbgemm (None: never). ``search``: search shards on a Dask cluster, where the index is
+    held there."""
+
+    def __init__(self, files: IndexFiles, load_gradients: Callable[[], CheckpointGradients], device: str, *,
+                 pack_after: int | None = PACK_AFTER_SCANS, search: ShardedSearch | None = None):  # fmt: skip
+        self.files, self.device, self.pack_after, self.search = files, device, pack_after, search
+        self._load_gradients = load_gradients
+        self._gradients: CheckpointGradients | None = None
+        self._arrays: dict[int, FactorArrays] = {}
+        self._inverse_norms: dict[int, torch.Tensor] = {}  # per checkpoint, for normalized queries
+        self.last_query: QueryStats | None = None
+
+    @property
+    def gradients(self) -> CheckpointGradients:
+        if self._gradients is None:
+            self._gradients = self._load_gradients()
+        return self._gradients
+
+    @property
+    def num_checkpoints(self) -> int:
+        return len(self.files.checkpoints)
+
+    def factor_arrays(self, c: int) -> FactorArrays:
+        """Checkpoint c's stored arrays of every training triple, read once (shards concatenated in row order)."""
+        if c not in self._arrays:
+            self._arrays[c] = self.files.factor_arrays(c).to(self.device)
+            self._arrays[c].pack_after = self.pack_after
+        return self._arrays[c]
+
+    def test_gradients(self, hrt: torch.Tensor, direction: str = DEFAULT_DIRECTION) -> list[PerExampleGradients]:
+        """The test triples' gradients at every checkpoint, of the prediction ``direction`` ("tail",
+        "head" or "both"; see :mod:`tracin_index.kg.directions`)."""
+        hrt = torch.as_tensor(hrt, dtype=torch.long).view(-1, 3).to(self.device)
+        return [self.gradients.computer(c).compute(hrt, direction) for c in range(self.num_checkpoints)]
+
+    def _inverse_norms_at(self, c: int) -> torch.Tensor:
+        if c not in self._inverse_norms:
+            self._inverse_norms[c] = inverse_norms(torch.from_numpy(self.files.squared_norms()[c])).to(self.device)
+        return self._inverse_norms[c]
+
+    def estimates(self, test: list[PerExampleGradients], t: int = 0, normalize: bool = False, rows: np.ndarray | None = None,
+                  store: CandidateStore | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Estimated influence of every training triple on test triple ``t`` and the bound on its error,
+        (N,) float64 each (a triple's stored rows, its examples, summed). ``normalize``: of the cosine
+        form. ``rows``: only these training triples, refined (their Linear inputs recomputed,
+        :func:`~tracin_index.search.refine.refined_estimate`), from ``store`` where a sharded query holds
+        their factors."""
+        files = self.files
+        n = files.num_triples if rows is None else len(rows)
+        value = torch.zeros(n, dtype=torch.float64, device=self.device)
+        error = torch.zeros(n, dtype=torch.float64, device=self.device)
+        if rows is not None:
+            if not refinable(files.plans):
+                raise ValueError("this index's blocks cannot be refined (no sketched Linear input side)")
+            rows_t = torch.as_tensor(rows, dtype=torch.long)
+            examples = training_examples(torch.as_tensor(files.hrt[rows], dtype=torch.long), files.inverse_triples)
+            stored_rows = (rows_t[:, None] * files.per_triple + torch.arange(files.per_triple)).reshape(-1)
+        for c in range(self.num_checkpoints):
+            query = test[c].index(slice(t, t + 1))
+            norms = None
+            if normalize:
+                norms = self._inverse_norms_at(c) if rows is None else self._inverse_norms_at(c)[rows_t.to(self.device)]
+            weight = checkpoint_weight(files.checkpoints[c].learning_rate, query, norms)
+            modules = self.gradients.modules(c)
+            if rows is None:
+                add_checkpoint(value, error, files.plans, self.factor_arrays(c), query, modules, weight, files.per_triple)
+            else:
+                inputs = self._linear_inputs(c, examples.to(self.device))
+                arrays, at = (self.factor_arrays(c), stored_rows) if store is None else store.rows(c, stored_rows)
+                part = refined_estimate(files.plans, arrays, query, modules, at, inputs)
+                add_weighted(value, error, part, weight, files.per_triple)
+        return value.cpu(), error.cpu()
+
+    def _linear_inputs(self, c: int, examples: torch.Tensor) -> dict[str, LinearInputs]:
+        """The factored blocks' Linear inputs for training ``examples`` at checkpoint c, from a forward
+        pass that stops there."""
+        modules = self.gradients.modules(c)
+        wanted = {p.name: modules[p.name] for p in self.files.plans if p.kind == "factored"}
+        return self.gradients.computer(c).linear_inputs(wanted, examples)
+
+    def exact_scores(self, test: list[PerExampleGradients], rows: np.ndarray, batch_size: int = 256,
+                     normalize: bool = False) -> torch.Tensor:  # fmt: skip
+        """Exact TracIn of the given training rows on the test triples, (T, len(rows)) float64: their
+        gradients recomputed at every checkpoint (``normalize``: the cosine form)."""
+        train = torch.as_tensor(self.files.hrt[np.asarray(rows, dtype=np.int64)], dtype=torch.long).to(self.device)
+        scores = torch.zeros(len(test[0]), len(train), dtype=torch.float64)
+        for c in range(self.num_checkpoints):
+            lr = self.files.checkpoints[c].learning_rate
+            test_squared = test[c].squared_norms().double().cpu() if normalize else None
+            for start in range(0, len(train), batch_size):
+                g = self.gradients.computer(c).compute(train[start : start + batch_size])
+                dots = test[c].dot(g).double().cpu()
+                if normalize:
+                    dots = cosine(dots, test_squared, g.squared_norms().double().cpu())
+                scores[:, start : start + batch_size] += lr * dots
+        return scores
+
+    def query(self, hrt: torch.Tensor, top_k: int = 10, *, candidates: int | None = None, approximate: bool = False,
+              test_indices: Sequence[int | None] | None = None, direction: str = DEFAULT_DIRECTION,
+              normalize: bool = False) -> list[InfluenceResult]:  # fmt: skip
+        """See :meth:`tracin_index.index.GradientIndex.query`."""
+        files = self.files
+        hrt = torch.as_tensor(hrt, dtype=torch.long).view(-1, 3)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise InputError(f"top-k must be a positive whole number, got {top_k!r}")
+        if candidates is not None and candidates < top_k:
+            raise InputError(f"--candidates {candidates} must be at least --top-k {top_k}")
+        self._check_ids(hrt)
+        check_direction(direction, files.inverse_triples)
+        test = self.test_gradients(hrt, direction)
+        labels = files.row_labels()
+        indices = list(test_indices) if test_indices is not None else [None] * len(hrt)
+        test_norms = sum(g.squared_norms().double().cpu() for g in test)
+        sharded = None
+        if self.search is not None:
+            if approximate or candidates is not None:
+                raise InputError("--approximate and --candidates are not available on an index searched in shards on a "
+                                 "cluster; query it without them (exact), or open it without the cluster")  # fmt: skip
+            # derived sides need their batch norm's scale only: 200 numbers travel, not the module
+            modules = [{p.derived[0]: batch_norm_scale(self.gradients.modules(c)[p.derived[0]]).cpu() for p in files.plans
+                        if p.derived} for c in range(self.num_checkpoints)]  # fmt: skip
+            sharded = self.search.scan(test, modules, top_k, normalize)  # one round trip per shard for all test triples
+        refinable_plans = refinable(files.plans)
+        results, rescored, rounds_of, refined_of, fetched = [], [], [], [], []
+        for t in range(len(hrt)):
+            refined_of.append(0)
+            triple = Triple(*labels.of(hrt[t].tolist()))
+            if bool(vanished(test_norms[t : t + 1])[0]):
+                warnings.warn(vanishing_message(f"({triple.head}, {triple.relation}, {triple.tail})", files.loss)
+                              + "; it has no proponents or opponents", TracInWarning, stacklevel=3)  # fmt: skip
+                results.append(InfluenceResult(indices[t], triple, (), (), 0, 0))
+                rescored.append(0)
+                rounds_of.append(0)
+                continue
+            grads = [g.index(slice(t, t + 1)) for g in test]
+            store, base = None, None
+            if sharded is not None:
+                low, high, base, store = self._merge([per_test[t] for per_test in sharded])
+            else:
+                value, error = self.estimates(test, t, normalize)
+                low, high = value - error, value + error
+                if approximate:
+                    results.append(counted_result(indices[t], triple, value.numpy(), np.arange(files.num_triples), top_k,
+                                                  labels, low, high, exact_rows=None))  # fmt: skip
+                    rescored.append(0)
+                    rounds_of.append(0)
+                    continue
+            if candidates is not None:
+                rows = np.union1d(*best_estimates(value, candidates))
+                exact = self.exact_scores(grads, rows, normalize=normalize)[0].numpy()
+                rounds = 1
+            else:
+                def refine(rows, grads=grads, store=store):
+                    return self.estimates(grads, 0, normalize, rows=rows, store=store)
+
+                def rescore(rows, grads=grads):
+                    return self.exact_scores(grads, rows, normalize=normalize)[0]
+
+                done = settle(low, high, top_k, rescore, refine if refinable_plans else None)
+                rows, exact, rounds, refined_of[-1] = done.rows, done.scores, done.rounds, done.refined
+                if store is not None:
+                    fetched.append(store.fetched)
+            rounds_of.append(rounds)
+            results.append(counted_result(indices[t], triple, exact, rows, top_k, labels, low, high, exact_rows=rows,
+                                          base=base))  # fmt: skip
+            rescored.append(len(rows))
+        self.last_query = QueryStats(rescored, rounds_of, refined_of, fetched)
+        return results
+
+    def _merge(self, parts) -> tuple[torch.Tensor, torch.Tensor, dict, CandidateStore]:
+        """One test triple's candidates from every search shard: bounds over all training triples (0 and 0
+        where a shard ruled a row out: it can then enter neither list, and no k-th lower bound rises
+        above 0 through it), the candidates' stored factors for refining, and the shards' sign counts
+        (``base``, for :func:`~tracin_index.search.settle.counted_result`)."""
+        rows = np.concatenate([p.rows for p in parts])
+        low = torch.zeros(self.files.num_triples, dtype=torch.float64)
+        high = torch.zeros(self.files.num_triples, dtype=torch.float64)
+        scan_low, scan_high = np.concatenate([p.low for p in parts]), np.concatenate([p.high for p in parts])
+        low[torch.as_tensor(rows, dtype=torch.long)] = torch.from_numpy(scan_low)
+        high[torch.as_tensor(rows, dtype=torch.long)] = torch.from_numpy(scan_high)
+        stores = [{key: torch.from_numpy(np.concatenate([p.stored[c][key] for p in parts])) for key in parts[0].stored[c]}
+                  for c in range(self.num_checkpoints)]  # fmt: skip
+        shipped = np.concatenate([p.shipped for p in parts])
+        store = CandidateStore(shipped, stores, self.files.per_triple, self.search.fetch, self.device)
+        base = {"positive": sum(p.positive for p in parts), "negative": sum(p.negative for p in parts),
+                "open_signs": sum(p.open_signs for p in parts), "rows": rows, "low": scan_low, "high": scan_high}  # fmt: skip
+        return low, high, base, store
+
+    def _check_ids(self, hrt: torch.Tensor) -> None:
+        for column, (name, size) in enumerate((("head", len(self.files.entity_labels)),
+                                               ("relation", len(self.files.relation_labels)),
+                                               ("tail", len(self.files.entity_labels)))):  # fmt: skip
+            bad = hrt[:, column][(hrt[:, column] < 0) | (hrt[:, column] >= size)]
+            if len(bad):
+                raise InputError(f"{name} id {int(bad[0])} out of range; valid ids are 0..{size - 1}")

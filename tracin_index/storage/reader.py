@@ -1,0 +1,293 @@
+r"""An index directory opened for reading, checked against the digests its manifest records.
+
+:class:`IndexFiles` holds what a query reads once: the manifest, the training triples' ids and labels,
+the (head, relation) groups, the block plans and the recorded checkpoints. It loads a checkpoint's
+stored arrays (:func:`load_factor_arrays`), the exact squared norms (:func:`read_squared_norms`), and
+the model the index was built from (:func:`recorded_run`): its plain-torch replica where the build
+recorded one, else through PyKEEN, and a pickled one only with the caller's permission (an index
+directory may come from someone else: nothing in it grants that). ``verify`` checks every file and
+every input against the manifest and loads no model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+import torch
+
+from ..errors import InputError, TracInError
+from ..gradients.selection import ParameterSelection, recorded_selection
+from ..kg.checkpoints import Checkpoint, load_state_dict_into, read_state_dict
+from ..kg.replicas import build_replica
+from ..kg.triples import IdMaps
+from .arrays import FactorArrays
+from .layout import TRIPLES, bases_path, fingerprint_ids, read_arrays, read_manifest, read_triples, resolve_path, sha256_file
+from .plans import BlockPlan, sketched_sides
+from .sketch import Basis, dequantize, read_quantized_bases
+
+
+class IndexFiles:
+    """A complete index directory, opened: see the module docstring. Make one with :meth:`open`."""
+
+    def __init__(self, directory: Path, manifest: dict, hrt: np.ndarray, entity_labels: list[str],
+                 relation_labels: list[str], groups: np.ndarray | None):  # fmt: skip
+        self.directory = directory
+        self.manifest = manifest
+        self.hrt = hrt
+        self.entity_labels = entity_labels
+        self.relation_labels = relation_labels
+        self.groups = groups
+        self.loss: str = manifest["settings"]["loss"]
+        #: stored rows (examples) per training triple: 2 (adjacent) for a model trained with inverse triples
+        self.per_triple = int(manifest.get("examples_per_triple", 1))
+        self.plans = [BlockPlan.from_json(p) for p in manifest["plans"]]
+        self.checkpoints = recorded_checkpoints(manifest, directory)
+
+    @classmethod
+    def open(cls, path) -> "IndexFiles":
+        """Open the index directory ``path``; refuses one whose build did not finish, or whose triples file
+        does not match its digest."""
+        directory = Path(path)
+        manifest = read_manifest(directory)
+        if not manifest.get("complete"):
+            raise InputError(f"{directory}: the build did not finish; run the same `tracin-index build` again to resume it")
+        triples = directory / TRIPLES
+        check_file(triples, manifest["files"].get(TRIPLES), "triples file")
+        return cls(directory, manifest, *read_triples(triples))
+
+    @property
+    def num_triples(self) -> int:
+        return len(self.hrt)
+
+    @property
+    def inverse_triples(self) -> bool:
+        """Whether the model was trained with inverse triples (each training triple is two examples)."""
+        return self.per_triple == 2
+
+    def id_maps(self) -> IdMaps:
+        """The label maps the index was built with (from its triples file)."""
+        return IdMaps(entity_to_id={label: i for i, label in enumerate(self.entity_labels)},
+                      relation_to_id={label: i for i, label in enumerate(self.relation_labels)})  # fmt: skip
+
+    def row_labels(self) -> "RowLabels":
+        return RowLabels(self.hrt, self.entity_labels, self.relation_labels)
+
+    def load_run(self, allow_pickle: bool):
+        """The model the index was built from (:func:`recorded_run`), refused if its files or the checkpoints
+        changed since the build (naming the file)."""
+        inputs = self.manifest["inputs"]
+        source = resolve_path(inputs["model"]["source"], self.directory)
+        for name, digest in inputs["model"]["files"].items():
+            check_file(source / name if source.is_dir() else source, digest, "model file")
+        for record, checkpoint in zip(inputs["checkpoints"], self.checkpoints):
+            if checkpoint.path is not None:
+                check_file(checkpoint.path, record["sha256"], "checkpoint")
+        return recorded_run(self.manifest, self.directory, allow_pickle)
+
+    def selection_of(self, model: torch.nn.Module) -> ParameterSelection:
+        """The parameter selection the index was built with, found again in ``model`` (refused where it
+        selects other parameters)."""
+        selection = recorded_selection(model, self.manifest["settings"])
+        if selection.parameter_names != self.manifest["selection"]["parameters"]:
+            raise InputError(f"{self.directory}: the model's selected parameters differ from the index's; rebuild the index")
+        return selection
+
+    def factor_arrays(self, c: int, triples: tuple[int, int] | None = None) -> FactorArrays:
+        """Checkpoint c's stored arrays (of the training triples ``triples`` = [start, stop), all by default)."""
+        return load_factor_arrays(self.directory, self.manifest, self.plans, c, self.groups, triples)
+
+    def squared_norms(self, triples: tuple[int, int] | None = None) -> np.ndarray:
+        """||g(z; theta_c)||^2 per checkpoint and training triple, (C, N) float64 (exact, stored at build time)."""
+        return read_squared_norms(self.directory, self.manifest, triples)
+
+    def self_influences(self) -> np.ndarray:
+        """sum_c lr_c ||g(z; theta_c)||^2 for every training triple (exact: stored at build time)."""
+        rates = np.array([c.learning_rate for c in self.checkpoints], dtype=np.float64)
+        return rates @ self.squared_norms()
+
+    def verify(self) -> list[str]:
+        """Problems found: any file of the index missing or not matching its sha256 in the manifest, and
+        any input it was built from (model, checkpoints, training triples) missing or changed since."""
+        return verify_directory(self.directory, self.manifest) + verify_inputs(self.directory, self.manifest)
+
+
+@dataclass
+class ReplicaRun:
+    """What a query needs of a run directory: the model (here a replica, see :mod:`tracin_index.kg.replicas`)."""
+
+    model: torch.nn.Module
+
+
+def recorded_checkpoints(manifest: dict, directory: Path) -> list[Checkpoint]:
+    """The checkpoints an index was built from, as its manifest records them (paths relative to it)."""
+    return [Checkpoint(path=None if r["path"] is None else resolve_path(r["path"], directory), epoch=r["epoch"],
+                       learning_rate=r["learning_rate"])
+            for r in manifest["inputs"]["checkpoints"]]  # fmt: skip
+
+
+def recorded_run(manifest: dict, directory: Path, allow_pickle: bool):
+    """The model an index was built from (``.model``): its plain-torch replica where the build recorded
+    one, else loaded through PyKEEN; a pickled one only with ``allow_pickle``, which comes from the
+    caller (the command line), never from the index directory."""
+    inputs = manifest["inputs"]
+    source = resolve_path(inputs["model"]["source"], directory)
+    spec = manifest.get("replica")
+    if spec is not None and not inputs["model"]["pickled"] and source.is_dir():
+        return _replica_run(spec, source, has_checkpoints=any(r["path"] for r in inputs["checkpoints"]))
+    from ..kg.runs import load_model  # PyKEEN: seconds to import
+
+    return load_model(source, allow_pickle=allow_pickle)
+
+
+def _replica_run(spec: dict, source: Path, has_checkpoints: bool) -> ReplicaRun:
+    """The run directory's model as a plain-torch replica (no PyKEEN import): the build checked that it agrees."""
+    model = build_replica(spec)
+    weights = source / "model.pt"
+    if weights.is_file():
+        load_state_dict_into(model, read_state_dict(weights), str(weights))
+    elif not has_checkpoints:
+        raise InputError(f"{weights}: missing, and the index has no checkpoints to load weights from")
+    return ReplicaRun(model.eval())
+
+
+def read_squared_norms(directory: Path, manifest: dict, facts: tuple[int, int] | None = None) -> np.ndarray:
+    """||g(z; theta_c)||^2 per checkpoint and training triple of ``facts`` = [start, stop) (all by
+    default), (C, stop - start) float64, from the shard files."""
+    per_fact = int(manifest.get("examples_per_triple", 1))
+    start, stop = (0, int(manifest["num_rows"]) // per_fact) if facts is None else facts
+    norms = np.zeros((len(manifest["inputs"]["checkpoints"]), stop - start), dtype=np.float64)
+    for shard in manifest["shards"]:
+        a, b = shard["row_start"] // per_fact, shard["row_stop"] // per_fact
+        lo, hi = max(a, start), min(b, stop)
+        if lo < hi:
+            values = read_arrays(directory / shard["file"], ["squared_norms"])["squared_norms"]
+            norms[shard["checkpoint"], lo - start : hi - start] = values[lo - a : hi - a]
+    return norms
+
+
+def load_factor_arrays(directory: Path, manifest: dict, plans: list[BlockPlan], c: int, groups: np.ndarray | None,
+                facts: tuple[int, int] | None = None) -> FactorArrays:  # fmt: skip
+    """Checkpoint c's stored factors of the training triples ``facts`` = [start, stop) (all by default),
+    from the shard files (their rows in row order). Grouped sides keep the groups those rows use,
+    renumbered from 0 in group order."""
+    per_fact = int(manifest.get("examples_per_triple", 1))
+    start, stop = (0, int(manifest["num_rows"])) if facts is None else (facts[0] * per_fact, facts[1] * per_fact)
+    shards = sorted((s for s in manifest["shards"] if s["checkpoint"] == c), key=lambda s: s["row_start"])
+    grouped_keys = {f"{p.name}/in/" for p in plans if p.grouped}
+    rows: dict[str, list[np.ndarray]] = {}
+    per_group: dict[str, list[np.ndarray]] = {}
+    for shard in shards:
+        overlaps = shard["row_start"] < stop and shard["row_stop"] > start
+        if not overlaps and not grouped_keys:
+            continue
+        path = directory / shard["file"]
+        names = None
+        if not overlaps:  # an earlier file may hold the groups these rows use
+            with h5py.File(path, "r") as f:
+                names = []
+                f.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) and any(
+                    name.startswith(g) for g in grouped_keys) else None)  # fmt: skip
+        arrays = read_arrays(path, names)
+        lo, hi = max(start, shard["row_start"]) - shard["row_start"], min(stop, shard["row_stop"]) - shard["row_start"]
+        for key, value in arrays.items():
+            if key == "squared_norms":
+                continue
+            if any(key.startswith(g) for g in grouped_keys):
+                per_group.setdefault(key, []).append(value)
+            elif overlaps:
+                rows.setdefault(key, []).append(value[lo:hi])
+    arrays = {key: torch.from_numpy(np.concatenate(parts)) for key, parts in rows.items()}
+    stored_groups = {}
+    if grouped_keys:
+        mine = groups[start:stop]
+        used, local = np.unique(mine, return_inverse=True) if facts is not None else (None, mine)
+        for key, parts in per_group.items():
+            whole = np.concatenate(parts)
+            arrays[key] = torch.from_numpy(whole if used is None else whole[used])
+        stored_groups = {p.name: torch.as_tensor(local) for p in plans if p.grouped}
+    for key in arrays:  # the per-row numbers of the bounds in float64 once, not at every query
+        if key.endswith(("/scale", "/norm", "/rho")):
+            arrays[key] = arrays[key].double()
+    bases, sketched = {}, sketched_sides(plans)
+    if sketched:
+        name = bases_path(c)
+        check_file(directory / name, manifest["files"].get(name), "principal directions file")
+        quantized = read_quantized_bases(read_arrays(directory / name), sketched)
+        bases = {key: Basis.from_matrix(dequantize(*q), quantized=q) for key, q in quantized.items()}
+    for p in plans:
+        if p.grouped and facts is None and len(arrays[f"{p.name}/in/values"]) != manifest["num_groups"]:
+            raise InputError(f"{directory}: the shards of checkpoint {c + 1} do not hold every "
+                             "(head, relation) group; rebuild the index")  # fmt: skip
+    return FactorArrays(arrays, bases, stored_groups, stop - start)
+
+
+def verify_directory(directory: Path, manifest: dict) -> list[str]:
+    """Every file the manifest records (triples, bases, shards), checked against its sha256."""
+    problems = []
+    recorded = [(name, digest) for name, digest in manifest["files"].items()]
+    recorded += [(s["file"], s["sha256"]) for s in manifest["shards"]]
+    for name, digest in recorded:
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{path}: checksum does not match the manifest (corrupted or replaced)")
+    return problems
+
+
+def verify_inputs(directory: Path, manifest: dict) -> list[str]:
+    """What the index was built from, checked as a query checks it (the model's files and the checkpoints,
+    by sha256) and the training triples (their ids, by the fingerprint the build recorded), loading no
+    model: one line per input that is missing or changed, saying what to do."""
+    inputs = manifest["inputs"]
+    source = resolve_path(inputs["model"]["source"], directory).resolve()  # resolved: messages name the file plainly
+    recorded = [(source / name if source.is_dir() else source, digest, "model file")
+                for name, digest in inputs["model"]["files"].items()]  # fmt: skip
+    recorded += [(resolve_path(r["path"], directory).resolve(), r["sha256"], "checkpoint") for r in inputs["checkpoints"] if r["path"]]
+    problems = [problem for path, digest, what in recorded if (problem := _file_problem(path, digest, what))]
+    training = resolve_path(inputs["training"]["source"], directory).resolve()
+    if not training.is_file():
+        problems.append(f"{training}: training triples recorded in the index are missing; put them back (or rebuild the index)")
+    else:
+        _, entities, relations, _ = read_triples(directory / TRIPLES)
+        maps = IdMaps({label: i for i, label in enumerate(entities)}, {label: i for i, label in enumerate(relations)})
+        try:
+            same = fingerprint_ids(maps.read_ids(training).numpy()) == inputs["training"]["fingerprint"]
+        except TracInError:
+            same = False
+        if not same:
+            problems.append(f"{training}: training triples changed since the index was built; rebuild the index "
+                            "(or restore the file)")  # fmt: skip
+    return problems
+
+
+def _file_problem(path: Path, digest: str | None, what: str) -> str | None:
+    if not path.is_file():
+        return f"{path}: {what} recorded in the index is missing; rebuild the index (or put it back)"
+    if digest is not None and sha256_file(path) != digest:
+        return f"{path}: {what} changed since the index was built (sha256 differs); rebuild the index (or restore the file)"
+    return None
+
+
+def check_file(path: Path, digest: str | None, what: str) -> None:
+    problem = _file_problem(path, digest, what)
+    if problem is not None:
+        raise InputError(problem)
+
+
+class RowLabels:
+    """Labels of training rows, computed on access (an index may have millions of rows)."""
+
+    def __init__(self, hrt: np.ndarray, entities: list[str], relations: list[str]):
+        self.hrt, self.entities, self.relations = hrt, entities, relations
+
+    def of(self, ids: Sequence[int]) -> tuple[str, str, str]:
+        h, r, t = ids
+        return self.entities[h], self.relations[r], self.entities[t]
+
+    def __getitem__(self, row: int) -> tuple[str, str, str]:
+        return self.of(self.hrt[row])

@@ -40,7 +40,7 @@ class FactoredBlock:
         return (aa * dd).sum(dim=(2, 3))
 
     def squared_norms(self) -> torch.Tensor:
-        if self.a.shape[1] == 1:  # vector_norm: one pass, no temporary (3x faster than pow().sum() on 10,369 columns)
+        if self.a.shape[1] == 1:  # vector_norm: one pass, no temporary (pow().sum() makes one)
             return torch.linalg.vector_norm(self.a[:, 0], dim=-1).pow(2) * torch.linalg.vector_norm(self.delta[:, 0], dim=-1).pow(2)
         aa = torch.einsum("blm,bqm->blq", self.a, self.a)
         dd = torch.einsum("bln,bqn->blq", self.delta, self.delta)

@@ -1,6 +1,6 @@
 """Plain-torch twins of some PyKEEN models, so that a query need not import PyKEEN.
 
-Importing PyKEEN takes 2-3 s (it pulls in scikit-learn and SciPy), more than a whole query of a
+Importing PyKEEN takes seconds (it pulls in scikit-learn and SciPy), more than a whole query of a
 small index. A replica has the PyKEEN model's module and parameter names (its state dicts and
 checkpoints load as they are) and computes ``score_hrt`` and ``score_t`` the same way. It is used
 only where the build checked it against the PyKEEN model itself: the same scores and the same

@@ -261,7 +261,7 @@ class IdMaps:
         ids = np.empty((len(triples), 3), dtype=np.int64)
         for column in range(3):
             mapping = self._mapping(column)
-            # One dict lookup per label: about 0.1 s per million labels, no sorting.
+            # One dict lookup per label, no sorting.
             ids[:, column] = [mapping.get(label, -1) for label in triples.labels[:, column].tolist()]
         unknown = np.argwhere(ids < 0)  # row-major: the first offending row, then its first column
         if len(unknown):

@@ -44,7 +44,7 @@ class ShardCandidates:
     low: np.ndarray  # their bounds from the scan
     high: np.ndarray
     shipped: np.ndarray  # the candidates whose stored factors come along, sorted
-    stored: list[dict[str, np.ndarray]]  # per checkpoint: their per-row stored arrays (example rows; numpy pickles 10x faster)
+    stored: list[dict[str, np.ndarray]]  # per checkpoint: their per-row stored arrays (example rows; numpy arrays pickle faster than tensors)
     positive: int  # over all of the shard's triples, from the scan: estimates > 0, < 0, signs left open
     negative: int
     open_signs: int
@@ -172,8 +172,7 @@ class ShardedSearch:
 
     def scan(self, tests: list[PerExampleGradients], modules: list[dict], k: int, normalize: bool) -> list[list[ShardCandidates]]:
         """Every shard's candidates for every test triple: one task per shard (on the worker that holds it)."""
-        # pickled once here (Dask would pickle the arguments again for every task: 3 ms each for ConvE's
-        # 150 KB); bytes travel as they are, and the client trusts its own workers with pickles anyway
+        # pickled once here (Dask would pickle the arguments again for every task); bytes travel as they are, and the client trusts its own workers with pickles anyway
         query = pickle.dumps(([_on_cpu(g) for g in tests], modules), protocol=pickle.HIGHEST_PROTOCOL)
         futures = [self.client.submit(_scan, shard, query, k, normalize, self.ship, self.threads, pure=False)
                    for shard in self.shards]  # fmt: skip

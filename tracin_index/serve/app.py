@@ -101,7 +101,7 @@ def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int
                   description="Exact TracIn proponents and opponents of knowledge-graph predictions, from an index.")  # fmt: skip
     # every index call on one thread: queries run one at a time (the index's model and caches are not
     # thread-safe), and their memory comes from one malloc arena (spread over the request threads, the
-    # server's resident memory grew 176 MB in the first 60 s of the load test)
+    # server's resident memory grows with every arena: benchmarks/serve_load.py records it)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracin-index")
 
     async def on_worker(fn, *args):

@@ -22,7 +22,7 @@ from .sketch import Basis
 #: float16 GEMM once its checkpoint has been scanned ``pack_after`` times (packing costs more than a
 #: one-off query saves). The packed copy is held besides the stored arrays (candidates' rows are gathered
 #: from those), its rows padded to a multiple of PACK_PAD numbers by fbgemm: narrow arrays stay unpacked
-#: (a 200-wide row would take 2.6 times its bytes packed).
+#: (a row much narrower than PACK_PAD would take several times its bytes packed).
 PACK_MIN_ROWS = 4096
 PACK_MIN_WIDTH = 128
 PACK_PAD = 512

@@ -69,8 +69,8 @@ def resolve_path(recorded: str, directory: Path) -> Path:
 
 def write_manifest(directory: Path, manifest: dict[str, Any], *, durable: bool = True) -> None:
     """The manifest, written atomically (a killed process leaves the old one or the new one whole);
-    ``durable``: fsynced too, so that it survives a crash of the machine (15 ms each here: the build
-    asks for it at checkpoint boundaries, not after every shard)."""
+    ``durable``: fsynced too, so that it survives a crash of the machine (an fsync is slow: the build
+    asks for it at checkpoint boundaries, not after every shard file)."""
     files.write_json_atomic(directory / MANIFEST, manifest, fsync=durable)
 
 

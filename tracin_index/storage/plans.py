@@ -43,7 +43,8 @@ MAX_EXACT_SIDE = 512
 MAX_EXACT_DENSE = 1024
 
 
-#: Default number of principal directions of a sketched side (UMLS ConvE: 0.977 of the inputs' energy).
+#: Default number of principal directions of a sketched side (the build widens it where the sampled
+#: inputs are far from low-rank: :mod:`tracin_index.build.plan`).
 DEFAULT_SKETCH_DIM = 128
 
 

@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+#: where results files go: benchmarks/results/, or TRACIN_BENCH_RESULTS (smoke runs write elsewhere)
+RESULTS = Path(os.environ.get("TRACIN_BENCH_RESULTS") or REPO / "benchmarks" / "results")
 SUMMARY = RESULTS / "summary.json"
 
 __all__ = [

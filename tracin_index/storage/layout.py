@@ -4,7 +4,7 @@
 idx/
   manifest.json                     inputs (paths relative to idx/), settings, block plans, every file's sha256
   triples.h5                        "hrt" ids per training row, entity and relation labels, (head, relation) group ids
-  bases/ckpt-000.h5                 principal directions (float16) of each sketched side, per checkpoint
+  bases/ckpt-000.h5                 principal directions of each sketched side (int8, a float32 scale per direction), per checkpoint
   shards/ckpt-000/shard-00000.h5    the rows' stored factors (tracin_index.storage.plans, .encoding) + "squared_norms"
 ```
 

@@ -29,8 +29,21 @@ from ..gradients.computer import CheckpointGradients, GradientComputer
 from ..kg.directions import examples_per_fact, uses_inverse_triples
 from ..kg.replicas import build_replica, replica_agrees, replica_spec
 from ..machine import default_device
-from ..storage.layout import (FORMAT, FORMAT_VERSION, MANIFEST, TRIPLES, ShardFile, bases_path, exclusive_lock,
-                              plan_shard_files, read_manifest, search_ranges, sha256_file, write_manifest, write_triples)  # fmt: skip
+from ..storage.layout import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    TRIPLES,
+    ShardFile,
+    bases_path,
+    exclusive_lock,
+    plan_shard_files,
+    read_manifest,
+    search_ranges,
+    sha256_file,
+    write_manifest,
+    write_triples,
+)
 from ..storage.plans import BlockPlan
 from ..version import __version__
 from .bases import CheckpointBases

@@ -26,7 +26,17 @@ from ..gradients.computer import CheckpointGradients, not_finite_message
 from ..gradients.selection import recorded_selection
 from ..kg.directions import training_examples
 from ..storage.encoding import encode
-from ..storage.layout import MANIFEST, TRIPLES, ShardFile, bases_path, read_arrays, read_manifest, read_triples, sha256_file, write_arrays
+from ..storage.layout import (
+    MANIFEST,
+    TRIPLES,
+    ShardFile,
+    bases_path,
+    read_arrays,
+    read_manifest,
+    read_triples,
+    sha256_file,
+    write_arrays,
+)
 from ..storage.plans import BlockPlan, sketched_sides
 from ..storage.reader import recorded_checkpoints, recorded_run
 from ..storage.sketch import Basis, read_bases

@@ -71,14 +71,26 @@ RUNS = {
 CONVE = ("umls-conve", "kinships-conve")
 
 
-def ensure_run(work: Path, name: str) -> Path:
-    out = work / "runs" / name
+def run_spec(name: str, epochs: int | None = None, checkpoint_every: int | None = None) -> tuple[str, dict]:
+    """(the name the run is cached under, its ``train_run`` settings): the setting's ``RUNS`` entry with
+    ``--epochs`` / ``--checkpoint-every`` overrides (smoke runs), cached apart from the reported run."""
+    spec = dict(RUNS[name])
+    if epochs is None and checkpoint_every is None:
+        return name, spec
+    spec["epochs"] = spec["epochs"] if epochs is None else epochs
+    spec["checkpoint_every"] = spec["checkpoint_every"] if checkpoint_every is None else checkpoint_every
+    return f"{name}-e{spec['epochs']}-c{spec['checkpoint_every']}", spec
+
+
+def ensure_run(work: Path, name: str, epochs: int | None = None, checkpoint_every: int | None = None) -> Path:
+    key, spec = run_spec(name, epochs, checkpoint_every)
+    out = work / "runs" / key
     if not (out / "model.pt").is_file():
         if out.exists():
             shutil.rmtree(out)
         start = time.perf_counter()
-        train_run(out, progress=False, **RUNS[name])
-        print(f"{name}: trained in {time.perf_counter() - start:.0f} s", flush=True)
+        train_run(out, progress=False, **spec)
+        print(f"{key}: trained in {time.perf_counter() - start:.0f} s", flush=True)
     return out
 
 
@@ -169,10 +181,12 @@ def measure(index: GradientIndex, test: torch.Tensor, exact: np.ndarray) -> dict
     return row
 
 
-def load_setting(work: Path, name: str, num_test: int, seed: int):
+def load_setting(work: Path, name: str, num_test: int, seed: int, epochs: int | None = None,
+                 checkpoint_every: int | None = None):  # fmt: skip
     """(run directory, loaded run, training ids, test ids, test rows): the setting's run (trained if
-    missing) and a seeded sample of ``num_test`` of its test triples, the same in every benchmark."""
-    run_dir = ensure_run(work, name)
+    missing; ``epochs`` / ``checkpoint_every`` override its training, see :func:`run_spec`) and a seeded
+    sample of ``num_test`` of its test triples, the same in every benchmark."""
+    run_dir = ensure_run(work, name, epochs, checkpoint_every)
     run = load_model(run_dir)
     train = run.id_maps.to_ids(read_labeled_triples(run.training_path))
     test_all = run.id_maps.to_ids(read_labeled_triples(run.test_path))
@@ -180,9 +194,10 @@ def load_setting(work: Path, name: str, num_test: int, seed: int):
     return run_dir, run, train, test_all[torch.as_tensor(picks)], picks
 
 
-def run_setting(work: Path, name: str, dims: list[int], num_test: int, seed: int) -> dict:
-    run_dir, run, train, test, _ = load_setting(work, name, num_test, seed)
-    exact, exact_s = exact_scores(work, name, run_dir, test, train)
+def run_setting(work: Path, name: str, dims: list[int], num_test: int, seed: int, epochs: int | None = None,
+                checkpoint_every: int | None = None) -> dict:  # fmt: skip
+    run_dir, run, train, test, _ = load_setting(work, name, num_test, seed, epochs, checkpoint_every)
+    exact, exact_s = exact_scores(work, run_dir.name, run_dir, test, train)  # cached per run (overrides apart)
     entry = {"training_triples": len(train), "checkpoints": len(run.checkpoints), "test_triples": len(test),
              "exact_analyzer_seconds": exact_s, "indexes": {}}  # fmt: skip
     for dim in ([None] + dims) if name in CONVE else [None]:  # None: the default (the build chooses 128 or 256)
@@ -216,16 +231,19 @@ def main() -> None:
     parser.add_argument("--num-test", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=None, help="override every setting's training epochs (smoke runs)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="override every setting's checkpoint interval")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     machine = machine_info()
-    settings = {name: run_setting(args.work, name, args.dims, args.num_test, args.seed) for name in args.settings}
+    settings = {name: run_setting(args.work, name, args.dims, args.num_test, args.seed, args.epochs, args.checkpoint_every)
+                for name in args.settings}  # fmt: skip
     results = {
         "machine": machine,
         "versions": versions(),
         "command": command_line(),
-        "settings": {name: RUNS[name] for name in args.settings},
+        "settings": {name: run_spec(name, args.epochs, args.checkpoint_every)[1] for name in args.settings},
         "results": settings,
         "total_runtime_s": time.perf_counter() - started,
     }

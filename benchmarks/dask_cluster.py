@@ -162,7 +162,7 @@ def main() -> None:
         sharded = GradientIndex.open(dask_dir, device="cpu", dask=client, pack=True)
         place_s = time.perf_counter() - t0
         sharded_p50, sharded_times = query_p50(sharded, test, args.queries)
-        print(f"query p50: one index {local_p50:.1f} ms, {len(sharded._search.shards)} search shards on the cluster "
+        print(f"query p50: one index {local_p50:.1f} ms, {len(sharded.engine.search.shards)} search shards on the cluster "
               f"{sharded_p50:.1f} ms (placing them took {place_s:.1f} s)", flush=True)  # fmt: skip
     finally:
         runner.close()
@@ -180,7 +180,7 @@ def main() -> None:
         "query_p50_ms_one_index": local_p50,
         "query_p50_ms_search_shards": sharded_p50,
         "sharded_query_overhead_ms": sharded_p50 - local_p50,
-        "search_shards": len(sharded._search.shards),
+        "search_shards": len(sharded.engine.search.shards),
         "search_shards_place_s": place_s,
         "query_times_ms_one_index": local_times,
         "query_times_ms_search_shards": sharded_times,

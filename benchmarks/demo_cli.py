@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quiet-cores", type=float, default=0.3)
     parser.add_argument("--max-wait", type=float, default=30.0)
+    parser.add_argument("--epochs", type=int, default=None, help="passed to `tracin-index demo` (smoke runs; default: its own)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="passed to `tracin-index demo` (smoke runs)")
     args = parser.parse_args()
     demo = args.work / "demo"
     if demo.exists():
@@ -49,7 +51,9 @@ def main() -> None:
     tool = shutil.which("tracin-index") or "tracin-index"
     guard = QuietGuard(args.quiet_cores, args.max_wait, 0)
     guard.wait()
-    ran = run_measured([tool, "demo", "--out", str(demo)], log_path=args.work / "demo.log")
+    training = [*(["--epochs", str(args.epochs)] if args.epochs is not None else []),
+                *(["--checkpoint-every", str(args.checkpoint_every)] if args.checkpoint_every is not None else [])]
+    ran = run_measured([tool, "demo", "--out", str(demo), *training], log_path=args.work / "demo.log")
     if ran["returncode"] != 0:
         raise SystemExit(f"the demo failed:\n{ran['output_tail']}")
     head, relation, tail = (demo / "run" / "test.tsv").read_text().splitlines()[0].split("\t")

@@ -68,7 +68,7 @@ from tracin_index.gradients.selection import select_parameters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-from common import QuietGuard, cpu_model  # noqa: E402  (benchmarks/ is this script's folder: on sys.path)
+from common import RESULTS, QuietGuard, cpu_model  # noqa: E402  (benchmarks/ is this script's folder: on sys.path)
 
 TARGET_EPOCH_RATIO = 1.5
 TARGET_LOOP_SPEEDUP = 20.0
@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--output", type=Path, default=REPO / "benchmarks" / "results" / "gradient_throughput.json",
-        help="results JSON (default benchmarks/results/gradient_throughput.json)",
+        "--output", type=Path, default=RESULTS / "gradient_throughput.json",
+        help="results JSON (default benchmarks/results/gradient_throughput.json, or under TRACIN_BENCH_RESULTS)",
     )
     parser.add_argument(
         "--max-wait", type=float, default=20.0,

@@ -69,10 +69,13 @@ def main() -> None:
     parser.add_argument("--max-wait", type=float, default=20.0, help="quiet-machine guard: seconds to wait")
     parser.add_argument("--retries", type=int, default=1, help="quiet-machine guard: re-runs of a disturbed run")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tracin-bench")
+    parser.add_argument("--epochs", type=int, default=None, help=f"override {SETTING}'s training epochs (smoke runs)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, help=f"override {SETTING}'s checkpoint interval")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    run_dir, run, train, test, picks = load_setting(args.work, SETTING, args.num_test, args.seed)
+    run_dir, run, train, test, picks = load_setting(args.work, SETTING, args.num_test, args.seed, args.epochs,
+                                                    args.checkpoint_every)  # fmt: skip
 
     analyzers = {
         "last": TracInAnalyzer(run.model, checkpoints=run.checkpoints, use_last_layers_only=True),
@@ -140,7 +143,8 @@ def main() -> None:
         path = RESULTS / "last_vs_all.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
-        plots.append(str(path.relative_to(REPO)))
+        # relative to the repository where it lies there (TRACIN_BENCH_RESULTS may put it elsewhere)
+        plots.append(str(path.resolve().relative_to(REPO)) if path.resolve().is_relative_to(REPO) else str(path))
     except ImportError:
         pass
 

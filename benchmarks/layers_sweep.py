@@ -77,16 +77,22 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tracin-bench")
+    parser.add_argument("--max-wait", type=float, default=20.0, help="quiet-machine guard: seconds to wait")
+    parser.add_argument("--retries", type=int, default=1, help="quiet-machine guard: re-runs of a disturbed run")
+    parser.add_argument("--epochs", type=int, default=None, help=f"override {SETTING}'s training epochs (smoke runs)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, help=f"override {SETTING}'s checkpoint interval")
+    parser.add_argument("--layers", type=int, nargs="+", default=list(LAYERS), help="the N to sweep (all parameters always)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    run_dir, run, train, test, picks = load_setting(args.work, SETTING, args.num_test, args.seed)
-    guard = QuietGuard(max_wait=20.0, retries=1)
+    run_dir, run, train, test, picks = load_setting(args.work, SETTING, args.num_test, args.seed, args.epochs,
+                                                    args.checkpoint_every)  # fmt: skip
+    guard = QuietGuard(max_wait=args.max_wait, retries=args.retries)
 
     rows: dict[str, dict] = {}
     scores: dict[str, np.ndarray] = {}
-    for key in [str(n) for n in LAYERS] + ["all"]:
+    for key in [str(n) for n in args.layers] + ["all"]:
         model = load_model(run_dir).model  # each selection its own copy: requires_grad state is per model
         if key == "all":
             analyzer = TracInAnalyzer(model, checkpoints=run.checkpoints, use_last_layers_only=False)
@@ -135,7 +141,7 @@ def main() -> None:
                    spearman_proponents=signed_spearman(scores[key], reference, +1),
                    spearman_opponents=signed_spearman(scores[key], reference, -1),
                    speed_vs_all=rows["all"]["exact_seconds"] / row["exact_seconds"])  # fmt: skip
-    candidates = [str(n) for n in LAYERS]
+    candidates = [str(n) for n in args.layers]
     best = max(candidates, key=lambda k: ((rows[k]["top10_overlap_proponents"] + rows[k]["top10_overlap_opponents"]) / 2, -int(k)))
     for key, row in rows.items():
         print(f"{key:>3}: overlap {row['top10_overlap_proponents']:.2f} / {row['top10_overlap_opponents']:.2f}, "

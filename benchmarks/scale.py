@@ -57,6 +57,7 @@ os.environ.setdefault("PYSTOW_HOME", os.path.join(tempfile.gettempdir(), "pystow
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402,E501
+    RESULTS,
     QuietGuard,
     command_line,
     machine_info,
@@ -205,7 +206,8 @@ def train_sampled_softmax(data: Path, run: Path, args) -> list[float]:
     return losses
 
 
-def measure_epoch(run: Path, data: Path, batch_size: int, max_rows: int = 100_000) -> dict:
+def measure_epoch(run: Path, data: Path, batch_size: int, max_rows: int = 100_000, quiet_cores: float = 0.3,
+                  max_wait: float = 30.0) -> dict:
     """One sLCWA epoch (Adam, one negative per positive, the training batch size) of the run's model,
     timed on the first ``max_rows`` training triples and scaled to all of them (an epoch's cost is
     linear in its batches): the training's own wall time may include pauses of a shared machine."""
@@ -220,7 +222,7 @@ def measure_epoch(run: Path, data: Path, batch_size: int, max_rows: int = 100_00
     rows = min(len(hrt), max_rows)
     factory = CoreTriplesFactory.create(mapped_triples=hrt[:rows], num_entities=loaded.model.num_entities,
                                         num_relations=loaded.model.num_relations)  # fmt: skip
-    QuietGuard(0.3, 30.0, 0).wait()
+    QuietGuard(quiet_cores, max_wait, 0).wait()
     seconds, _ = time_epoch(loaded.model.train(), factory, batch_size, seed=0)
     return {"seconds": seconds * len(hrt) / rows, "timed_rows": rows, "all_rows": len(hrt),
             "how": f"one sLCWA epoch over the first {rows:,} training triples, times {len(hrt) / rows:g}"}
@@ -373,14 +375,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     results: dict = {}
-    previous = json.loads((Path(__file__).parent / "results" / "scale.json").read_text()).get("results", {}) \
-        if (Path(__file__).parent / "results" / "scale.json").is_file() else {}  # fmt: skip
+    # sizes measured before are kept: the results file's (benchmarks/results/, or TRACIN_BENCH_RESULTS)
+    previous = json.loads((RESULTS / "scale.json").read_text()).get("results", {}) if (RESULTS / "scale.json").is_file() else {}
     for n in args.sizes:
         entities = args.entities or default_entities(n)
         name = _name(n, entities)
         data = ensure_data(args.work, n, entities, args.seed)
         run, training = ensure_model(data, args)
-        epoch = measure_epoch(run, data, training["batch_size"])
+        epoch = measure_epoch(run, data, training["batch_size"], quiet_cores=args.quiet_cores, max_wait=args.max_wait)
         epoch_s = epoch["seconds"]
         print(f"{name}: trained ({training['train_seconds']:.0f} s wall); one epoch {epoch_s:.0f} s", flush=True)
         quality = filtered_mrr(run, args.mrr_test)

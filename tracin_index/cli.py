@@ -6,6 +6,7 @@ message on stderr and exit status 2, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from enum import Enum
@@ -263,18 +264,22 @@ class Selection(str, Enum):
     all = "all"
 
 
-def _progress_bar():
-    """A rich progress display and the callback the library reports to: (what, done, total)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _progress_bar(transient: bool = False):
+    """A rich progress display and the callback the library reports to: (what, done, total); with the rate
+    and the time left. ``transient``: gone when done (tables follow on the terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=console, transient=False)  # fmt: skip
+    rate = TextColumn("{task.fields[rate]}", markup=False)
+    bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                   rate, TimeRemainingColumn(), console=console, transient=transient)  # fmt: skip
     tasks: dict[str, int] = {}
 
     def report(what: str, done: int, total: int) -> None:
         if what not in tasks:
-            tasks[what] = bar.add_task(what, total=total)
+            tasks[what] = bar.add_task(what, total=total, rate="")
         bar.update(tasks[what], completed=done, total=total)
+        speed = bar.tasks[tasks[what]].speed
+        bar.update(tasks[what], rate=f"{speed:,.1f}/s" if speed else "")
 
     return bar, report
 
@@ -310,8 +315,6 @@ def build(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
 ):
     """Build an index of the training triples' gradient factors (resumes an interrupted build)."""
-    import contextlib
-
     from .build.runners import runner_for
     from .build.settings import DEFAULT_SHARD_SIZE, BuildSettings
     from .index import GradientIndex
@@ -365,7 +368,11 @@ def query(
     direction: Direction = typer.Option(Direction.tail, help=_DIRECTION_HELP),
     normalize: bool = typer.Option(False, "--normalize", help=_NORMALIZE_HELP),
     optimizer: Optimizer = typer.Option(Optimizer.sgd, help=_OPTIMIZER_HELP + " The index answers sgd only."),
-    output: Optional[Path] = typer.Option(None, help="Write results as JSON (.json) or TSV (.tsv)."),
+    output: Optional[Path] = typer.Option(None, help="Write results as JSON (.json), TSV (.tsv), or JSON lines "
+                                          "(.jsonl: one line per test triple as each batch completes; the same "
+                                          "command again resumes after the last one written)."),
+    batch_size: int = typer.Option(64, help="Test triples answered per batch (each batch's results are written "
+                                   "before the next one starts, with --output x.jsonl)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda ... [cuda when available]."),
     dask_scheduler: Optional[str] = typer.Option(
         None, help="Hold the index in search shards on a running Dask cluster's workers and query them there "
@@ -377,9 +384,10 @@ def query(
 
     from .index import GradientIndex
     from .kg.triples import read_labeled_triples
-    from .results import render, write_results
+    from .results import JsonlResults, render, write_results
 
     _check_positive("--top-k", top_k)
+    _check_positive("--batch-size", batch_size)
     if candidates is not None:
         _check_positive("--candidates", candidates)
     if approximate and candidates is not None:
@@ -406,8 +414,6 @@ def query(
         test = read_labeled_triples(test_path)
         indices = _checked_indices(list(test_indices) if test_indices else list(range(len(test))), test_path, len(test))
         hrt = maps.to_ids(test)[indices]
-    results = index_.query(hrt, top_k=top_k, candidates=candidates, approximate=approximate, test_indices=indices,
-                           direction=direction.value, normalize=normalize)  # fmt: skip
     config = {
         "command": "query",
         "index": str(index_dir),
@@ -421,7 +427,30 @@ def query(
         "parameters": index_.manifest["selection"],
         "checkpoints": index_.manifest["inputs"]["checkpoints"],
     }
-    if output:
+    streamed = JsonlResults.open(output, config) if output and output.suffix.lower() == ".jsonl" else None
+    labels = index_.files.row_labels()
+    todo = list(range(len(hrt)))
+    if streamed is not None:
+        todo = [i for i in todo if (indices[i], *labels.of(hrt[i].tolist())) not in streamed.done]
+        if len(todo) < len(hrt):
+            console.print(f"{output}: {len(hrt) - len(todo):,} of {len(hrt):,} test triple(s) already answered; "
+                          f"{'resuming' if todo else 'nothing left to do'}")  # fmt: skip
+    results = []
+    bar, report = _progress_bar(transient=output is None)
+    with bar if len(todo) > batch_size else contextlib.nullcontext(), _resumable(streamed):
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            found = index_.query(hrt[batch], top_k=top_k, candidates=candidates, approximate=approximate,
+                                 test_indices=[indices[i] for i in batch], direction=direction.value,
+                                 normalize=normalize)  # fmt: skip
+            if streamed is not None:
+                streamed.append(found)
+            else:
+                results.extend(found)
+            report("test triples", start + len(batch), len(todo))
+    if streamed is not None:
+        console.print(f"results of {len(streamed.done):,} test triple(s) in {output}")
+    elif output:
         write_results(output, results, config)
         console.print(f"results written to {output}")
     else:
@@ -551,6 +580,18 @@ def demo(
 
 def _directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+@contextlib.contextmanager
+def _resumable(streamed):
+    """Where results are streamed to a .jsonl file, an interruption says what is kept and how to go on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if streamed is not None:
+            console.print(f"{streamed.path}: {len(streamed.done):,} test triple(s) written; the same command resumes "
+                          "after them")  # fmt: skip
+        raise
 
 
 def _check_positive(flag: str, value: int) -> None:

@@ -1,4 +1,5 @@
-"""Files written whole or not at all: through a hidden temporary name in the same folder, then a rename."""
+"""Files written whole or not at all (through a hidden temporary name in the same folder, then a rename),
+and the first difference between two JSON records."""
 
 from __future__ import annotations
 
@@ -45,3 +46,22 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, fsync: bool = False
 
 def write_json_atomic(path: str | os.PathLike, value: Any, *, fsync: bool = False) -> None:
     write_text_atomic(path, json.dumps(value, indent=2) + "\n", fsync=fsync)
+
+
+def first_difference(recorded: Any, wanted: Any, path: str = "", labels: tuple[str, str] = ("index", "now")) -> str | None:
+    """The first key path where two JSON values differ, with both values, e.g.
+    ``settings.sketch_dim (index: 64, now: 128)``; None where they are equal. ``labels``: what to call
+    the recorded value and the wanted one."""
+    if isinstance(recorded, dict) and isinstance(wanted, dict):
+        for key in sorted(set(recorded) | set(wanted)):
+            found = first_difference(recorded.get(key), wanted.get(key), f"{path}.{key}" if path else key, labels)
+            if found:
+                return found
+        return None
+    if isinstance(recorded, list) and isinstance(wanted, list) and len(recorded) == len(wanted):
+        for i, (a, b) in enumerate(zip(recorded, wanted)):
+            found = first_difference(a, b, f"{path}[{i}]", labels)
+            if found:
+                return found
+        return None
+    return None if recorded == wanted else f"{path} ({labels[0]}: {recorded!r}, {labels[1]}: {wanted!r})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,7 +13,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .files import write_json_atomic, write_text_atomic
+from .errors import InputError
+from .files import first_difference, write_json_atomic, write_text_atomic
 
 RESULT_FIELDS = ("test_index", "test_head", "test_relation", "test_tail", "kind", "rank", "train_index", "head",
                  "relation", "tail", "influence")
@@ -140,6 +142,84 @@ def write_results(path: str | os.PathLike, results: Sequence[InfluenceResult], c
         write_text_atomic(path, results_to_tsv(results))
     else:
         write_json_atomic(path, results_to_json(results, config))
+
+
+class JsonlResults:
+    """A results file written as it goes (``.jsonl``): a first line ``{"config": ...}``, then one line per
+    test triple, the ``results`` entries of the JSON output, appended a batch at a time.
+
+    Opening an existing file resumes it: it must hold results of the same ``config`` (else it is refused,
+    naming the first setting that differs), the test triples it holds are :attr:`done`, and a last line
+    left incomplete by a killed run is cut off. Each batch is one ``write`` of whole lines, fsynced, so a
+    killed run loses at most the batch in flight and never leaves a line half-written behind a complete one.
+    """
+
+    def __init__(self, path: Path, config: dict[str, Any], done: set[tuple]):
+        self.path, self.config, self.done = path, config, done
+
+    @staticmethod
+    def key(result: dict[str, Any] | InfluenceResult) -> tuple:
+        """What identifies a test triple's line: its row of the test file (None for --triple) and its labels."""
+        if isinstance(result, InfluenceResult):
+            result = result.to_json()
+        t = result["test_triple"]
+        return (result["test_index"], t["head"], t["relation"], t["tail"])
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, config: dict[str, Any]) -> "JsonlResults":
+        path = Path(path)
+        header = json.loads(json.dumps({"config": config}))  # as it reads back (tuples become lists)
+        if not path.exists() or path.stat().st_size == 0:
+            write_text_atomic(path, json.dumps(header) + "\n", fsync=True)
+            return cls(path, config, set())
+        data = path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]  # a last line without its newline was cut off mid-write
+        done: set[tuple] = set()
+        lines = complete.decode("utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if number == 1:
+                if not isinstance(record, dict) or set(record) != {"config"}:
+                    raise InputError(f"{path}: not a results file of tracin-index (its first line is not a config); "
+                                     "choose another --output, or delete it")  # fmt: skip
+                difference = first_difference(record["config"], header["config"], "config", ("in the file", "now"))
+                if difference:
+                    raise InputError(f"{path}: holds results of other settings ({difference}); rerun with the same "
+                                     "settings to resume it, or choose another --output")  # fmt: skip
+                continue
+            if not isinstance(record, dict) or "test_triple" not in record:
+                raise InputError(f"{path}, line {number}: not a result line; the file is damaged: move it away and "
+                                 "run again")  # fmt: skip
+            done.add(cls.key(record))
+        if not lines:
+            raise InputError(f"{path}: not a results file of tracin-index (no config line); choose another --output, or delete it")
+        if len(complete) < len(data):
+            with open(path, "rb+") as f:
+                f.truncate(len(complete))
+                os.fsync(f.fileno())
+        return cls(path, config, done)
+
+    def append(self, results: Sequence[InfluenceResult]) -> None:
+        """Add these test triples' lines in one write, fsynced; on a failed write the file is cut back to
+        what it held before."""
+        data = "".join(json.dumps(r.to_json()) + "\n" for r in results).encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as error:
+            os.ftruncate(fd, size)
+            raise InputError(f"{self.path}: could not write ({error.strerror}); the {len(self.done):,} test triple(s) "
+                             "before are kept: free space and run the same command to resume") from None  # fmt: skip
+        finally:
+            os.close(fd)
+        self.done.update(self.key(r) for r in results)
 
 
 def results_to_tsv(results: Sequence[InfluenceResult]) -> str:

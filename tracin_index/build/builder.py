@@ -19,12 +19,13 @@ from __future__ import annotations
 import datetime
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import InputError
+from ..files import first_difference
 from ..gradients.computer import CheckpointGradients, GradientComputer
 from ..kg.directions import examples_per_fact, uses_inverse_triples
 from ..kg.replicas import build_replica, replica_agrees, replica_spec
@@ -59,23 +60,6 @@ Log = Callable[[str], None]
 
 #: Rows on which the build checks that a model's plain-torch replica gives its scores and gradients.
 REPLICA_CHECK_ROWS = 32
-
-
-def first_difference(recorded: Any, wanted: Any, path: str = "") -> str | None:
-    """The first key path where two JSON values differ, e.g. ``settings.sketch_dim``."""
-    if isinstance(recorded, dict) and isinstance(wanted, dict):
-        for key in sorted(set(recorded) | set(wanted)):
-            found = first_difference(recorded.get(key), wanted.get(key), f"{path}.{key}" if path else key)
-            if found:
-                return found
-        return None
-    if isinstance(recorded, list) and isinstance(wanted, list) and len(recorded) == len(wanted):
-        for i, (a, b) in enumerate(zip(recorded, wanted)):
-            found = first_difference(a, b, f"{path}[{i}]")
-            if found:
-                return found
-        return None
-    return None if recorded == wanted else f"{path} (index: {recorded!r}, now: {wanted!r})"
 
 
 def unchanged(path: Path, digest: str) -> bool:

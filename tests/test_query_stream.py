@@ -125,3 +125,18 @@ def test_a_file_of_other_settings_or_not_of_results_is_refused_and_kept(capsys, 
     notes.write_text('{"hello": 1}\n')
     code, _, err = run_cli(capsys, *_args(tiny_run, stream_index, notes))
     assert code == 2 and "not a results file of tracin-index" in err and notes.read_text() == '{"hello": 1}\n'
+
+
+def test_exact_in_test_batches_streams_the_answers_of_one_pass(capsys, tiny_run, tmp_path):
+    """`exact --test-batch-size 3 --output x.jsonl`: several passes over the training set, one per batch of
+    test triples, give the answers of the single pass; a rerun computes nothing."""
+    args = ["exact", "--model-path", tiny_run, "--use-last-layers-only", "--test-indices", *map(str, range(7)), "--top-k", "5"]
+    assert run_cli(capsys, *args, "--output", tmp_path / "one.json")[0] == 0
+    code, _, err = run_cli(capsys, *args, "--test-batch-size", "3", "--output", tmp_path / "batched.jsonl")
+    assert code == 0, err
+    whole = json.loads((tmp_path / "one.json").read_text())
+    lines = [json.loads(line) for line in (tmp_path / "batched.jsonl").read_text().splitlines()]
+    assert lines[0] == {"config": whole["config"]}
+    assert_same_results(lines[1:], whole["results"])
+    code, _, err = run_cli(capsys, *args, "--test-batch-size", "3", "--output", tmp_path / "batched.jsonl")
+    assert code == 0 and "7 of 7 test triple(s) already answered; nothing left to do" in err

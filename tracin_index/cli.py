@@ -176,7 +176,9 @@ def exact(
     test_path: Optional[Path] = typer.Option(None, "--test", help="Test triples TSV [run dir's test.tsv]."),
     entity_to_id: Optional[Path] = typer.Option(None, help="entity_to_id.tsv(.gz) [run dir's]."),
     relation_to_id: Optional[Path] = typer.Option(None, help="relation_to_id.tsv(.gz) [run dir's]."),
-    output: Optional[Path] = typer.Option(None, help="Write results as JSON (.json) or TSV (.tsv)."),
+    output: Optional[Path] = typer.Option(None, help="Write results as JSON (.json), TSV (.tsv), or JSON lines "
+                                          "(.jsonl: one line per test triple as each batch completes; the same "
+                                          "command again resumes after the last one written)."),
     use_last_layers_only: bool = typer.Option(
         False, "--use-last-layers-only", help="Differentiate the last layers only (default: all parameters)."
     ),
@@ -190,7 +192,10 @@ def exact(
     direction: Direction = typer.Option(Direction.tail, help=_DIRECTION_HELP),
     normalize: bool = typer.Option(False, "--normalize", help=_NORMALIZE_HELP),
     optimizer: Optimizer = typer.Option(Optimizer.sgd, help=_OPTIMIZER_HELP),
-    batch_size: int = typer.Option(256),
+    batch_size: int = typer.Option(256, help="Training triples per gradient batch."),
+    test_batch_size: Optional[int] = typer.Option(
+        None, help="Test triples per pass over the training set [as many as a quarter of the available memory "
+        "holds scores of]."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... [cuda when available]."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
 ):
@@ -199,8 +204,11 @@ def exact(
     from .kg.checkpoints import find_checkpoints
     from .kg.runs import load_model
     from .kg.triples import read_labeled_triples, warn_duplicates
-    from .results import render, write_results
+    from .machine import available_memory
+    from .results import render
 
+    if test_batch_size is not None:
+        _check_positive("--test-batch-size", test_batch_size)
     run = load_model(model_path, allow_pickle=allow_pickle)
     id_maps = run.resolve_id_maps(entity_to_id, relation_to_id)
     train_file = _required_path(train_path, run.training_path, "--train", "training triples")
@@ -237,7 +245,6 @@ def exact(
     train_ids = id_maps.to_ids(training)
     warn_duplicates(train_ids, str(train_file), training.line_numbers)
     test_ids = id_maps.to_ids(test)[indices]
-    results = analyzer.compute_influences(test_ids, train_ids, top_k=top_k, test_indices=indices)
     config = {
         "command": "exact",
         "model_path": str(model_path),
@@ -252,10 +259,18 @@ def exact(
         "optimizer": optimizer.value,
         "top_k": top_k,
     }
-    if output:
-        write_results(output, results, config)
-        console.print(f"results written to {output}")
-    else:
+    # a pass holds each test triple's scores and norms against every training triple (float64)
+    available = available_memory()
+    per_test = 24 * max(1, len(train_ids))
+    test_batch = test_batch_size or (len(indices) if available is None else max(1, min(len(indices), available // 4 // per_test)))
+    analyzer.progress = test_batch >= len(indices)  # one pass: its own bar; several: one bar over the test triples
+    keys = [(i, *map(str, test.labels[i].tolist())) for i in indices]
+
+    def answer(batch: list[int]):
+        return analyzer.compute_influences(test_ids[batch], train_ids, top_k=top_k, test_indices=[indices[i] for i in batch])
+
+    results = _answer_in_batches(keys, answer, test_batch, output, config)
+    if not output:
         render(results, out)
 
 
@@ -384,7 +399,7 @@ def query(
 
     from .index import GradientIndex
     from .kg.triples import read_labeled_triples
-    from .results import JsonlResults, render, write_results
+    from .results import render
 
     _check_positive("--top-k", top_k)
     _check_positive("--batch-size", batch_size)
@@ -427,36 +442,20 @@ def query(
         "parameters": index_.manifest["selection"],
         "checkpoints": index_.manifest["inputs"]["checkpoints"],
     }
-    streamed = JsonlResults.open(output, config) if output and output.suffix.lower() == ".jsonl" else None
     labels = index_.files.row_labels()
-    todo = list(range(len(hrt)))
-    if streamed is not None:
-        todo = [i for i in todo if (indices[i], *labels.of(hrt[i].tolist())) not in streamed.done]
-        if len(todo) < len(hrt):
-            console.print(f"{output}: {len(hrt) - len(todo):,} of {len(hrt):,} test triple(s) already answered; "
-                          f"{'resuming' if todo else 'nothing left to do'}")  # fmt: skip
-    results = []
-    bar, report = _progress_bar(transient=output is None)
-    with bar if len(todo) > batch_size else contextlib.nullcontext(), _resumable(streamed):
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            found = index_.query(hrt[batch], top_k=top_k, candidates=candidates, approximate=approximate,
-                                 test_indices=[indices[i] for i in batch], direction=direction.value,
-                                 normalize=normalize)  # fmt: skip
-            if streamed is not None:
-                streamed.append(found)
-            else:
-                results.extend(found)
-            report("test triples", start + len(batch), len(todo))
-    if streamed is not None:
-        console.print(f"results of {len(streamed.done):,} test triple(s) in {output}")
-    elif output:
-        write_results(output, results, config)
-        console.print(f"results written to {output}")
-    else:
-        if approximate:
-            console.print("scores are the index's estimates, not exact TracIn (--approximate)")
-        render(results, out)
+    keys = [(indices[i], *labels.of(hrt[i].tolist())) for i in range(len(hrt))]
+
+    def answer(batch: list[int]):
+        return index_.query(hrt[batch], top_k=top_k, candidates=candidates, approximate=approximate,
+                            test_indices=[indices[i] for i in batch], direction=direction.value,
+                            normalize=normalize)  # fmt: skip
+
+    results = _answer_in_batches(keys, answer, batch_size, output, config)
+    if output:
+        return
+    if approximate:
+        console.print("scores are the index's estimates, not exact TracIn (--approximate)")
+    render(results, out)
 
 
 @app.command("self-influence")
@@ -580,6 +579,40 @@ def demo(
 
 def _directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _answer_in_batches(keys: list[tuple], answer, batch_size: int, output: Path | None, config: dict):
+    """Answer the test triples (``keys``: their (test_index, head, relation, tail)) a batch at a time,
+    ``answer(positions)`` -> results, with a progress bar where there is more than one batch. With
+    ``output`` a .jsonl file each batch's results are appended as it completes (those already there are
+    skipped: a rerun resumes); else the results are written to ``output`` (.json, .tsv) at the end, or
+    returned."""
+    from .results import JsonlResults, write_results
+
+    streamed = JsonlResults.open(output, config) if output and output.suffix.lower() == ".jsonl" else None
+    todo = list(range(len(keys)))
+    if streamed is not None:
+        todo = [i for i in todo if keys[i] not in streamed.done]
+        if len(todo) < len(keys):
+            console.print(f"{output}: {len(keys) - len(todo):,} of {len(keys):,} test triple(s) already answered; "
+                          f"{'resuming' if todo else 'nothing left to do'}")  # fmt: skip
+    results = []
+    bar, report = _progress_bar(transient=output is None)
+    with bar if len(todo) > batch_size else contextlib.nullcontext(), _resumable(streamed):
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            found = answer(batch)
+            if streamed is not None:
+                streamed.append(found)
+            else:
+                results.extend(found)
+            report("test triples", start + len(batch), len(todo))
+    if streamed is not None:
+        console.print(f"results of {len(streamed.done):,} test triple(s) in {output}")
+    elif output:
+        write_results(output, results, config)
+        console.print(f"results written to {output}")
+    return results
 
 
 @contextlib.contextmanager

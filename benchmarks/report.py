@@ -792,6 +792,24 @@ def section_serve_load(d: dict, results_dir: Path) -> list[str]:
     return out
 
 
+def section_scan_kernels(d: dict, results_dir: Path) -> list[str]:
+    rows = [r for r in d.get("results") or [] if isinstance(r, dict)]
+    out = [f"Random float16 rows of width {count(get(d, 'settings', 'width'))}, {count(get(d, 'settings', 'threads'))} "
+           f"threads, median of {count(get(d, 'settings', 'repeats'))} timings; columns = test triples per product.", ""]
+    body = []
+    for r in sorted(rows, key=lambda r: (r.get("rows", 0), r.get("columns", 0), str(r.get("kernel")))):
+        spread = mean_se(numbers(r.get("ms_per_column_all")))
+        body.append([count(r.get("rows")), count(r.get("columns")), code(r.get("kernel")), fixed(r.get("ms_per_column"), 2),
+                     pm(spread, lambda x: fixed(x, 2), show_n=False) if spread else NA,
+                     sig3(r.get("speedup_vs_mv_fp16_one_column")), small(r.get("max_relative_deviation"))])  # fmt: skip
+    out += table(["rows", "columns", "kernel", "ms per column (median)", "mean ± SE", "speedup vs one mv column",
+                  "largest deviation / largest product"], body)  # fmt: skip
+    out.append("Deviation: from float64 products of the same float16 rows, relative to the largest product. bfloat16 "
+               "(an 8-bit mantissa) deviates about ten times more than the float16 kernels: a scan in bfloat16 needs "
+               "a looser bound, so more candidates refined.")
+    return out
+
+
 def section_unknown(d: dict, results_dir: Path) -> list[str]:
     return ["This results file has no renderer in `benchmarks/report.py` yet; see the JSON."]
 
@@ -832,6 +850,9 @@ SECTIONS: dict[str, tuple[str, str, Callable[[dict, Path], list[str]]]] = {
     "scale": ("Scale: 100k and 1M training triples",
               "Build and query the index on planted ConvE graphs of 100k and 1M training triples: build time against an "
               "epoch, memory, size, query latency and recall against exact TracIn.", section_scale),
+    "scan_kernels": ("The scan's products, one test triple against many",
+                     "The matrix products of the scan for one test triple at a time and for batches of them: what a "
+                     "batched scan can buy.", section_scan_kernels),
     "serve_load": ("Serve under load",
                    "`tracin-index serve` under concurrent clients: latency, throughput, errors and memory growth.",
                    section_serve_load),

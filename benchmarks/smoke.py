@@ -98,6 +98,8 @@ def steps() -> list[Step]:
                                         "--workers", "2", "--search-shards", "2", "--queries", "3", "--noop-tasks", "20",
                                         "--work", str(w / "dask")],
              results=("dask_cluster.json",), needs=("scale",)),
+        Step("scan_kernels", lambda w: ["--rows", "2000", "--columns", "1", "4", "--repeats", "1", "--max-wait", "0"],
+             results=("scan_kernels.json",)),
         Step("demo_cli", lambda w: ["--work", str(w / "demo_cli"), "--repeats", "1", "--max-wait", "0", *umls],
              results=("demo_cli.json",)),
         Step("serve_load", lambda w: ["--index", str(w / "demo_cli" / "demo" / "index"), "--clients", "2", "--seconds", "3",

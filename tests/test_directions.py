@@ -58,6 +58,8 @@ def test_index_and_exact_explain_each_direction(tiny_run, tmp_path, tiny_train_g
     assert index.inverse_triples and index.manifest["num_rows"] == 2 * len(train)
     grads = index.test_gradients(test, direction)
     everything = np.arange(index.num_triples)
+    for t, (value, error) in enumerate(index.engine.batch_estimates(grads, list(range(len(test))))):
+        assert bool(((value - reference[t]).abs() <= error).all())  # the batched scan, both examples of each triple
     for t in range(len(test)):
         value, error = index.estimates(grads, t)
         assert bool(((value - reference[t]).abs() <= error).all())

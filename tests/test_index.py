@@ -98,6 +98,9 @@ def assert_bounds_hold(index, test, reference):
     which are tighter where an input side is sketched."""
     grads = index.test_gradients(test[:NUM_TEST])
     rows = np.arange(index.num_triples)
+    # a batched scan (each stored array's products for all test triples in one matrix product) bounds alike
+    for t, (value, error) in enumerate(index.engine.batch_estimates(grads, list(range(NUM_TEST)))):
+        assert bool(((value - reference[t]).abs() <= error).all())
     for t in range(NUM_TEST):
         value, error = index.estimates(grads, t)
         assert bool(((value - reference[t]).abs() <= error).all())

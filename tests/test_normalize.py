@@ -38,6 +38,8 @@ def test_normalized_scores_are_cosines_in_exact_and_in_the_index(tiny_run, tmp_p
 
     index = GradientIndex.build(tmp_path / "index", model_path=tiny_run, sketch_dim=16)
     grads = index.test_gradients(test[:NUM_TEST])
+    for t, (value, error) in enumerate(index.engine.batch_estimates(grads, list(range(NUM_TEST)), normalize=True)):
+        assert bool(((value - reference[t]).abs() <= error).all())  # the batched scan
     for t in range(NUM_TEST):
         value, error = index.estimates(grads, t, normalize=True)
         assert bool(((value - reference[t]).abs() <= error).all())

@@ -22,12 +22,13 @@ from ..gradients.blocks import PerExampleGradients, cosine, inverse_norms
 from ..gradients.computer import CheckpointGradients, vanished, vanishing_message
 from ..gradients.inputs import LinearInputs
 from ..kg.directions import DEFAULT_DIRECTION, check_direction, training_examples
+from ..machine import available_memory
 from ..results import InfluenceResult, Triple
 from ..storage.arrays import FactorArrays
 from ..storage.plans import batch_norm_scale
 from ..storage.reader import IndexFiles
 from .refine import refinable, refined_estimate
-from .scan import add_checkpoint, add_weighted, checkpoint_weight
+from .scan import add_checkpoint, add_weighted, checkpoint_estimates, checkpoint_weight
 from .settle import best_estimates, counted_result, settle
 from .shards import CandidateStore, ShardedSearch
 
@@ -35,6 +36,9 @@ from .shards import CandidateStore, ShardedSearch
 #: checkpoint's when it has been scanned this often): packing costs seconds that a one-off query never
 #: earns back (``benchmarks/scale.py`` measures both). ``GradientIndex.open(..., pack=True)`` packs at once.
 PACK_AFTER_SCANS = 300
+#: Test triples of one query call scanned together at most (each checkpoint's stored arrays read once for
+#: them; ``benchmarks/scan_kernels.py`` measures the products).
+SCAN_BATCH = 32
 
 
 @dataclass
@@ -125,6 +129,32 @@ class QueryEngine:
                 add_weighted(value, error, part, weight, files.per_triple)
         return value.cpu(), error.cpu()
 
+    def batch_estimates(self, test: list[PerExampleGradients], ts: Sequence[int], normalize: bool = False
+                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+        """:meth:`estimates` of every training triple on each test triple of ``ts`` (positions in ``test``), each
+        checkpoint's stored arrays scanned once for all of them (:func:`~tracin_index.search.scan.checkpoint_estimates`)."""
+        files = self.files
+        n = files.num_triples
+        out = [(torch.zeros(n, dtype=torch.float64, device=self.device), torch.zeros(n, dtype=torch.float64, device=self.device))
+               for _ in ts]  # fmt: skip
+        for c in range(self.num_checkpoints):
+            queries = [test[c].index(slice(t, t + 1)) for t in ts]
+            norms = self._inverse_norms_at(c) if normalize else None
+            parts = checkpoint_estimates(files.plans, self.factor_arrays(c), queries, self.gradients.modules(c))
+            for (value, error), query, part in zip(out, queries, parts):
+                add_weighted(value, error, part, checkpoint_weight(files.checkpoints[c].learning_rate, query, norms),
+                             files.per_triple)  # fmt: skip
+        return [(value.cpu(), error.cpu()) for value, error in out]
+
+    def scan_batch_size(self) -> int:
+        """Test triples scanned together: up to SCAN_BATCH, as many as a quarter of the available memory holds
+        the estimates of (per stored row and test triple: a checkpoint's estimate and bound, and the sums)."""
+        available = available_memory()
+        rows = self.files.num_triples * self.files.per_triple
+        if available is None:
+            return SCAN_BATCH
+        return max(1, min(SCAN_BATCH, available // 4 // (40 * max(1, rows))))
+
     def _linear_inputs(self, c: int, examples: torch.Tensor) -> dict[str, LinearInputs]:
         """The factored blocks' Linear inputs for training ``examples`` at checkpoint c, from a forward
         pass that stops there."""
@@ -176,6 +206,18 @@ class QueryEngine:
             sharded = self.search.scan(test, modules, top_k, normalize)  # one round trip per shard for all test triples
         refinable_plans = refinable(files.plans)
         results, rescored, rounds_of, refined_of, fetched = [], [], [], [], []
+        live = [t for t in range(len(hrt)) if not bool(vanished(test_norms[t : t + 1])[0])]
+        scanned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        scan_batch = self.scan_batch_size()
+
+        def estimates_of(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Test triple t's estimates, from a batched scan of it and the next live test triples."""
+            if t not in scanned:
+                scanned.clear()
+                batch = [u for u in live if u >= t][:scan_batch]
+                scanned.update(zip(batch, self.batch_estimates(test, batch, normalize)))
+            return scanned.pop(t)
+
         for t in range(len(hrt)):
             refined_of.append(0)
             triple = Triple(*labels.of(hrt[t].tolist()))
@@ -191,7 +233,7 @@ class QueryEngine:
             if sharded is not None:
                 low, high, base, store = self._merge([per_test[t] for per_test in sharded])
             else:
-                value, error = self.estimates(test, t, normalize)
+                value, error = estimates_of(t)
                 low, high = value - error, value + error
                 if approximate:
                     results.append(counted_result(indices[t], triple, value.numpy(), np.arange(files.num_triples), top_k,

@@ -11,6 +11,8 @@ the influence (:func:`add_checkpoint`).
 
 from __future__ import annotations
 
+import contextvars
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +73,52 @@ def combine(out: Estimate, inp: Estimate) -> Estimate:
     return Estimate(value, error)
 
 
+class ProductBatch:
+    """The products a batch of test triples' scans ask of one checkpoint's arrays, computed together.
+
+    A scan's requests (which arrays, which query vectors) depend on the test triple and on the arrays'
+    layout, never on the products' values: so the batch records them by scanning a one-row copy of the
+    arrays (:meth:`FactorArrays.first_row`), computes each array's products for all of them in one matrix
+    product (:meth:`compute`), and serves them, in the order asked, to the real scans that follow. The
+    sketches of the queries (:meth:`FactorArrays.sketch_query`) are recorded and served alike."""
+
+    def __init__(self, source: FactorArrays):
+        self.source = source
+        self.recording = True
+        self.asked: dict[str | tuple[str, ...], list[torch.Tensor]] = {}
+        self.ready: dict[str | tuple[str, ...], deque] = {}
+        self.sketches: deque = deque()
+
+    def ask(self, key: str | tuple[str, ...], query: torch.Tensor) -> None:
+        self.asked.setdefault(key, []).append(query)
+
+    def compute(self) -> None:
+        for key, queries in self.asked.items():
+            products = self.source.products(key, torch.stack(queries))
+            self.ready[key] = deque(zip(queries, products))
+        self.asked, self.recording = {}, False
+
+    def take(self, key: str | tuple[str, ...], query: torch.Tensor) -> torch.Tensor:
+        asked, product = self.ready[key].popleft()
+        if not torch.equal(asked, query):
+            raise RuntimeError(f"a batched scan asked for other products of {key} than it recorded")
+        return product
+
+    def sketch(self, side: tuple[str, str], query: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if self.recording:
+            self.sketches.append(self.source.sketch_query(side, query))
+        return self.sketches[-1] if self.recording else self.sketches.popleft()
+
+
+#: The batch the scans of this thread take their products from (None: each computes its own).
+_BATCH: contextvars.ContextVar[ProductBatch | None] = contextvars.ContextVar("product_batch", default=None)
+
+
+def _sketch_query(stored: FactorArrays, side: tuple[str, str], query: torch.Tensor) -> tuple[torch.Tensor, float]:
+    batch = _BATCH.get()
+    return stored.sketch_query(side, query) if batch is None else batch.sketch(side, query)
+
+
 def _product(stored: FactorArrays, key: str, query: torch.Tensor) -> tuple[torch.Tensor | None, float]:
     """The rows of array ``key`` times ``query / q`` (:meth:`FactorArrays.products`), and q = max |query| (None and
     0.0 for a zero query)."""
@@ -82,7 +130,15 @@ def _products(stored: FactorArrays, key: str | tuple[str, ...], queries: list[to
     scales = [float(q.abs().max()) if q.numel() else 0.0 for q in queries]
     live = [i for i, q_scale in enumerate(scales) if q_scale != 0.0]
     found: dict[int, torch.Tensor] = {}
-    if live:
+    batch = _BATCH.get()
+    if live and batch is not None:  # a batched scan: recorded on the one-row copy, served to the real scan
+        for i in live:
+            query = queries[i].reshape(-1) / scales[i]
+            if batch.recording:
+                batch.ask(key, query)
+            else:
+                found[i] = batch.take(key, query)
+    elif live:
         products = stored.products(key, torch.stack([queries[i].reshape(-1) / scales[i] for i in live]))
         found = {i: products[j] for j, i in enumerate(live)}
     return [(found.get(i), scales[i]) for i in range(len(queries))]
@@ -125,7 +181,7 @@ def _add_side(out: Estimate, stored: FactorArrays, prefix: str, query: torch.Ten
     arrays = stored.arrays
     rho_q = 0.0
     if basis is not None:
-        query, rho_q = stored.sketch_query(_side_key(prefix), query)
+        query, rho_q = _sketch_query(stored, _side_key(prefix), query)
     scale = arrays[f"{prefix}/scale"]
     parts, start, i = [], 0, 0
     if f"{prefix}/values" in arrays:
@@ -276,6 +332,25 @@ def checkpoint_estimate(plans: list[BlockPlan], stored: FactorArrays, query: Per
         scan_block(plan, by_name, stored, query, modules, query_norm, out, weight, memo)
     stored.scans += 1
     return out
+
+
+def checkpoint_estimates(plans: list[BlockPlan], stored: FactorArrays, queries: list[PerExampleGradients],
+                         modules: dict[str, nn.Module]) -> list[Estimate]:  # fmt: skip
+    """:func:`checkpoint_estimate` of several test triples (one each in ``queries``), their products over
+    each stored array computed in one matrix product (:class:`ProductBatch`): the rows are read once for
+    the batch, not once per test triple."""
+    if len(queries) <= 1:
+        return [checkpoint_estimate(plans, stored, q, modules) for q in queries]
+    batch = ProductBatch(stored)
+    token = _BATCH.set(batch)
+    try:
+        first = stored.first_row()
+        for query in queries:
+            checkpoint_estimate(plans, first, query, modules)
+        batch.compute()
+        return [checkpoint_estimate(plans, stored, query, modules) for query in queries]
+    finally:
+        _BATCH.reset(token)
 
 
 def fold(per_row: torch.Tensor, per_fact: int) -> torch.Tensor:

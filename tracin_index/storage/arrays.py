@@ -30,6 +30,9 @@ PACK_PAD = 512
 PACK_ROWS = 32768
 #: An array is packed only while its packed copy leaves this share of the memory available.
 PACK_SPARE = 0.25
+#: Queries of one product call answered by mat-vec products (one test triple asks for at most two at once:
+#: its own and a derived side's); more, a batch of test triples', by one matrix product.
+MV_QUERIES = 2
 
 
 def _fbgemm_available() -> bool:
@@ -96,22 +99,36 @@ class FactorArrays:
         if (packed is None and len(flats[0]) >= PACK_MIN_ROWS and width >= PACK_MIN_WIDTH and flats[0].dtype == torch.float16
                 and self._packing(flats[0], len(flats[0]), width)):  # fmt: skip
             packed = self.packed["+".join(keys)] = _Packed(flats[0] if len(flats) == 1 else torch.cat(flats, 1))
-        if packed is not None:
+        if packed is not None and len(queries) <= MV_QUERIES:  # a batch's matrix product is faster unpacked
             out = packed.products(queries.float().cpu())
         elif len(flats) == 1:
             q = queries.to(device=flats[0].device, dtype=flats[0].dtype)
-            out = torch.stack([torch.mv(flats[0], q[i]) for i in range(len(q))])
+            # a test triple's own queries (at most MV_QUERIES): mat-vec products; a batch of test triples':
+            # one float16 matrix product, which reads the rows once (benchmarks/scan_kernels.py)
+            if len(q) <= MV_QUERIES:
+                out = torch.stack([torch.mv(flats[0], q[i]) for i in range(len(q))])
+            else:
+                out = (flats[0] @ q.T).T
         else:  # the parts' float16 products summed in float32 (exactly: a sum in float16 would round)
             q = queries.to(device=flats[0].device, dtype=flats[0].dtype)
             out = torch.zeros(len(q), len(flats[0]), dtype=torch.float32, device=flats[0].device)
-            for i in range(len(q)):
-                start = 0
-                for flat in flats:
-                    piece = q[i, start : start + flat.shape[1]]
-                    start += flat.shape[1]
-                    if bool(piece.any()):
-                        out[i].add_(torch.mv(flat, piece))
+            start = 0
+            for flat in flats:
+                piece = q[:, start : start + flat.shape[1]]
+                start += flat.shape[1]
+                if len(q) > MV_QUERIES:
+                    out.add_((flat @ piece.T).T)
+                    continue
+                for i in range(len(q)):
+                    if bool(piece[i].any()):
+                        out[i].add_(torch.mv(flat, piece[i]))
         return out.view(len(queries), *parts[0].shape[:-1])
+
+    def first_row(self) -> "FactorArrays":
+        """The same arrays cut to their first row (and group), never packed: a scan of it asks for the same
+        products, in the same order, as a scan of all rows (what a batched scan records first)."""
+        return FactorArrays({k: v[:1] for k, v in self.arrays.items()}, self.bases,
+                            {k: v[:1] for k, v in self.groups.items()}, 1)  # fmt: skip
 
     @property
     def device(self) -> torch.device:

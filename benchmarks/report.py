@@ -810,6 +810,27 @@ def section_scan_kernels(d: dict, results_dir: Path) -> list[str]:
     return out
 
 
+def section_batch_query(d: dict, results_dir: Path) -> list[str]:
+    st, f = d.get("settings"), d.get("figures")
+    out = [f"Planted graph of {count(get(st, 'size'))} training triples (ConvE, {count(get(st, 'training', 'epochs'))} "
+           f"epochs, {count(get(st, 'training', 'checkpoints'))} checkpoints), {count(get(f, 'test_triples'))} test "
+           f"triples, {count(get(st, 'threads'))} threads, index not packed, scan batches of "
+           f"{count(get(st, 'scan_batch'))}; median of {count(get(st, 'rounds'))} alternating rounds.", ""]
+    spread = {m: numbers(get(f, "seconds_all", m)) for m in ("one_by_one", "batched")}
+    n = num(get(f, "test_triples")) or 1
+    out += table(["figure", "value"], [
+        ["ms per test triple, one by one", fixed(get(f, "ms_per_test_triple_one_by_one"), 1)],
+        ["ms per test triple, batched", fixed(get(f, "ms_per_test_triple_batched"), 1)],
+        ["rounds, one by one (ms per test triple)", ", ".join(fixed(1000 * x / n, 1) for x in spread["one_by_one"]) or NA],
+        ["rounds, batched (ms per test triple)", ", ".join(fixed(1000 * x / n, 1) for x in spread["batched"]) or NA],
+        ["speedup (one by one / batched)", sig3(get(f, "batch_speedup"))],
+        ["test triples with identical lists", f"{count(get(f, 'lists_identical'))} of {count(get(f, 'test_triples'))}"],
+        ["largest relative difference of a printed influence", small(get(f, "largest_relative_influence_difference"))],
+        ["peak RSS MB", fixed(get(f, "peak_rss_mb"), 0)],
+    ])  # fmt: skip
+    return out
+
+
 def section_unknown(d: dict, results_dir: Path) -> list[str]:
     return ["This results file has no renderer in `benchmarks/report.py` yet; see the JSON."]
 
@@ -818,6 +839,9 @@ SECTIONS: dict[str, tuple[str, str, Callable[[dict, Path], list[str]]]] = {
     "agreement": ("Agreement of the index with exact TracIn",
                   "How closely the gradient index's top-10 proponents and opponents match exact TracIn (the `TracInAnalyzer`) "
                   "on small trained models, and what a query costs.", section_agreement),
+    "batch_query": ("Many test triples per query call",
+                    "The same test triples answered one query call each and in one call (the batched scan), side by "
+                    "side in one process.", section_batch_query),
     "build_cost": ("Build cost",
                    "What building the index costs on UMLS ConvE, against a training epoch, a per-triple `torch.autograd.grad` "
                    "loop and Captum's `TracInCPFastRandProj`, all timed in one run.", section_build_cost),

@@ -28,7 +28,7 @@ from ..storage.arrays import FactorArrays
 from ..storage.plans import batch_norm_scale
 from ..storage.reader import IndexFiles
 from .refine import refinable, refined_estimate
-from .scan import add_checkpoint, add_weighted, checkpoint_estimates, checkpoint_weight
+from .scan import Estimate, add_checkpoint, add_weighted, checkpoint_estimates, checkpoint_weight
 from .settle import best_estimates, counted_result, settle
 from .shards import CandidateStore, ShardedSearch
 
@@ -140,7 +140,12 @@ class QueryEngine:
         for c in range(self.num_checkpoints):
             queries = [test[c].index(slice(t, t + 1)) for t in ts]
             norms = self._inverse_norms_at(c) if normalize else None
-            parts = checkpoint_estimates(files.plans, self.factor_arrays(c), queries, self.gradients.modules(c))
+            arrays, modules, lr = self.factor_arrays(c), self.gradients.modules(c), files.checkpoints[c].learning_rate
+            if files.per_triple == 1 and not normalize:  # summed in place, as add_checkpoint does
+                checkpoint_estimates(files.plans, arrays, queries, modules, [Estimate(v, e) for v, e in out],
+                                     [lr] * len(queries))  # fmt: skip
+                continue
+            parts = checkpoint_estimates(files.plans, arrays, queries, modules)
             for (value, error), query, part in zip(out, queries, parts):
                 add_weighted(value, error, part, checkpoint_weight(files.checkpoints[c].learning_rate, query, norms),
                              files.per_triple)  # fmt: skip

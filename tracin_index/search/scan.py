@@ -335,12 +335,15 @@ def checkpoint_estimate(plans: list[BlockPlan], stored: FactorArrays, query: Per
 
 
 def checkpoint_estimates(plans: list[BlockPlan], stored: FactorArrays, queries: list[PerExampleGradients],
-                         modules: dict[str, nn.Module]) -> list[Estimate]:  # fmt: skip
-    """:func:`checkpoint_estimate` of several test triples (one each in ``queries``), their products over
-    each stored array computed in one matrix product (:class:`ProductBatch`): the rows are read once for
-    the batch, not once per test triple."""
+                         modules: dict[str, nn.Module], outs: list[Estimate] | None = None,
+                         weights: list[float] | None = None) -> list[Estimate]:  # fmt: skip
+    """:func:`checkpoint_estimate` of several test triples (one each in ``queries``; added, times ``weights``,
+    into ``outs`` where given), their products over each stored array computed in one matrix product
+    (:class:`ProductBatch`): the rows are read once for the batch, not once per test triple."""
+    outs = outs or [None] * len(queries)
+    weights = weights or [1.0] * len(queries)
     if len(queries) <= 1:
-        return [checkpoint_estimate(plans, stored, q, modules) for q in queries]
+        return [checkpoint_estimate(plans, stored, q, modules, o, w) for q, o, w in zip(queries, outs, weights)]
     batch = ProductBatch(stored)
     token = _BATCH.set(batch)
     try:
@@ -348,7 +351,7 @@ def checkpoint_estimates(plans: list[BlockPlan], stored: FactorArrays, queries: 
         for query in queries:
             checkpoint_estimate(plans, first, query, modules)
         batch.compute()
-        return [checkpoint_estimate(plans, stored, query, modules) for query in queries]
+        return [checkpoint_estimate(plans, stored, q, modules, o, w) for q, o, w in zip(queries, outs, weights)]
     finally:
         _BATCH.reset(token)
 

@@ -108,7 +108,7 @@ class FactorArrays:
             if len(q) <= MV_QUERIES:
                 out = torch.stack([torch.mv(flats[0], q[i]) for i in range(len(q))])
             else:
-                out = (flats[0] @ q.T).T
+                out = q @ flats[0].T  # (queries, rows): each query's products contiguous, as the scan reads them
         else:  # the parts' float16 products summed in float32 (exactly: a sum in float16 would round)
             q = queries.to(device=flats[0].device, dtype=flats[0].dtype)
             out = torch.zeros(len(q), len(flats[0]), dtype=torch.float32, device=flats[0].device)
@@ -117,7 +117,7 @@ class FactorArrays:
                 piece = q[:, start : start + flat.shape[1]]
                 start += flat.shape[1]
                 if len(q) > MV_QUERIES:
-                    out.add_((flat @ piece.T).T)
+                    out.add_(piece @ flat.T)
                     continue
                 for i in range(len(q)):
                     if bool(piece[i].any()):

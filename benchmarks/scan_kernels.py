@@ -13,6 +13,7 @@ and the median of ``--repeats`` timings per column is reported, side by side in 
 
 - ``mv_fp16``: M separate ``torch.mv`` calls on the float16 rows (the unpacked scan today);
 - ``fbgemm_fp16``: fbgemm's float16 GEMM on the rows packed once (the packed scan; packing untimed);
+- ``mm_fp16``: ``Q @ rows.T`` in float16 (the batched scan's product, no copy);
 - ``mm_fp32``: ``rows_fp32 @ Q`` on a float32 copy of the rows (twice the bytes);
 - ``mm_bf16``: ``rows_bf16 @ Q`` on a bfloat16 copy (the same bytes as float16, a coarser mantissa).
 
@@ -45,6 +46,7 @@ def kernels(rows16: torch.Tensor):
     if _fbgemm_available():
         packed = _Packed(rows16)
         found["fbgemm_fp16"] = packed.products
+    found["mm_fp16"] = lambda q: (q.half() @ rows16.T).float()  # the batched scan's product (FactorArrays.products)
     rows32 = rows16.float()
     found["mm_fp32"] = lambda q: (rows32 @ q.T).T
     rows_bf16 = rows16.bfloat16()

@@ -786,6 +786,10 @@ def section_serve_load(d: dict, results_dir: Path) -> list[str]:
         ["server RSS MB before / after", f"{fixed(get(f, 'server_rss_mb_before'), 1)} / {fixed(get(f, 'server_rss_mb_after'), 1)}"],
         ["server RSS growth MB", fixed(get(f, "serve_rss_growth_mb"), 2)],
         ["server startup s", sig3(get(f, "server_startup_s"))],
+        ["requests / s without batching (the run right after, --no-batching)", sig3(get(d, "no_batching", "requests_per_s"))],
+        ["latency p50 / p99 ms without batching",
+         f"{fixed(get(d, 'no_batching', 'serve_p50_ms'), 1)} / {fixed(get(d, 'no_batching', 'serve_p99_ms'), 1)}"],
+        ["throughput with batching / without (`serve_batch_throughput_speedup`)", sig3(get(f, "serve_batch_throughput_speedup"))],
     ])  # fmt: skip
     out.append("One run; the file records percentiles, not per-request latencies, so no standard error is given. The "
                "latencies include the wait behind other clients' queries (the server answers one at a time).")

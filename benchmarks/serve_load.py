@@ -66,19 +66,20 @@ def screenshot(url: str, triple: dict, path: Path) -> None:
         browser.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--index", type=Path, default=Path("tracin-demo/index"))
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--screenshot", type=Path, default=None, help="save the explorer's page here first")
-    parser.add_argument("--no-summary", action="store_true")
-    args = parser.parse_args()
+def report(figures: dict, label: str) -> None:
+    print(f"{label}: {figures['requests']} requests in {figures['wall_s']:.0f} s ({figures['requests_per_s']:.1f}/s): "
+          f"p50 {figures['serve_p50_ms']:.0f} ms, p99 {figures['serve_p99_ms']:.0f} ms, {figures['serve_errors']} errors; "
+          f"server RSS {figures['server_rss_mb_before']:.0f} -> {figures['server_rss_mb_after']:.0f} MB", flush=True)
+
+
+def load_test(args, batching: bool, shot: Path | None) -> tuple[dict, float]:
+    """One server, ``args.clients`` clients for ``args.seconds``: the figures, and the cores other processes used."""
     import httpx
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([shutil.which("tracin-index") or "tracin-index", "serve", str(args.index), "--port", str(port)],
+    server = subprocess.Popen([shutil.which("tracin-index") or "tracin-index", "serve", str(args.index), "--port", str(port),
+                               "--batching" if batching else "--no-batching"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         started = time.perf_counter()
@@ -97,8 +98,8 @@ def main() -> None:
             raise SystemExit("the index's run has no test triples to query")
         for t in tests[:5]:  # warm-up
             httpx.get(url + "/api/query", params=t, timeout=60)
-        if args.screenshot is not None:
-            screenshot(url, tests[0], args.screenshot)
+        if shot is not None:
+            screenshot(url, tests[0], shot)
         rss_before = rss_mb(server.pid)
         counters = cpu_counters()
         latencies: list[float] = []
@@ -152,18 +153,39 @@ def main() -> None:
         "server_rss_mb_after": rss_after,
         "server_startup_s": startup_s,
         "first_errors": errors[:5],
+        "wall_s": wall,
     }
-    print(f"{len(ordered)} requests from {args.clients} clients in {wall:.0f} s ({figures['requests_per_s']:.1f}/s): "
-          f"p50 {figures['serve_p50_ms']:.0f} ms, p99 {figures['serve_p99_ms']:.0f} ms, {len(errors)} errors; "
-          f"server RSS {rss_before:.0f} -> {rss_after:.0f} MB")  # fmt: skip
+    return figures, others
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--index", type=Path, default=Path("tracin-demo/index"))
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--screenshot", type=Path, default=None, help="save the explorer's page here first")
+    parser.add_argument("--no-summary", action="store_true")
+    parser.add_argument("--no-compare", dest="compare", action="store_false",
+                        help="skip the second run without batching (--no-batching)")
+    args = parser.parse_args()
+    figures, others = load_test(args, True, args.screenshot)
+    report(figures, "batching")
+    plain, plain_others = load_test(args, False, None) if args.compare else (None, None)
+    if plain is not None:
+        report(plain, "no batching")
+        figures["serve_batch_throughput_speedup"] = figures["requests_per_s"] / plain["requests_per_s"]
+        print(f"batching: {figures['serve_batch_throughput_speedup']:.2f}x the requests per second", flush=True)
     data = {"protocol": {"index": str(args.index), "clients": args.clients, "seconds": args.seconds,
                          "request": "GET /api/query?head&relation&tail&top_k=10 over the run's test triples in turn",
-                         "server": "tracin-index serve, 127.0.0.1, one query at a time"},  # fmt: skip
-            "figures": figures, "other_processes_cores_during_run": others}
+                         "server": "tracin-index serve, 127.0.0.1, one query at a time, requests that arrive "
+                                   "meanwhile batched (the no_batching run: --no-batching, right after, same load)"},
+            "figures": figures, "no_batching": plain, "other_processes_cores_during_run": others,
+            "other_processes_cores_no_batching": plain_others}  # fmt: skip
     path = write_results(NAME, data)
     if not args.no_summary:
         update_summary({k: round(figures[k], 2) if isinstance(figures[k], float) else figures[k]
-                        for k in ("serve_p50_ms", "serve_p99_ms", "serve_errors", "serve_rss_growth_mb")})  # fmt: skip
+                        for k in ("serve_p50_ms", "serve_p99_ms", "serve_errors", "serve_rss_growth_mb", "serve_batch_throughput_speedup")
+                        if k in figures})  # fmt: skip
     print(f"wrote {path}")
 
 

@@ -494,6 +494,8 @@ def serve(
                                         "(the explorer: http://HOST:PORT/?token=TOKEN).", envvar="TRACIN_TOKEN"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda ... [cuda when available]."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
+    batching: bool = typer.Option(True, "--batching/--no-batching",
+                                  help="Answer the queries that arrive while one runs together, in one pass."),
 ):
     """Serve the index: a JSON API (docs at /docs) and an explorer in the browser at /."""
     from .serve.app import serve as run_server
@@ -501,7 +503,7 @@ def serve(
     if not 0 < port < 65536:
         raise InputError(f"--port {port}: not a port number (1..65535)")
     console.print(f"serving {index_dir} at http://{host}:{port}/ (API docs at /docs); Ctrl-C stops it", highlight=False)
-    run_server(index_dir, host=host, port=port, token=token, allow_pickle=allow_pickle, device=device,
+    run_server(index_dir, host=host, port=port, token=token, allow_pickle=allow_pickle, device=device, batching=batching,
                warn=lambda m: console.print(Text(m, style="yellow")))  # fmt: skip
 
 

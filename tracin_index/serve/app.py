@@ -34,6 +34,7 @@ from ..kg.triples import closest_labels, read_labeled_triples
 from ..results import Triple
 from ..storage.layout import resolve_path
 from ..version import __version__
+from .batcher import QueryBatcher
 
 #: Largest top_k a request may ask for, test triples per POST, request body bytes.
 MAX_TOP_K = 1000
@@ -89,7 +90,8 @@ class SelfInfluenceOut(BaseModel):
 
 
 
-def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int = MAX_BATCH, max_body: int = MAX_BODY):
+def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int = MAX_BATCH, max_body: int = MAX_BODY,
+               batching: bool = True):  # fmt: skip
     """The FastAPI application serving ``index``."""
     from fastapi import FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
@@ -106,6 +108,11 @@ def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int
 
     async def on_worker(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(worker, fn, *args)
+
+    # queries that arrive while one runs are answered together (serve/batcher.py), on the same thread
+    batcher = QueryBatcher(worker, lambda ids, top_k, direction: index.query(ids, top_k=top_k, direction=direction),
+                           batching=batching)  # fmt: skip
+    app.state.batcher = batcher
 
     maps = index.id_maps()
     entities = sorted(index.entity_labels)
@@ -148,7 +155,7 @@ def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int
     async def unexpected(request: Request, exc: Exception):  # the server stays up and says what happened
         return error(500, f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
-    def run_query(triples: list[TripleIn], top_k: int, direction: str) -> dict:
+    async def run_query(triples: list[TripleIn], top_k: int, direction: str) -> dict:
         if len(triples) > max_batch:
             raise InputError(f"{len(triples)} test triples in one request; at most {max_batch}")
         ids = []
@@ -158,7 +165,7 @@ def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int
             except TracInError as exc:
                 where = f"triples[{i}]" if len(triples) > 1 else "triple"
                 raise InputError(str(exc).replace("--triple", where)) from None
-        results = index.query(ids, top_k=top_k, direction=direction)
+        results = await asyncio.wrap_future(batcher.submit(ids, top_k, direction))
         config = {"command": "serve", "top_k": top_k, "scores": "exact", "loss": index.loss, "direction": direction,
                   "inverse_triples": index.inverse_triples, "parameters": index.manifest["selection"]}  # fmt: skip
         return {"config": config, "results": [r.to_json() for r in results]}
@@ -167,11 +174,11 @@ def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int
     async def query_one(head: str = Query(..., min_length=1), relation: str = Query(..., min_length=1),
                         tail: str = Query(..., min_length=1), top_k: int = Query(10, ge=1, le=MAX_TOP_K),
                         direction: Literal["tail", "head", "both"] = "tail"):  # fmt: skip
-        return await on_worker(run_query, [TripleIn(head=head, relation=relation, tail=tail)], top_k, direction)
+        return await run_query([TripleIn(head=head, relation=relation, tail=tail)], top_k, direction)
 
     @app.post("/api/query", response_model=QueryResponse, summary="Exact proponents and opponents of a batch")
     async def query_batch(request: QueryRequest):
-        return await on_worker(run_query, request.triples, request.top_k, request.direction)
+        return await run_query(request.triples, request.top_k, request.direction)
 
     @app.get("/api/self-influence", response_model=list[SelfInfluenceOut], summary="Training facts by self-influence")
     async def self_influence(top_k: int = Query(20, ge=1, le=MAX_TOP_K)):
@@ -240,7 +247,7 @@ def _test_triples(index: GradientIndex) -> list[Triple]:
 
 
 def serve(index_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          allow_pickle: bool = False, device: str | None = None, warn=print) -> None:  # fmt: skip
+          allow_pickle: bool = False, device: str | None = None, warn=print, batching: bool = True) -> None:  # fmt: skip
     """Open the index and serve it until interrupted."""
     import importlib.util
 
@@ -253,4 +260,4 @@ def serve(index_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, token: 
              + ("" if token else "; anyone who reaches it can query the index: consider --token"))  # fmt: skip
     index = GradientIndex.open(index_dir, device=device, allow_pickle=allow_pickle, pack=True)  # a server is kept busy
     index.run  # load the model now, not at the first request (and refuse changed files before serving)
-    uvicorn.run(create_app(index, token=token), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(index, token=token, batching=batching), host=host, port=port, log_level="warning")

@@ -29,7 +29,7 @@ from ..storage.plans import batch_norm_scale
 from ..storage.reader import IndexFiles
 from .refine import refinable, refined_estimate
 from .scan import Estimate, add_checkpoint, add_weighted, checkpoint_estimates, checkpoint_weight
-from .settle import best_estimates, counted_result, settle
+from .settle import Settled, best_estimates, counted_result, settle, settling
 from .shards import CandidateStore, ShardedSearch
 
 #: Test triples after which an opened index packs its large stored arrays for fbgemm by default (each
@@ -223,6 +223,17 @@ class QueryEngine:
                 scanned.update(zip(batch, self.batch_estimates(test, batch, normalize)))
             return scanned.pop(t)
 
+        # the exact top k of a scanned batch settled together: their rescoring rounds share one pass
+        together = sharded is None and candidates is None and not approximate
+        settled: dict[int, tuple[torch.Tensor, torch.Tensor, Settled]] = {}
+
+        def settled_of(t: int) -> tuple[torch.Tensor, torch.Tensor, Settled]:
+            if t not in settled:
+                batch = [u for u in live if u >= t][:scan_batch]
+                bounds = {u: (v - e, v + e) for u, (v, e) in zip(batch, self.batch_estimates(test, batch, normalize))}
+                settled.update(self._settle_together(test, bounds, top_k, normalize, refinable_plans))
+            return settled.pop(t)
+
         for t in range(len(hrt)):
             refined_of.append(0)
             triple = Triple(*labels.of(hrt[t].tolist()))
@@ -235,6 +246,13 @@ class QueryEngine:
                 continue
             grads = [g.index(slice(t, t + 1)) for g in test]
             store, base = None, None
+            if together:
+                low, high, done = settled_of(t)
+                rows, exact, rounds, refined_of[-1] = done.rows, done.scores, done.rounds, done.refined
+                rounds_of.append(rounds)
+                results.append(counted_result(indices[t], triple, exact, rows, top_k, labels, low, high, exact_rows=rows))
+                rescored.append(len(rows))
+                continue
             if sharded is not None:
                 low, high, base, store = self._merge([per_test[t] for per_test in sharded])
             else:
@@ -267,6 +285,36 @@ class QueryEngine:
             rescored.append(len(rows))
         self.last_query = QueryStats(rescored, rounds_of, refined_of, fetched)
         return results
+
+    def _settle_together(self, test: list[PerExampleGradients], bounds: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                         k: int, normalize: bool, refinable_plans: bool) -> dict[int, tuple[torch.Tensor, torch.Tensor, Settled]]:
+        """:func:`~tracin_index.search.settle.settle` for several test triples (positions in ``test``, with their
+        scan's bounds) in lockstep: each round, the rows that the test triples ask to rescore are rescored
+        once for all of them (their gradients computed once, dotted with every test gradient that asked);
+        refining stays per test triple."""
+        steps = {u: settling(low, high, k, refinable_plans) for u, (low, high) in bounds.items()}
+        requests = {u: next(step) for u, step in steps.items()}
+        done: dict[int, tuple[torch.Tensor, torch.Tensor, Settled]] = {}
+        while requests:
+            answers: dict[int, object] = {}
+            rescoring = [u for u, (kind, _) in requests.items() if kind == "rescore"]
+            if rescoring:
+                union = np.unique(np.concatenate([requests[u][1] for u in rescoring]))
+                asking = torch.as_tensor(rescoring, dtype=torch.long)
+                scores = self.exact_scores([g.index(asking) for g in test], union, normalize=normalize)
+                for i, u in enumerate(rescoring):
+                    answers[u] = scores[i, torch.as_tensor(np.searchsorted(union, requests[u][1]))]
+            for u, (kind, rows) in requests.items():
+                if kind == "refine":
+                    answers[u] = self.estimates([g.index(slice(u, u + 1)) for g in test], 0, normalize, rows=rows)
+            following = {}
+            for u, answer in answers.items():
+                try:
+                    following[u] = steps[u].send(answer)
+                except StopIteration as stop:
+                    done[u] = (*bounds[u], stop.value)
+            requests = following
+        return done
 
     def _merge(self, parts) -> tuple[torch.Tensor, torch.Tensor, dict, CandidateStore]:
         """One test triple's candidates from every search shard: bounds over all training triples (0 and 0

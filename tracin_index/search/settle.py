@@ -12,7 +12,7 @@ exact top k, without a fixed rerank depth.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Generator
 
 import numpy as np
 import torch
@@ -83,13 +83,30 @@ class Settled:
 
 
 def settle(low: torch.Tensor, high: torch.Tensor, k: int, rescore: Rescore, refine: Refine | None = None) -> Settled:
-    """Rescore candidates exactly in rounds, the most promising first (the highest upper bounds for
+    """:func:`settling`, with ``rescore(rows)`` (exact scores) and ``refine(rows)`` (refined estimates and
+    bounds) answering its requests as they come."""
+    steps = settling(low, high, k, refine is not None)
+    request = next(steps)
+    while True:
+        kind, rows = request
+        try:
+            request = steps.send(rescore(rows) if kind == "rescore" else refine(rows))
+        except StopIteration as done:
+            return done.value
+
+
+def settling(low: torch.Tensor, high: torch.Tensor, k: int, refinable: bool) -> Generator[tuple[str, np.ndarray], object, Settled]:
+    """The rounds of :func:`settle` as requests: yields ``("refine", rows)`` (to be sent back the rows'
+    refined ``(value, error)``) and ``("rescore", rows)`` (their exact scores), and returns the
+    :class:`Settled`; so that a batch of test triples can answer their requests together.
+
+    Rescore candidates exactly in rounds, the most promising first (the highest upper bounds for
     proponents, the lowest lower bounds for opponents), until no row left unscored can still enter
     either top k: each round's exact scores raise the k-th lower bound towards the k-th influence and
     rule out more of the rest. The first round takes at most :data:`FIRST_ROUND` rows, each next one
     twice as many (up to :data:`MAX_ROUND`).
 
-    ``refine`` (where the index's plans allow it): candidates are first refined in such rounds, which
+    ``refinable`` (where the index's plans allow it): candidates are first refined in such rounds, which
     leaves only float16 rounding in their bounds; most then drop out, and only the refined rows that can
     still enter a top k are rescored exactly.
 
@@ -100,7 +117,7 @@ def settle(low: torch.Tensor, high: torch.Tensor, k: int, rescore: Rescore, refi
     rows_parts, score_parts = [], []
     steps, rounds = {_SCANNED: FIRST_REFINE_ROUND, _REFINED: FIRST_ROUND}, 0
     refined = 0
-    refining = refine is not None
+    refining = refinable
     # bounds only tighten and the k-th lower bound only rises, so a row ruled out stays out: after the
     # first pass over every row, later rounds look at the first candidates only (over fewer rows the
     # k-th lower bound can only be lower, which keeps more candidates, never fewer)
@@ -124,14 +141,14 @@ def settle(low: torch.Tensor, high: torch.Tensor, k: int, rescore: Rescore, refi
         steps[stage] = min(2 * steps[stage], MAX_ROUND)
         where = torch.as_tensor(rows)
         if stage == _SCANNED and refining:
-            value, error = refine(rows)
+            value, error = yield ("refine", rows)
             low[where] = torch.maximum(low[where], value - error)
             high[where] = torch.minimum(high[where], value + error)
             state[where] = _REFINED
             refined += len(rows)
             rounds += 1
             continue
-        exact = rescore(rows)
+        exact = yield ("rescore", rows)
         low[where] = high[where] = exact
         state[where] = _EXACT
         rows_parts.append(rows)

@@ -28,7 +28,7 @@ from ..storage.arrays import FactorArrays
 from ..storage.plans import batch_norm_scale
 from ..storage.reader import IndexFiles
 from .refine import refinable, refined_estimate
-from .scan import Estimate, add_checkpoint, add_weighted, checkpoint_estimates, checkpoint_weight
+from .scan import SCAN_BATCH, Estimate, add_checkpoint, add_weighted, checkpoint_estimates, checkpoint_weight
 from .settle import Settled, best_estimates, counted_result, settle, settling
 from .shards import CandidateStore, ShardedSearch
 
@@ -36,9 +36,6 @@ from .shards import CandidateStore, ShardedSearch
 #: checkpoint's when it has been scanned this often): packing costs seconds that a one-off query never
 #: earns back (``benchmarks/scale.py`` measures both). ``GradientIndex.open(..., pack=True)`` packs at once.
 PACK_AFTER_SCANS = 300
-#: Test triples of one query call scanned together at most (each checkpoint's stored arrays read once for
-#: them; ``benchmarks/scan_kernels.py`` measures the products).
-SCAN_BATCH = 32
 
 
 @dataclass

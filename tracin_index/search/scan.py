@@ -24,6 +24,10 @@ from ..storage.encoding import EPS
 from ..storage.plans import BlockPlan, batch_norm_scale
 from ..storage.sketch import Basis
 
+#: Test triples scanned together at most (each checkpoint's stored arrays read once for them;
+#: ``benchmarks/scan_kernels.py`` measures the products, ``benchmarks/batch_query.py`` the queries).
+SCAN_BATCH = 32
+
 
 @dataclass
 class Estimate:

@@ -28,7 +28,7 @@ from ..gradients.blocks import PerExampleGradients, inverse_norms
 from ..storage.arrays import FactorArrays
 from ..storage.plans import is_input_side
 from ..storage.reader import IndexFiles
-from .scan import add_checkpoint, checkpoint_weight
+from .scan import SCAN_BATCH, add_weighted, checkpoint_estimates, checkpoint_weight
 from .settle import candidates
 
 #: Candidates per side whose stored factors a shard sends with its answer (the most promising: highest
@@ -96,14 +96,7 @@ class SearchShard:
         """Candidates of every test triple (``tests``: per checkpoint, the test triples' gradients), with
         the stored factors of the ``ship`` most promising each way."""
         out = []
-        for t in range(len(tests[0])):
-            n = self.facts[1] - self.facts[0]
-            value = torch.zeros(n, dtype=torch.float64)
-            error = torch.zeros(n, dtype=torch.float64)
-            for c, stored in enumerate(self.stored):
-                query = tests[c].index(slice(t, t + 1))
-                weight = checkpoint_weight(self.learning_rates[c], query, self.inverse_norms[c] if normalize else None)
-                add_checkpoint(value, error, self.plans, stored, query, modules[c], weight, self.per_fact)
+        for value, error in self._estimates(tests, modules, normalize):
             low, high = value - error, value + error
             pro, opp = candidates(low, high, k)
             local = np.union1d(pro, opp)
@@ -118,6 +111,20 @@ class SearchShard:
                                        int((estimate > 0).sum()), int((estimate < 0).sum()),
                                        int(((low < 0) & (high > 0)).sum())))  # fmt: skip
         return out
+
+    def _estimates(self, tests: list[PerExampleGradients], modules: list[dict], normalize: bool):
+        """Each test triple's estimates and bounds over the shard's triples, the test triples scanned
+        SCAN_BATCH at a time (:func:`~tracin_index.search.scan.checkpoint_estimates`)."""
+        n = self.facts[1] - self.facts[0]
+        for start in range(0, len(tests[0]), SCAN_BATCH):
+            batch = range(start, min(len(tests[0]), start + SCAN_BATCH))
+            sums = [(torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)) for _ in batch]
+            for c, stored in enumerate(self.stored):
+                queries = [tests[c].index(slice(t, t + 1)) for t in batch]
+                for (value, error), query, part in zip(sums, queries, checkpoint_estimates(self.plans, stored, queries, modules[c])):
+                    weight = checkpoint_weight(self.learning_rates[c], query, self.inverse_norms[c] if normalize else None)
+                    add_weighted(value, error, part, weight, self.per_fact)
+            yield from sums
 
     def factors(self, local: np.ndarray) -> list[dict[str, np.ndarray]]:
         """Per checkpoint, the per-row stored arrays (refining needs them) of the shard's triples ``local``

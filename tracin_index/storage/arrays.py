@@ -127,8 +127,14 @@ class FactorArrays:
     def first_row(self) -> "FactorArrays":
         """The same arrays cut to their first row (and group), never packed: a scan of it asks for the same
         products, in the same order, as a scan of all rows (what a batched scan records first)."""
-        return FactorArrays({k: v[:1] for k, v in self.arrays.items()}, self.bases,
-                            {k: v[:1] for k, v in self.groups.items()}, 1)  # fmt: skip
+        arrays = {}
+        for key, values in self.arrays.items():
+            block, side = key.split("/")[:2]
+            # a grouped input side's rows are groups: keep the first row's group (a search shard's first
+            # row may belong to a group first seen before it)
+            first = int(self.groups[block][0]) if side == "in" and block in self.groups else 0
+            arrays[key] = values[first : first + 1]
+        return FactorArrays(arrays, self.bases, {k: torch.zeros_like(v[:1]) for k, v in self.groups.items()}, 1)
 
     @property
     def device(self) -> torch.device:

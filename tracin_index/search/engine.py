@@ -10,6 +10,7 @@ stay here, so the answers are the same.
 
 from __future__ import annotations
 
+import bisect
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -208,25 +209,31 @@ class QueryEngine:
             sharded = self.search.scan(test, modules, top_k, normalize)  # one round trip per shard for all test triples
         refinable_plans = refinable(files.plans)
         results, rescored, rounds_of, refined_of, fetched = [], [], [], [], []
-        live = [t for t in range(len(hrt)) if not bool(vanished(test_norms[t : t + 1])[0])]
-        scanned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        gone = vanished(test_norms)  # test triples whose gradients vanished: no proponents or opponents
+        live = [t for t in range(len(hrt)) if not bool(gone[t])]
         scan_batch = self.scan_batch_size()
+        scanned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # the exact top k of a scanned batch settled together: their rescoring rounds share one pass
+        together = sharded is None and candidates is None and not approximate
+        settled: dict[int, tuple[torch.Tensor, torch.Tensor, Settled]] = {}
+
+        def batch_from(t: int) -> list[int]:
+            """Live test triple t and the next ones, a scan's batch."""
+            start = bisect.bisect_left(live, t)
+            return live[start : start + scan_batch]
 
         def estimates_of(t: int) -> tuple[torch.Tensor, torch.Tensor]:
             """Test triple t's estimates, from a batched scan of it and the next live test triples."""
             if t not in scanned:
                 scanned.clear()
-                batch = [u for u in live if u >= t][:scan_batch]
+                batch = batch_from(t)
                 scanned.update(zip(batch, self.batch_estimates(test, batch, normalize)))
             return scanned.pop(t)
 
-        # the exact top k of a scanned batch settled together: their rescoring rounds share one pass
-        together = sharded is None and candidates is None and not approximate
-        settled: dict[int, tuple[torch.Tensor, torch.Tensor, Settled]] = {}
-
         def settled_of(t: int) -> tuple[torch.Tensor, torch.Tensor, Settled]:
+            """Test triple t's bounds and settled rows, from a batch scanned and settled together."""
             if t not in settled:
-                batch = [u for u in live if u >= t][:scan_batch]
+                batch = batch_from(t)
                 bounds = {u: (v - e, v + e) for u, (v, e) in zip(batch, self.batch_estimates(test, batch, normalize))}
                 settled.update(self._settle_together(test, bounds, top_k, normalize, refinable_plans))
             return settled.pop(t)
@@ -234,7 +241,7 @@ class QueryEngine:
         for t in range(len(hrt)):
             refined_of.append(0)
             triple = Triple(*labels.of(hrt[t].tolist()))
-            if bool(vanished(test_norms[t : t + 1])[0]):
+            if bool(gone[t]):
                 warnings.warn(vanishing_message(f"({triple.head}, {triple.relation}, {triple.tail})", files.loss)
                               + "; it has no proponents or opponents", TracInWarning, stacklevel=3)  # fmt: skip
                 results.append(InfluenceResult(indices[t], triple, (), (), 0, 0))
@@ -242,15 +249,10 @@ class QueryEngine:
                 rounds_of.append(0)
                 continue
             grads = [g.index(slice(t, t + 1)) for g in test]
-            store, base = None, None
+            store, base, done = None, None, None
             if together:
                 low, high, done = settled_of(t)
-                rows, exact, rounds, refined_of[-1] = done.rows, done.scores, done.rounds, done.refined
-                rounds_of.append(rounds)
-                results.append(counted_result(indices[t], triple, exact, rows, top_k, labels, low, high, exact_rows=rows))
-                rescored.append(len(rows))
-                continue
-            if sharded is not None:
+            elif sharded is not None:
                 low, high, base, store = self._merge([per_test[t] for per_test in sharded])
             else:
                 value, error = estimates_of(t)
@@ -266,13 +268,14 @@ class QueryEngine:
                 exact = self.exact_scores(grads, rows, normalize=normalize)[0].numpy()
                 rounds = 1
             else:
-                def refine(rows, grads=grads, store=store):
-                    return self.estimates(grads, 0, normalize, rows=rows, store=store)
+                if done is None:
+                    def refine(rows, grads=grads, store=store):
+                        return self.estimates(grads, 0, normalize, rows=rows, store=store)
 
-                def rescore(rows, grads=grads):
-                    return self.exact_scores(grads, rows, normalize=normalize)[0]
+                    def rescore(rows, grads=grads):
+                        return self.exact_scores(grads, rows, normalize=normalize)[0]
 
-                done = settle(low, high, top_k, rescore, refine if refinable_plans else None)
+                    done = settle(low, high, top_k, rescore, refine if refinable_plans else None)
                 rows, exact, rounds, refined_of[-1] = done.rows, done.scores, done.rounds, done.refined
                 if store is not None:
                     fetched.append(store.fetched)

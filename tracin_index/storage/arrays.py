@@ -96,10 +96,11 @@ class FactorArrays:
         flats = [v.reshape(-1, v.shape[-1]) for v in parts]
         packed = self.packed.get("+".join(keys))
         width = sum(f.shape[1] for f in flats)
-        if (packed is None and len(flats[0]) >= PACK_MIN_ROWS and width >= PACK_MIN_WIDTH and flats[0].dtype == torch.float16
-                and self._packing(flats[0], len(flats[0]), width)):  # fmt: skip
+        few = len(queries) <= MV_QUERIES  # a batch's matrix product is faster unpacked: it neither packs nor uses a pack
+        if (few and packed is None and len(flats[0]) >= PACK_MIN_ROWS and width >= PACK_MIN_WIDTH
+                and flats[0].dtype == torch.float16 and self._packing(flats[0], len(flats[0]), width)):  # fmt: skip
             packed = self.packed["+".join(keys)] = _Packed(flats[0] if len(flats) == 1 else torch.cat(flats, 1))
-        if packed is not None and len(queries) <= MV_QUERIES:  # a batch's matrix product is faster unpacked
+        if packed is not None and few:
             out = packed.products(queries.float().cpu())
         elif len(flats) == 1:
             q = queries.to(device=flats[0].device, dtype=flats[0].dtype)

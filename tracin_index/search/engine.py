@@ -29,7 +29,7 @@ from ..storage.arrays import FactorArrays
 from ..storage.plans import batch_norm_scale
 from ..storage.reader import IndexFiles
 from .refine import refinable, refined_estimate
-from .scan import SCAN_BATCH, Estimate, add_checkpoint, add_weighted, checkpoint_estimates, checkpoint_weight
+from .scan import SCAN_BATCH, Estimate, add_weighted, checkpoint_estimates, checkpoint_weight
 from .settle import Settled, best_estimates, counted_result, settle, settling
 from .shards import CandidateStore, ShardedSearch
 
@@ -101,30 +101,25 @@ class QueryEngine:
         form. ``rows``: only these training triples, refined (their Linear inputs recomputed,
         :func:`~tracin_index.search.refine.refined_estimate`), from ``store`` where a sharded query holds
         their factors."""
+        if rows is None:  # the scan of every stored row: a batch of one
+            return self.batch_estimates(test, [t], normalize)[0]
         files = self.files
-        n = files.num_triples if rows is None else len(rows)
-        value = torch.zeros(n, dtype=torch.float64, device=self.device)
-        error = torch.zeros(n, dtype=torch.float64, device=self.device)
-        if rows is not None:
-            if not refinable(files.plans):
-                raise ValueError("this index's blocks cannot be refined (no sketched Linear input side)")
-            rows_t = torch.as_tensor(rows, dtype=torch.long)
-            examples = training_examples(torch.as_tensor(files.hrt[rows], dtype=torch.long), files.inverse_triples)
-            stored_rows = (rows_t[:, None] * files.per_triple + torch.arange(files.per_triple)).reshape(-1)
+        if not refinable(files.plans):
+            raise ValueError("this index's blocks cannot be refined (no sketched Linear input side)")
+        value = torch.zeros(len(rows), dtype=torch.float64, device=self.device)
+        error = torch.zeros(len(rows), dtype=torch.float64, device=self.device)
+        rows_t = torch.as_tensor(rows, dtype=torch.long)
+        examples = training_examples(torch.as_tensor(files.hrt[rows], dtype=torch.long), files.inverse_triples)
+        stored_rows = (rows_t[:, None] * files.per_triple + torch.arange(files.per_triple)).reshape(-1)
         for c in range(self.num_checkpoints):
             query = test[c].index(slice(t, t + 1))
-            norms = None
-            if normalize:
-                norms = self._inverse_norms_at(c) if rows is None else self._inverse_norms_at(c)[rows_t.to(self.device)]
+            norms = self._inverse_norms_at(c)[rows_t.to(self.device)] if normalize else None
             weight = checkpoint_weight(files.checkpoints[c].learning_rate, query, norms)
             modules = self.gradients.modules(c)
-            if rows is None:
-                add_checkpoint(value, error, files.plans, self.factor_arrays(c), query, modules, weight, files.per_triple)
-            else:
-                inputs = self._linear_inputs(c, examples.to(self.device))
-                arrays, at = (self.factor_arrays(c), stored_rows) if store is None else store.rows(c, stored_rows)
-                part = refined_estimate(files.plans, arrays, query, modules, at, inputs)
-                add_weighted(value, error, part, weight, files.per_triple)
+            inputs = self._linear_inputs(c, examples.to(self.device))
+            arrays, at = (self.factor_arrays(c), stored_rows) if store is None else store.rows(c, stored_rows)
+            part = refined_estimate(files.plans, arrays, query, modules, at, inputs)
+            add_weighted(value, error, part, weight, files.per_triple)
         return value.cpu(), error.cpu()
 
     def batch_estimates(self, test: list[PerExampleGradients], ts: Sequence[int], normalize: bool = False
@@ -139,7 +134,7 @@ class QueryEngine:
             queries = [test[c].index(slice(t, t + 1)) for t in ts]
             norms = self._inverse_norms_at(c) if normalize else None
             arrays, modules, lr = self.factor_arrays(c), self.gradients.modules(c), files.checkpoints[c].learning_rate
-            if files.per_triple == 1 and not normalize:  # summed in place, as add_checkpoint does
+            if files.per_triple == 1 and not normalize:  # summed in place: one number weights the whole checkpoint
                 checkpoint_estimates(files.plans, arrays, queries, modules, [Estimate(v, e) for v, e in out],
                                      [lr] * len(queries))  # fmt: skip
                 continue

@@ -6,7 +6,7 @@ with :math:`|\langle g(z), g(q)\rangle - E(z, q)| \le B(z, q)`: float16 rounding
 a sketch's residual (:mod:`tracin_index.storage.sketch`), and for a factored block the product of two
 sides' estimates, :math:`|X_1 X_2 - E_1 E_2| \le |E_1| e_2 + |E_2| e_1 + e_1 e_2`. Summed over blocks,
 weighted by each checkpoint's learning rate and folded from examples to training triples, they bound
-the influence (:func:`add_checkpoint`).
+the influence (:func:`checkpoint_estimates` for a batch of test triples, :func:`add_weighted`).
 """
 
 from __future__ import annotations
@@ -374,17 +374,6 @@ def add_weighted(value: torch.Tensor, error: torch.Tensor, part, weight, per_fac
     else:
         value.add_(fold(part.value, per_fact), alpha=weight)
         error.add_(fold(part.error, per_fact), alpha=weight)
-
-
-def add_checkpoint(value: torch.Tensor, error: torch.Tensor, plans: list[BlockPlan], stored: FactorArrays,
-                   query: PerExampleGradients, modules: dict, weight, per_fact: int) -> None:  # fmt: skip
-    """``value`` and ``error`` (per training triple) += ``weight`` times one checkpoint's scan of every
-    stored row (:func:`checkpoint_estimate`): summed in place where a triple is one
-    row and the weight one number, else through :func:`add_weighted`."""
-    if per_fact == 1 and not torch.is_tensor(weight):
-        checkpoint_estimate(plans, stored, query, modules, Estimate(value, error), weight)
-    else:
-        add_weighted(value, error, checkpoint_estimate(plans, stored, query, modules), weight, per_fact)
 
 
 def checkpoint_weight(learning_rate: float, query: PerExampleGradients, inverse_norms_of_rows: torch.Tensor | None):

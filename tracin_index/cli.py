@@ -50,6 +50,9 @@ class Direction(str, Enum):
     both = "both"
 
 
+_MAX_MEMORY_HELP = ("Memory budget of the query process, e.g. 4G or 500M [a quarter of the memory available]: an index "
+                    "whose stored arrays take more than a quarter of it is read from its files in passes, each "
+                    "answering many test triples (the same answers).")
 _DIRECTION_HELP = ("The prediction explained, for a model trained with inverse triples: tail = f(h, r, t); "
                    "head = f(t, r_inv, h), how PyKEEN scores heads; both = the sum.")
 
@@ -386,8 +389,11 @@ def query(
     output: Optional[Path] = typer.Option(None, help="Write results as JSON (.json), TSV (.tsv), or JSON lines "
                                           "(.jsonl: one line per test triple as each batch completes; the same "
                                           "command again resumes after the last one written)."),
-    batch_size: int = typer.Option(64, help="Test triples answered per batch (each batch's results are written "
-                                   "before the next one starts, with --output x.jsonl)."),
+    batch_size: Optional[int] = typer.Option(None, help="Test triples answered per batch (each batch's results are "
+                                             "written before the next one starts, with --output x.jsonl) [64, or "
+                                             "a pass's worth where the index is scanned from its files in passes].",
+                                             show_default=False),
+    max_memory: Optional[str] = typer.Option(None, help=_MAX_MEMORY_HELP, show_default=False),
     device: Optional[str] = typer.Option(None, help="cpu, cuda ... [cuda when available]."),
     dask_scheduler: Optional[str] = typer.Option(
         None, help="Hold the index in search shards on a running Dask cluster's workers and query them there "
@@ -402,7 +408,9 @@ def query(
     from .results import render
 
     _check_positive("--top-k", top_k)
-    _check_positive("--batch-size", batch_size)
+    if batch_size is not None:
+        _check_positive("--batch-size", batch_size)
+    budget = None if max_memory is None else parse_size(max_memory, "--max-memory")
     if candidates is not None:
         _check_positive("--candidates", candidates)
     if approximate and candidates is not None:
@@ -418,7 +426,11 @@ def query(
         from .build.runners import DaskRunner
 
         client = DaskRunner.connect(dask_scheduler).client
-    index_ = GradientIndex.open(index_dir, device=device, allow_pickle=allow_pickle, dask=client)
+    index_ = GradientIndex.open(index_dir, device=device, allow_pickle=allow_pickle, dask=client, max_memory=budget)
+    if index_.passes is not None:
+        console.print(index_.passes.describe())
+        batch_size = batch_size or index_.passes.tests
+    batch_size = batch_size or 64
     maps = index_.id_maps()
     if triple is not None:
         if len(triple) != 3:
@@ -496,15 +508,17 @@ def serve(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow unpickling (runs arbitrary code)."),
     batching: bool = typer.Option(True, "--batching/--no-batching",
                                   help="Answer the queries that arrive while one runs together, in one pass."),
+    max_memory: Optional[str] = typer.Option(None, help=_MAX_MEMORY_HELP, show_default=False),
 ):
     """Serve the index: a JSON API (docs at /docs) and an explorer in the browser at /."""
     from .serve.app import serve as run_server
 
     if not 0 < port < 65536:
         raise InputError(f"--port {port}: not a port number (1..65535)")
+    budget = None if max_memory is None else parse_size(max_memory, "--max-memory")
     console.print(f"serving {index_dir} at http://{host}:{port}/ (API docs at /docs); Ctrl-C stops it", highlight=False)
     run_server(index_dir, host=host, port=port, token=token, allow_pickle=allow_pickle, device=device, batching=batching,
-               warn=lambda m: console.print(Text(m, style="yellow")))  # fmt: skip
+               max_memory=budget, warn=lambda m: console.print(Text(m, style="yellow")))  # fmt: skip
 
 
 @app.command()
@@ -627,6 +641,22 @@ def _resumable(streamed):
             console.print(f"{streamed.path}: {len(streamed.done):,} test triple(s) written; the same command resumes "
                           "after them")  # fmt: skip
         raise
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+               "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}  # fmt: skip
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Bytes of a size as a person writes it: ``4G``, ``500M``, ``1.5GiB``, ``4000MB``, ``1048576``."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS or float(match.group(1)) * _SIZE_UNITS[unit] < 1:
+        raise InputError(f"{flag} {text!r}: not a size; give a positive number of bytes with an optional unit "
+                         "(K, M, G, T; e.g. 4G, 500M, 1.5GiB)")  # fmt: skip
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 def _check_positive(flag: str, value: int) -> None:

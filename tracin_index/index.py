@@ -33,7 +33,7 @@ class GradientIndex:
     """An index directory opened for queries. Make one with :meth:`build`, open one with :meth:`open`."""
 
     def __init__(self, files: IndexFiles, *, device: str, allow_pickle: bool = False,
-                 pack_after: int | None = PACK_AFTER_SCANS, search=None):  # fmt: skip
+                 pack_after: int | None = PACK_AFTER_SCANS, search=None, max_memory: int | None = None):  # fmt: skip
         self.files = files
         self.device = device
         # Permission to unpickle comes from the caller (the command line), never from the index directory:
@@ -41,7 +41,8 @@ class GradientIndex:
         self._allow_pickle = allow_pickle
         self._run = None
         self._selection: ParameterSelection | None = None
-        self.engine = QueryEngine(files, self._load_gradients, device, pack_after=pack_after, search=search)
+        self.engine = QueryEngine(files, self._load_gradients, device, pack_after=pack_after, search=search,
+                                  max_memory=max_memory)  # fmt: skip
 
     @classmethod
     def build(cls, out: str | os.PathLike, *, model_path, allow_pickle: bool = False, training_path=None,
@@ -66,7 +67,7 @@ class GradientIndex:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, device: str | None = None, allow_pickle: bool = False, dask=None,
-             shards: int | None = None, pack: bool | None = None) -> "GradientIndex":  # fmt: skip
+             shards: int | None = None, pack: bool | None = None, max_memory: int | None = None) -> "GradientIndex":  # fmt: skip
         """Open a complete index. The model is loaded when a query first needs it, and refused then if
         its files or the checkpoints changed since the build; a pickled model only with ``allow_pickle``
         (nothing in the index directory can grant that). ``dask``: a ``distributed.Client``; the
@@ -74,7 +75,10 @@ class GradientIndex:
         the ranges the build recorded (``--index-shards``), else ``shards``, else one per worker.
         ``pack``: pack the large stored arrays for fbgemm's float16 GEMM (faster scans, a second copy in
         memory; :data:`~tracin_index.storage.arrays.PACK_MIN_ROWS`): at the first query (True), never
-        (False), or once it has answered :data:`~tracin_index.search.engine.PACK_AFTER_SCANS` test triples (None)."""
+        (False), or once it has answered :data:`~tracin_index.search.engine.PACK_AFTER_SCANS` test triples (None).
+        ``max_memory``: the query process's memory budget in bytes (default: a quarter of the memory available);
+        an index whose stored arrays take more than a quarter of it is not held but read from its files in
+        passes, each answering many test triples (:mod:`tracin_index.search.passes`; ``passes`` says how)."""
         files = IndexFiles.open(path)
         pack_after = PACK_AFTER_SCANS if pack is None else 0 if pack else None
         search = None
@@ -86,7 +90,7 @@ class GradientIndex:
                 ranges = search_ranges(files.num_triples, shards or max(1, len(dask.scheduler_info()["workers"])))
             search = ShardedSearch(dask, files.directory, [tuple(r) for r in ranges], pack_after=pack_after)
         return cls(files, device=device or default_device(), allow_pickle=bool(allow_pickle), pack_after=pack_after,
-                   search=search)  # fmt: skip
+                   search=search, max_memory=max_memory)  # fmt: skip
 
     # -- what it holds ---------------------------------------------------------------------------
 
@@ -103,6 +107,8 @@ class GradientIndex:
     inverse_triples = property(lambda self: self.files.inverse_triples,
                                doc="Whether the model was trained with inverse triples (two examples per triple).")
     last_query = property(lambda self: self.engine.last_query, doc="What the last query did (QueryStats).")
+    passes = property(lambda self: self.engine.passes,
+                      doc="How queries scan an index larger than the memory budget (PassPlan), None where it is held.")
 
     def id_maps(self) -> IdMaps:
         return self.files.id_maps()

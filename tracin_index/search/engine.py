@@ -11,6 +11,7 @@ stay here, so the answers are the same.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -28,9 +29,10 @@ from ..results import InfluenceResult, Triple
 from ..storage.arrays import FactorArrays
 from ..storage.plans import batch_norm_scale
 from ..storage.reader import IndexFiles
+from .passes import PassPlan, StreamedSearch, memory_budget, plan_passes
 from .refine import refinable, refined_estimate
 from .scan import SCAN_BATCH, Estimate, add_weighted, checkpoint_estimates, checkpoint_weight
-from .settle import Settled, best_estimates, counted_result, settle, settling
+from .settle import Settled, best_estimates, counted_result, settling
 from .shards import CandidateStore, ShardedSearch
 
 #: Test triples after which an opened index packs its large stored arrays for fbgemm by default (each
@@ -58,8 +60,16 @@ class QueryEngine:
     held there."""
 
     def __init__(self, files: IndexFiles, load_gradients: Callable[[], CheckpointGradients], device: str, *,
-                 pack_after: int | None = PACK_AFTER_SCANS, search: ShardedSearch | None = None):  # fmt: skip
+                 pack_after: int | None = PACK_AFTER_SCANS, search: ShardedSearch | None = None,
+                 max_memory: int | None = None):  # fmt: skip
         self.files, self.device, self.pack_after, self.search = files, device, pack_after, search
+        #: how the scan fits the memory budget (``max_memory`` bytes, by default a share of the available
+        #: memory): held, or read from the files in passes (:mod:`tracin_index.search.passes`)
+        self.passes: PassPlan | None = None
+        if search is None:
+            plan = plan_passes(files, memory_budget(max_memory))
+            if plan.streamed:
+                self.passes, self.search = plan, StreamedSearch(files, plan, device)
         self._load_gradients = load_gradients
         self._gradients: CheckpointGradients | None = None
         self._arrays: dict[int, FactorArrays] = {}
@@ -189,12 +199,19 @@ class QueryEngine:
             raise InputError(f"--candidates {candidates} must be at least --top-k {top_k}")
         self._check_ids(hrt)
         check_direction(direction, files.inverse_triples)
+        if self.passes is not None and len(hrt) > self.passes.tests:  # one pass over the files per part
+            return self._in_passes(hrt, top_k, candidates=candidates, approximate=approximate,
+                                   test_indices=test_indices, direction=direction, normalize=normalize)  # fmt: skip
         test = self.test_gradients(hrt, direction)
         labels = files.row_labels()
         indices = list(test_indices) if test_indices is not None else [None] * len(hrt)
         test_norms = sum(g.squared_norms().double().cpu() for g in test)
         sharded = None
         if self.search is not None:
+            if (approximate or candidates is not None) and self.passes is not None:
+                raise InputError("--approximate and --candidates are not available on an index scanned from its files "
+                                 f"in passes ({self.passes.describe()}); query it without them (exact), or give a "
+                                 "larger --max-memory")  # fmt: skip
             if approximate or candidates is not None:
                 raise InputError("--approximate and --candidates are not available on an index searched in shards on a "
                                  "cluster; query it without them (exact), or open it without the cluster")  # fmt: skip
@@ -209,8 +226,9 @@ class QueryEngine:
         scan_batch = self.scan_batch_size()
         scanned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # the exact top k of a scanned batch settled together: their rescoring rounds share one pass
-        together = sharded is None and candidates is None and not approximate
+        together = candidates is None and not approximate
         settled: dict[int, tuple[torch.Tensor, torch.Tensor, Settled]] = {}
+        shard_parts: dict[int, tuple[dict, CandidateStore]] = {}  # a sharded scan's sign counts and candidate factors
 
         def batch_from(t: int) -> list[int]:
             """Live test triple t and the next ones, a scan's batch."""
@@ -226,11 +244,19 @@ class QueryEngine:
             return scanned.pop(t)
 
         def settled_of(t: int) -> tuple[torch.Tensor, torch.Tensor, Settled]:
-            """Test triple t's bounds and settled rows, from a batch scanned and settled together."""
+            """Test triple t's bounds and settled rows, from a batch scanned (or merged from the shards'
+            candidates) and settled together."""
             if t not in settled:
                 batch = batch_from(t)
-                bounds = {u: (v - e, v + e) for u, (v, e) in zip(batch, self.batch_estimates(test, batch, normalize))}
-                settled.update(self._settle_together(test, bounds, top_k, normalize, refinable_plans))
+                stores = None
+                if sharded is None:
+                    bounds = {u: (v - e, v + e) for u, (v, e) in zip(batch, self.batch_estimates(test, batch, normalize))}
+                else:
+                    merged = {u: self._merge([per_test[u] for per_test in sharded]) for u in batch}
+                    bounds = {u: (low, high) for u, (low, high, _, _) in merged.items()}
+                    shard_parts.update({u: (base, store) for u, (_, _, base, store) in merged.items()})
+                    stores = {u: store for u, (base, store) in shard_parts.items()}
+                settled.update(self._settle_together(test, bounds, top_k, normalize, refinable_plans, stores))
             return settled.pop(t)
 
         for t in range(len(hrt)):
@@ -243,37 +269,24 @@ class QueryEngine:
                 rescored.append(0)
                 rounds_of.append(0)
                 continue
-            grads = [g.index(slice(t, t + 1)) for g in test]
-            store, base, done = None, None, None
             if together:
                 low, high, done = settled_of(t)
-            elif sharded is not None:
-                low, high, base, store = self._merge([per_test[t] for per_test in sharded])
+                base, store = shard_parts.pop(t, (None, None))
+                rows, exact, rounds, refined_of[-1] = done.rows, done.scores, done.rounds, done.refined
+                if store is not None:
+                    fetched.append(store.fetched)
             else:
                 value, error = estimates_of(t)
-                low, high = value - error, value + error
+                low, high, base = value - error, value + error, None
                 if approximate:
                     results.append(counted_result(indices[t], triple, value.numpy(), np.arange(files.num_triples), top_k,
                                                   labels, low, high, exact_rows=None))  # fmt: skip
                     rescored.append(0)
                     rounds_of.append(0)
                     continue
-            if candidates is not None:
                 rows = np.union1d(*best_estimates(value, candidates))
-                exact = self.exact_scores(grads, rows, normalize=normalize)[0].numpy()
+                exact = self.exact_scores([g.index(slice(t, t + 1)) for g in test], rows, normalize=normalize)[0].numpy()
                 rounds = 1
-            else:
-                if done is None:
-                    def refine(rows, grads=grads, store=store):
-                        return self.estimates(grads, 0, normalize, rows=rows, store=store)
-
-                    def rescore(rows, grads=grads):
-                        return self.exact_scores(grads, rows, normalize=normalize)[0]
-
-                    done = settle(low, high, top_k, rescore, refine if refinable_plans else None)
-                rows, exact, rounds, refined_of[-1] = done.rows, done.scores, done.rounds, done.refined
-                if store is not None:
-                    fetched.append(store.fetched)
             rounds_of.append(rounds)
             results.append(counted_result(indices[t], triple, exact, rows, top_k, labels, low, high, exact_rows=rows,
                                           base=base))  # fmt: skip
@@ -281,12 +294,24 @@ class QueryEngine:
         self.last_query = QueryStats(rescored, rounds_of, refined_of, fetched)
         return results
 
+    def _in_passes(self, hrt: torch.Tensor, top_k: int, *, test_indices, **options) -> list[InfluenceResult]:
+        """:meth:`query` of test triples more than a pass answers: one pass over the index's files per part."""
+        size = self.passes.tests
+        indices = list(test_indices) if test_indices is not None else [None] * len(hrt)
+        results, stats = [], []
+        for start in range(0, len(hrt), size):
+            results += self.query(hrt[start : start + size], top_k, test_indices=indices[start : start + size], **options)
+            stats.append(self.last_query)
+        self.last_query = QueryStats(*([x for s in stats for x in getattr(s, f.name)] for f in dataclasses.fields(QueryStats)))
+        return results
+
     def _settle_together(self, test: list[PerExampleGradients], bounds: dict[int, tuple[torch.Tensor, torch.Tensor]],
-                         k: int, normalize: bool, refinable_plans: bool) -> dict[int, tuple[torch.Tensor, torch.Tensor, Settled]]:
+                         k: int, normalize: bool, refinable_plans: bool, stores: dict[int, CandidateStore] | None = None,
+                         ) -> dict[int, tuple[torch.Tensor, torch.Tensor, Settled]]:  # fmt: skip
         """:func:`~tracin_index.search.settle.settle` for several test triples (positions in ``test``, with their
         scan's bounds) in lockstep: each round, the rows that the test triples ask to rescore are rescored
         once for all of them (their gradients computed once, dotted with every test gradient that asked);
-        refining stays per test triple."""
+        refining stays per test triple (from its ``stores`` entry where a sharded scan holds its candidates' factors)."""
         steps = {u: settling(low, high, k, refinable_plans) for u, (low, high) in bounds.items()}
         requests = {u: next(step) for u, step in steps.items()}
         done: dict[int, tuple[torch.Tensor, torch.Tensor, Settled]] = {}
@@ -301,7 +326,8 @@ class QueryEngine:
                     answers[u] = scores[i, torch.as_tensor(np.searchsorted(union, requests[u][1]))]
             for u, (kind, rows) in requests.items():
                 if kind == "refine":
-                    answers[u] = self.estimates([g.index(slice(u, u + 1)) for g in test], 0, normalize, rows=rows)
+                    store = None if stores is None else stores[u]
+                    answers[u] = self.estimates([g.index(slice(u, u + 1)) for g in test], 0, normalize, rows=rows, store=store)
             following = {}
             for u, answer in answers.items():
                 try:

@@ -78,18 +78,26 @@ class CandidateStore:
 
 
 class SearchShard:
-    """One range of training triples' stored factors at every checkpoint, in a worker's memory."""
+    """One range of training triples' stored factors at every checkpoint, in a worker's memory (or, for an
+    index scanned in passes, :mod:`tracin_index.search.passes`, in the querying process for one pass), on
+    ``device``."""
 
-    def __init__(self, directory: str, facts: tuple[int, int], pack_after: int | None = None):
-        files = IndexFiles.open(directory)
+    def __init__(self, files: IndexFiles, facts: tuple[int, int], pack_after: int | None = None, device: str = "cpu",
+                 bases: list[dict] | None = None, sketches: list[dict] | None = None):  # fmt: skip
+        """``bases``, ``sketches``: per checkpoint, its principal directions and a memo of the queries'
+        sketches, where several ranges of one index share them (:class:`~tracin_index.search.passes.StreamedSearch`)."""
         self.plans = files.plans
         self.per_fact = files.per_triple
         self.facts = facts
-        self.stored = [files.factor_arrays(c, facts) for c in range(len(files.checkpoints))]
+        self.device = torch.device(device)
+        count = len(files.checkpoints)
+        self.stored = [files.factor_arrays(c, facts, None if bases is None else bases[c]).to(device) for c in range(count)]
+        for c, stored in enumerate(self.stored):
+            stored.sketches = None if sketches is None else sketches[c]
         for stored in self.stored:  # packed for fbgemm like the whole index's (GradientIndex.open's ``pack``)
             stored.pack_after = pack_after
         self.learning_rates = [float(c.learning_rate) for c in files.checkpoints]
-        self.inverse_norms = [inverse_norms(torch.from_numpy(n)) for n in files.squared_norms(facts)]
+        self.inverse_norms = [inverse_norms(torch.from_numpy(n)).to(device) for n in files.squared_norms(facts)]
 
     def scan(self, tests: list[PerExampleGradients], modules: list[dict], k: int, normalize: bool,
              ship: int = SHIPPED) -> list[ShardCandidates]:  # fmt: skip
@@ -97,7 +105,7 @@ class SearchShard:
         the stored factors of the ``ship`` most promising each way."""
         out = []
         for value, error in self._estimates(tests, modules, normalize):
-            low, high = value - error, value + error
+            low, high = (value - error).cpu(), (value + error).cpu()
             pro, opp = candidates(low, high, k)
             local = np.union1d(pro, opp)
             estimate = ((low + high) / 2).numpy()  # as the single index counts signs
@@ -118,7 +126,8 @@ class SearchShard:
         n = self.facts[1] - self.facts[0]
         for start in range(0, len(tests[0]), SCAN_BATCH):
             batch = range(start, min(len(tests[0]), start + SCAN_BATCH))
-            sums = [(torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)) for _ in batch]
+            sums = [(torch.zeros(n, dtype=torch.float64, device=self.device),
+                     torch.zeros(n, dtype=torch.float64, device=self.device)) for _ in batch]  # fmt: skip
             for c, stored in enumerate(self.stored):
                 queries = [tests[c].index(slice(t, t + 1)) for t in batch]
                 for (value, error), query, part in zip(sums, queries, checkpoint_estimates(self.plans, stored, queries, modules[c])):
@@ -130,7 +139,8 @@ class SearchShard:
         """Per checkpoint, the per-row stored arrays (refining needs them) of the shard's triples ``local``
         (numpy: they travel, and a torch tensor pickles ten times slower)."""
         examples = torch.as_tensor((local[:, None] * self.per_fact + np.arange(self.per_fact)).reshape(-1), dtype=torch.long)
-        return [{key: v.index_select(0, examples).numpy() for key, v in s.arrays.items() if not is_input_side(key, self.plans)}
+        examples = examples.to(self.device)
+        return [{key: v.index_select(0, examples).cpu().numpy() for key, v in s.arrays.items() if not is_input_side(key, self.plans)}
                 for s in self.stored]  # fmt: skip
 
 
@@ -144,7 +154,7 @@ def _on_cpu(grads: PerExampleGradients) -> PerExampleGradients:
 
 
 def _load(directory: str, facts: tuple[int, int], pack_after: int | None) -> SearchShard:
-    return SearchShard(directory, facts, pack_after)
+    return SearchShard(IndexFiles.open(directory), facts, pack_after)
 
 
 def _scan(shard: SearchShard, query: bytes, k: int, normalize: bool, ship: int, threads: int | None) -> list[ShardCandidates]:

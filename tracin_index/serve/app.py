@@ -247,7 +247,8 @@ def _test_triples(index: GradientIndex) -> list[Triple]:
 
 
 def serve(index_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          allow_pickle: bool = False, device: str | None = None, warn=print, batching: bool = True) -> None:  # fmt: skip
+          allow_pickle: bool = False, device: str | None = None, warn=print, batching: bool = True,
+          max_memory: int | None = None) -> None:  # fmt: skip
     """Open the index and serve it until interrupted."""
     import importlib.util
 
@@ -258,6 +259,9 @@ def serve(index_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, token: 
     if host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"warning: serving on {host}, reachable from other machines"
              + ("" if token else "; anyone who reaches it can query the index: consider --token"))  # fmt: skip
-    index = GradientIndex.open(index_dir, device=device, allow_pickle=allow_pickle, pack=True)  # a server is kept busy
+    index = GradientIndex.open(index_dir, device=device, allow_pickle=allow_pickle, pack=True,  # a server is kept busy
+                               max_memory=max_memory)  # fmt: skip
+    if index.passes is not None:
+        warn(f"note: {index.passes.describe()}; each request reads the index (give a larger --max-memory to hold it)")
     index.run  # load the model now, not at the first request (and refuse changed files before serving)
     uvicorn.run(create_app(index, token=token, batching=batching), host=host, port=port, log_level="warning")

@@ -84,6 +84,9 @@ class FactorArrays:
     scans: int = 0
     packed: dict[str, _Packed] = field(default_factory=dict)
     pack_refused: bool = False
+    #: the sketches of queries (:meth:`sketch_query`) by side and query, where the same checkpoint's rows are
+    #: scanned in several ranges for the same queries (an index scanned in passes): computed once for all ranges
+    sketches: dict | None = None
 
     def products(self, keys: str | tuple[str, ...], queries: torch.Tensor) -> torch.Tensor:
         """Products of the float16 rows (rows, [examples,] d) of array ``keys`` (several: side by side, the
@@ -161,6 +164,11 @@ class FactorArrays:
         """:meth:`Basis.sketch_query` of ``side``'s basis; with packing on, B x by fbgemm from the basis's
         8-bit entries (exact in float16) times its row scales (1,024 x 10,369 float32 numbers read per
         checkpoint and query otherwise, at 512 directions)."""
+        if self.sketches is not None:
+            memo = (side, query.detach().cpu().numpy().tobytes())
+            if memo not in self.sketches:
+                self.sketches[memo] = replace(self, sketches=None).sketch_query(side, query)
+            return self.sketches[memo]
         basis = self.bases[side]
         key = f"{side[0]}/{side[1]}/basis"
         if key not in self.packed:

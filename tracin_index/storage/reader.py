@@ -26,7 +26,7 @@ from ..kg.replicas import build_replica
 from ..kg.triples import IdMaps
 from .arrays import FactorArrays
 from .layout import TRIPLES, bases_path, fingerprint_ids, read_arrays, read_manifest, read_triples, resolve_path, sha256_file
-from .plans import BlockPlan, sketched_sides
+from .plans import BlockPlan, is_input_side, sketched_sides
 from .sketch import Basis, dequantize, read_quantized_bases
 
 
@@ -96,9 +96,18 @@ class IndexFiles:
             raise InputError(f"{self.directory}: the model's selected parameters differ from the index's; rebuild the index")
         return selection
 
-    def factor_arrays(self, c: int, triples: tuple[int, int] | None = None) -> FactorArrays:
-        """Checkpoint c's stored arrays (of the training triples ``triples`` = [start, stop), all by default)."""
-        return load_factor_arrays(self.directory, self.manifest, self.plans, c, self.groups, triples)
+    def factor_arrays(self, c: int, triples: tuple[int, int] | None = None, bases: dict | None = None) -> FactorArrays:
+        """Checkpoint c's stored arrays (of the training triples ``triples`` = [start, stop), all by default);
+        ``bases``: checkpoint c's principal directions, where the caller has them already."""
+        return load_factor_arrays(self.directory, self.manifest, self.plans, c, self.groups, triples, bases)
+
+    def stored_rows(self, c: int, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Checkpoint c's stored arrays of the stored ``rows`` (sorted, unique), input sides left out (:func:`read_rows`)."""
+        return read_rows(self.directory, self.manifest, self.plans, c, rows)
+
+    def arrays_bytes(self) -> int:
+        """Bytes of the stored arrays of every checkpoint (the shard files' sizes): what holding them all takes."""
+        return sum((self.directory / s["file"]).stat().st_size for s in self.manifest["shards"])
 
     def squared_norms(self, triples: tuple[int, int] | None = None) -> np.ndarray:
         """||g(z; theta_c)||^2 per checkpoint and training triple, (C, N) float64 (exact, stored at build time)."""
@@ -170,7 +179,7 @@ def read_squared_norms(directory: Path, manifest: dict, facts: tuple[int, int] |
 
 
 def load_factor_arrays(directory: Path, manifest: dict, plans: list[BlockPlan], c: int, groups: np.ndarray | None,
-                facts: tuple[int, int] | None = None) -> FactorArrays:  # fmt: skip
+                facts: tuple[int, int] | None = None, bases: dict | None = None) -> FactorArrays:  # fmt: skip
     """Checkpoint c's stored factors of the training triples ``facts`` = [start, stop) (all by default),
     from the shard files (their rows in row order). Grouped sides keep the groups those rows use,
     renumbered from 0 in group order."""
@@ -178,29 +187,33 @@ def load_factor_arrays(directory: Path, manifest: dict, plans: list[BlockPlan], 
     start, stop = (0, int(manifest["num_rows"])) if facts is None else (facts[0] * per_fact, facts[1] * per_fact)
     shards = sorted((s for s in manifest["shards"] if s["checkpoint"] == c), key=lambda s: s["row_start"])
     grouped_keys = {f"{p.name}/in/" for p in plans if p.grouped}
-    rows: dict[str, list[np.ndarray]] = {}
     per_group: dict[str, list[np.ndarray]] = {}
+    rows: dict[str, np.ndarray] = {}  # read straight into place: no second copy of the rows while they load
     for shard in shards:
+        if shard["row_start"] >= stop and shard["row_start"] > start:
+            break  # the groups of rows before a file are held in it or in earlier ones
         overlaps = shard["row_start"] < stop and shard["row_stop"] > start
         if not overlaps and not grouped_keys:
             continue
         path = directory / shard["file"]
-        names = None
-        if not overlaps:  # an earlier file may hold the groups these rows use
-            with h5py.File(path, "r") as f:
-                names = []
-                f.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) and any(
-                    name.startswith(g) for g in grouped_keys) else None)  # fmt: skip
-        arrays = read_arrays(path, names)
         lo, hi = max(start, shard["row_start"]) - shard["row_start"], min(stop, shard["row_stop"]) - shard["row_start"]
-        for key, value in arrays.items():
-            if key == "squared_norms":
-                continue
-            if any(key.startswith(g) for g in grouped_keys):
-                per_group.setdefault(key, []).append(value)
-            elif overlaps:
-                rows.setdefault(key, []).append(value[lo:hi])
-    arrays = {key: torch.from_numpy(np.concatenate(parts)) for key, parts in rows.items()}
+        at = shard["row_start"] + lo - start
+        try:
+            with h5py.File(path, "r") as f:
+                names: list[str] = []
+                f.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+                for key in names:
+                    grouped = any(key.startswith(g) for g in grouped_keys)
+                    if grouped:  # an earlier file may hold the groups these rows use
+                        per_group.setdefault(key, []).append(f[key][...])
+                    elif overlaps and key != "squared_norms":
+                        dataset = f[key]
+                        if key not in rows:
+                            rows[key] = np.empty((stop - start, *dataset.shape[1:]), dtype=dataset.dtype)
+                        dataset.read_direct(rows[key], np.s_[lo:hi], np.s_[at : at + hi - lo])
+        except (OSError, KeyError, TypeError, ValueError) as error:
+            raise InputError(f"{path}: unreadable ({error}); run the same `tracin-index build` again to rebuild it") from None
+    arrays = {key: torch.from_numpy(value) for key, value in rows.items()}
     stored_groups = {}
     if grouped_keys:
         mine = groups[start:stop]
@@ -209,11 +222,9 @@ def load_factor_arrays(directory: Path, manifest: dict, plans: list[BlockPlan], 
             whole = np.concatenate(parts)
             arrays[key] = torch.from_numpy(whole if used is None else whole[used])
         stored_groups = {p.name: torch.as_tensor(local) for p in plans if p.grouped}
-    for key in arrays:  # the per-row numbers of the bounds in float64 once, not at every query
-        if key.endswith(("/scale", "/norm", "/rho")):
-            arrays[key] = arrays[key].double()
-    bases, sketched = {}, sketched_sides(plans)
-    if sketched:
+    _widen(arrays)
+    sketched = sketched_sides(plans)
+    if bases is None and sketched:
         name = bases_path(c)
         check_file(directory / name, manifest["files"].get(name), "principal directions file")
         quantized = read_quantized_bases(read_arrays(directory / name), sketched)
@@ -222,7 +233,40 @@ def load_factor_arrays(directory: Path, manifest: dict, plans: list[BlockPlan], 
         if p.grouped and facts is None and len(arrays[f"{p.name}/in/values"]) != manifest["num_groups"]:
             raise InputError(f"{directory}: the shards of checkpoint {c + 1} do not hold every "
                              "(head, relation) group; rebuild the index")  # fmt: skip
-    return FactorArrays(arrays, bases, stored_groups, stop - start)
+    return FactorArrays(arrays, bases or {}, stored_groups, stop - start)
+
+
+def _widen(arrays: dict[str, torch.Tensor]) -> None:
+    """The per-row numbers of the bounds in float64, once, not at every query."""
+    for key in arrays:
+        if key.endswith(("/scale", "/norm", "/rho")):
+            arrays[key] = arrays[key].double()
+
+
+def read_rows(directory: Path, manifest: dict, plans: list[BlockPlan], c: int, rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """Checkpoint c's stored arrays of the stored ``rows`` (examples, sorted, unique) but the Linear input
+    sides (refining recomputes those): what refining a few candidates needs, read from the shard files that
+    hold them, without loading the rest."""
+    shards = sorted((s for s in manifest["shards"] if s["checkpoint"] == c), key=lambda s: s["row_start"])
+    parts: dict[str, list[np.ndarray]] = {}
+    for shard in shards:
+        lo, hi = np.searchsorted(rows, [shard["row_start"], shard["row_stop"]])
+        if lo == hi:
+            continue
+        local = rows[lo:hi] - shard["row_start"]
+        path = directory / shard["file"]
+        try:
+            with h5py.File(path, "r") as f:
+                names = []
+                f.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) and name != "squared_norms"
+                             and not is_input_side(name, plans) else None)  # fmt: skip
+                for name in names:
+                    parts.setdefault(name, []).append(f[name][local])
+        except (OSError, KeyError) as error:
+            raise InputError(f"{path}: unreadable ({error}); run the same `tracin-index build` again to rebuild it") from None
+    arrays = {key: torch.from_numpy(np.concatenate(values)) for key, values in parts.items()}
+    _widen(arrays)
+    return arrays
 
 
 def verify_directory(directory: Path, manifest: dict) -> list[str]:

@@ -1,0 +1,118 @@
+"""An index larger than the query's memory budget: scanned from its shard files in passes.
+
+The scan reads every stored row (:mod:`tracin_index.search.scan`). An index whose stored arrays would
+take more than a quarter of the query process's memory budget (:func:`plan_passes`) is not held: each
+query call reads it range by range from the shard files (the operating system's file cache makes the
+rereads cheap where memory allows), as a cluster's search shards hold it (:mod:`tracin_index.search.shards`):
+each range is loaded, scanned for every test triple of the pass, and dropped; what stays is each test
+triple's candidates (the rows its bounds cannot rule out against the range's own k-th lower bound, so no
+row of the whole index's top k is lost) with their bounds and some of their stored factors. Refining
+reads further candidates' factors from the files that hold them (:meth:`StreamedSearch.fetch`). The
+answers are those of the index held in memory: the same candidates, rescored exactly.
+
+A pass answers as many test triples as the budget holds the candidates of (:attr:`PassPlan.tests`), so
+one read of the index serves them all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..gradients.blocks import PerExampleGradients
+from ..machine import available_memory
+from ..storage.layout import search_ranges
+from ..storage.reader import IndexFiles
+from .shards import SHIPPED, SearchShard, ShardCandidates
+
+#: An index is held in memory while its stored arrays take at most this share of the budget; the rest
+#: is a batch's working memory (the estimates of every row for each test triple scanned together).
+HELD_SHARE = 0.25
+#: The memory budget of a query process, by default: this share of the memory available when it opens the index.
+DEFAULT_BUDGET_SHARE = 0.25
+
+
+def memory_budget(max_memory: int | None = None) -> int:
+    """Bytes a query process may use for the scan: ``max_memory``, else :data:`DEFAULT_BUDGET_SHARE` of the
+    memory available (unbounded where the machine does not say)."""
+    if max_memory is not None:
+        if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1:
+            raise InputError(f"the memory budget must be a positive number of bytes, got {max_memory!r}")
+        return max_memory
+    available = available_memory()
+    return 2**62 if available is None else int(DEFAULT_BUDGET_SHARE * available)
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """How an index is scanned under a memory budget: held (``ranges`` None), or range by range from its
+    files, answering up to ``tests`` test triples per pass."""
+
+    budget: int  # bytes
+    arrays: int  # bytes of the stored arrays, all checkpoints
+    ranges: list[tuple[int, int]] | None
+    tests: int
+
+    @property
+    def streamed(self) -> bool:
+        return self.ranges is not None
+
+    def describe(self) -> str:
+        return (f"the index's stored arrays ({self.arrays / 2**30:,.2f} GiB) take more than {HELD_SHARE:.0%} of the "
+                f"memory budget ({self.budget / 2**30:,.2f} GiB): scanned from its files in {len(self.ranges)} "
+                f"range(s) per pass, up to {self.tests:,} test triple(s) per pass")  # fmt: skip
+
+
+def plan_passes(files: IndexFiles, budget: int) -> PassPlan:
+    """Held in memory where the stored arrays fit :data:`HELD_SHARE` of ``budget`` bytes; else ranges of
+    training triples whose arrays take that share each, and test triples per pass as many as half the
+    budget holds the candidates of (per test triple and range: the stored factors of up to 2 x SHIPPED
+    rows at every checkpoint, and its bounds over every row while it is merged)."""
+    arrays = files.arrays_bytes()
+    n = max(1, files.num_triples)
+    if arrays <= HELD_SHARE * budget:
+        return PassPlan(budget, arrays, None, 0)
+    ranges = search_ranges(files.num_triples, math.ceil(arrays / (HELD_SHARE * budget)))
+    per_triple = arrays / n  # stored bytes per training triple, all checkpoints
+    per_test = len(ranges) * 2 * SHIPPED * per_triple + 16 * n
+    return PassPlan(budget, arrays, ranges, max(1, int(budget / 2 // per_test)))
+
+
+class StreamedSearch:
+    """:class:`~tracin_index.search.shards.ShardedSearch`'s interface (``scan``, ``fetch``) over ranges of one
+    index read from its files in the querying process, one at a time."""
+
+    def __init__(self, files: IndexFiles, plan: PassPlan, device: str, ship: int = SHIPPED):
+        self.files, self.plan, self.device, self.ship = files, plan, device, ship
+        self.ranges = plan.ranges
+        self.passes = 0
+        self._bases: list[dict] | None = None
+
+    def _checkpoint_bases(self) -> list[dict]:
+        """Every checkpoint's principal directions, read once (every range scans with them)."""
+        if self._bases is None:
+            count = len(self.files.checkpoints)
+            self._bases = [self.files.factor_arrays(c, (0, 0)).to(self.device).bases for c in range(count)]
+        return self._bases
+
+    def scan(self, tests: list[PerExampleGradients], modules: list[dict], k: int, normalize: bool) -> list[list[ShardCandidates]]:
+        """Every range's candidates for every test triple: one pass over the index."""
+        found = []
+        sketches: list[dict] = [{} for _ in self.files.checkpoints]  # each query's sketch computed once per pass
+        for facts in self.ranges:
+            shard = SearchShard(self.files, facts, device=self.device, bases=self._checkpoint_bases(), sketches=sketches)
+            found.append(shard.scan(tests, modules, k, normalize, self.ship))
+            del shard  # before the next range is read: one range's arrays at a time
+        self.passes += 1
+        return found
+
+    def fetch(self, facts: np.ndarray) -> list[dict[str, torch.Tensor]]:
+        """Per checkpoint, the stored arrays (input sides left out) of the training triples ``facts`` (sorted),
+        read from the shard files that hold them."""
+        k = self.files.per_triple
+        rows = (facts[:, None] * k + np.arange(k)).reshape(-1)
+        return [self.files.stored_rows(c, rows) for c in range(len(self.files.checkpoints))]

@@ -832,6 +832,18 @@ def section_batch_query(d: dict, results_dir: Path) -> list[str]:
         ["largest relative difference of a printed influence", small(get(f, "largest_relative_influence_difference"))],
         ["peak RSS MB", fixed(get(f, "peak_rss_mb"), 0)],
     ])  # fmt: skip
+    line = get(f, "command_line")
+    if isinstance(line, dict):
+        out += ["", "The command line (`tracin-index query --test FILE --output x.jsonl`) on the same test triples in its "
+                "own process, at its default memory budget and held in memory (`--max-memory 1T`), alternating; wall "
+                "time median of the rounds, peak RSS (`wait4`) the largest:", ""]
+        out += table(["setting", "wall s", "rounds (s)", "peak RSS MB"], [
+            [name, fixed(get(line, name, "wall_s"), 1),
+             ", ".join(fixed(get(r, "wall_s"), 1) for r in (get(line, name, "runs") or [])) or NA,
+             fixed(get(line, name, "peak_rss_mb"), 0)] for name in ("default", "held")])  # fmt: skip
+        out += ["", f"Throughput at the default budget over held: {sig3(get(line, 'default_vs_held_throughput'))}; the "
+                f"same lists: {get(line, 'outputs_identical')}; largest relative difference of a printed influence: "
+                f"{small(get(line, 'largest_relative_influence_difference'))}."]
     return out
 
 
@@ -846,6 +858,9 @@ SECTIONS: dict[str, tuple[str, str, Callable[[dict, Path], list[str]]]] = {
     "batch_query": ("Many test triples per query call",
                     "The same test triples answered one query call each and in one call (the batched scan), side by "
                     "side in one process.", section_batch_query),
+    "batch_query_1m": ("Many test triples per query call, 1M training triples",
+                       "As above on the 1M planted graph, and the command line at its default memory budget (the "
+                       "index read from its files in passes) against the index held in memory.", section_batch_query),
     "build_cost": ("Build cost",
                    "What building the index costs on UMLS ConvE, against a training epoch, a per-triple `torch.autograd.grad` "
                    "loop and Captum's `TracInCPFastRandProj`, all timed in one run.", section_build_cost),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
-from test_index import NUM_TEST, assert_matches, brute_force, conve_reference, embedding_run, run_ids  # noqa: F401 (a fixture)
+from test_index import NUM_TEST, assert_matches, brute_force, embedding_run, run_ids
 
 from tracin_index.cli import parse_size
 from tracin_index.errors import InputError
@@ -20,6 +20,12 @@ from tracin_index.storage.reader import IndexFiles
 def conve_index(tiny_run, tmp_path_factory):
     """The tiny ConvE (trained with inverse triples) indexed with a 16-direction sketch, held in memory."""
     return GradientIndex.build(tmp_path_factory.mktemp("passes") / "index", model_path=tiny_run, sketch_dim=16)
+
+
+@pytest.fixture(scope="module")
+def conve_reference(tiny_run, tiny_train_gradients):
+    """The autograd reference's scores of the first test triples, both losses (as in test_index)."""
+    return {loss: brute_force(tiny_run, loss, train_gradients=tiny_train_gradients(loss)) for loss in ("bce", "ce")}
 
 
 def assert_same_answers(ours, theirs):

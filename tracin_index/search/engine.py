@@ -208,13 +208,12 @@ class QueryEngine:
         test_norms = sum(g.squared_norms().double().cpu() for g in test)
         sharded = None
         if self.search is not None:
-            if (approximate or candidates is not None) and self.passes is not None:
-                raise InputError("--approximate and --candidates are not available on an index scanned from its files "
-                                 f"in passes ({self.passes.describe()}); query it without them (exact), or give a "
-                                 "larger --max-memory")  # fmt: skip
             if approximate or candidates is not None:
-                raise InputError("--approximate and --candidates are not available on an index searched in shards on a "
-                                 "cluster; query it without them (exact), or open it without the cluster")  # fmt: skip
+                where, otherwise = ((f"scanned from its files in passes ({self.passes.describe()})", "give a larger --max-memory")
+                                    if self.passes is not None else
+                                    ("searched in shards on a cluster", "open it without the cluster"))  # fmt: skip
+                raise InputError(f"--approximate and --candidates are not available on an index {where}; query it "
+                                 f"without them (exact), or {otherwise}")  # fmt: skip
             # derived sides need their batch norm's scale only: 200 numbers travel, not the module
             modules = [{p.derived[0]: batch_norm_scale(self.gradients.modules(c)[p.derived[0]]).cpu() for p in files.plans
                         if p.derived} for c in range(self.num_checkpoints)]  # fmt: skip
@@ -255,7 +254,7 @@ class QueryEngine:
                     merged = {u: self._merge([per_test[u] for per_test in sharded]) for u in batch}
                     bounds = {u: (low, high) for u, (low, high, _, _) in merged.items()}
                     shard_parts.update({u: (base, store) for u, (_, _, base, store) in merged.items()})
-                    stores = {u: store for u, (base, store) in shard_parts.items()}
+                    stores = {u: store for u, (_, _, _, store) in merged.items()}
                 settled.update(self._settle_together(test, bounds, top_k, normalize, refinable_plans, stores))
             return settled.pop(t)
 
@@ -308,7 +307,7 @@ class QueryEngine:
     def _settle_together(self, test: list[PerExampleGradients], bounds: dict[int, tuple[torch.Tensor, torch.Tensor]],
                          k: int, normalize: bool, refinable_plans: bool, stores: dict[int, CandidateStore] | None = None,
                          ) -> dict[int, tuple[torch.Tensor, torch.Tensor, Settled]]:  # fmt: skip
-        """:func:`~tracin_index.search.settle.settle` for several test triples (positions in ``test``, with their
+        """:func:`~tracin_index.search.settle.settling` for several test triples (positions in ``test``, with their
         scan's bounds) in lockstep: each round, the rows that the test triples ask to rescore are rescored
         once for all of them (their gradients computed once, dotted with every test gradient that asked);
         refining stays per test triple (from its ``stores`` entry where a sharded scan holds its candidates' factors)."""

@@ -95,8 +95,7 @@ class StreamedSearch:
     def _checkpoint_bases(self) -> list[dict]:
         """Every checkpoint's principal directions, read once (every range scans with them)."""
         if self._bases is None:
-            count = len(self.files.checkpoints)
-            self._bases = [self.files.factor_arrays(c, (0, 0)).to(self.device).bases for c in range(count)]
+            self._bases = [self.files.bases(c) for c in range(len(self.files.checkpoints))]
         return self._bases
 
     def scan(self, tests: list[PerExampleGradients], modules: list[dict], k: int, normalize: bool) -> list[list[ShardCandidates]]:

@@ -12,7 +12,7 @@ exact top k, without a fixed rerank depth.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Generator
+from typing import Generator
 
 import numpy as np
 import torch
@@ -32,11 +32,6 @@ FIRST_REFINE_ROUND = 64
 REFINE_MIN_CANDIDATES = 64
 #: A row's state while settling: bounds from the scan, refined bounds, exact score.
 _SCANNED, _REFINED, _EXACT = 0, 1, 2
-
-#: Refining: training triples -> their tighter (estimate, bound) (float64 tensors).
-Refine = Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]
-#: Rescoring: training triples -> their exact influences (float64 tensor).
-Rescore = Callable[[np.ndarray], torch.Tensor]
 
 
 def candidates(low: torch.Tensor, high: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,23 +77,10 @@ class Settled:
     refined: int
 
 
-def settle(low: torch.Tensor, high: torch.Tensor, k: int, rescore: Rescore, refine: Refine | None = None) -> Settled:
-    """:func:`settling`, with ``rescore(rows)`` (exact scores) and ``refine(rows)`` (refined estimates and
-    bounds) answering its requests as they come."""
-    steps = settling(low, high, k, refine is not None)
-    request = next(steps)
-    while True:
-        kind, rows = request
-        try:
-            request = steps.send(rescore(rows) if kind == "rescore" else refine(rows))
-        except StopIteration as done:
-            return done.value
-
-
 def settling(low: torch.Tensor, high: torch.Tensor, k: int, refinable: bool) -> Generator[tuple[str, np.ndarray], object, Settled]:
-    """The rounds of :func:`settle` as requests: yields ``("refine", rows)`` (to be sent back the rows'
-    refined ``(value, error)``) and ``("rescore", rows)`` (their exact scores), and returns the
-    :class:`Settled`; so that a batch of test triples can answer their requests together.
+    """The rounds that settle one test triple's top k, as requests: yields ``("refine", rows)`` (to be sent
+    back the rows' refined ``(value, error)``) and ``("rescore", rows)`` (their exact scores), and returns
+    the :class:`Settled`; so that a batch of test triples can answer their requests together.
 
     Rescore candidates exactly in rounds, the most promising first (the highest upper bounds for
     proponents, the lowest lower bounds for opponents), until no row left unscored can still enter

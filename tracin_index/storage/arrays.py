@@ -164,11 +164,14 @@ class FactorArrays:
         """:meth:`Basis.sketch_query` of ``side``'s basis; with packing on, B x by fbgemm from the basis's
         8-bit entries (exact in float16) times its row scales (1,024 x 10,369 float32 numbers read per
         checkpoint and query otherwise, at 512 directions)."""
-        if self.sketches is not None:
-            memo = (side, query.detach().cpu().numpy().tobytes())
-            if memo not in self.sketches:
-                self.sketches[memo] = replace(self, sketches=None).sketch_query(side, query)
-            return self.sketches[memo]
+        if self.sketches is None:
+            return self._sketch_query(side, query)
+        memo = (side, query.detach().cpu().numpy().tobytes())
+        if memo not in self.sketches:
+            self.sketches[memo] = self._sketch_query(side, query)
+        return self.sketches[memo]
+
+    def _sketch_query(self, side: tuple[str, str], query: torch.Tensor) -> tuple[torch.Tensor, float]:
         basis = self.bases[side]
         key = f"{side[0]}/{side[1]}/basis"
         if key not in self.packed:

@@ -101,6 +101,10 @@ class IndexFiles:
         ``bases``: checkpoint c's principal directions, where the caller has them already."""
         return load_factor_arrays(self.directory, self.manifest, self.plans, c, self.groups, triples, bases)
 
+    def bases(self, c: int) -> dict[tuple[str, str], Basis]:
+        """Checkpoint c's principal directions (:func:`read_bases`)."""
+        return read_bases(self.directory, self.manifest, self.plans, c)
+
     def stored_rows(self, c: int, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """Checkpoint c's stored arrays of the stored ``rows`` (sorted, unique), input sides left out (:func:`read_rows`)."""
         return read_rows(self.directory, self.manifest, self.plans, c, rows)
@@ -223,17 +227,25 @@ def load_factor_arrays(directory: Path, manifest: dict, plans: list[BlockPlan], 
             arrays[key] = torch.from_numpy(whole if used is None else whole[used])
         stored_groups = {p.name: torch.as_tensor(local) for p in plans if p.grouped}
     _widen(arrays)
-    sketched = sketched_sides(plans)
-    if bases is None and sketched:
-        name = bases_path(c)
-        check_file(directory / name, manifest["files"].get(name), "principal directions file")
-        quantized = read_quantized_bases(read_arrays(directory / name), sketched)
-        bases = {key: Basis.from_matrix(dequantize(*q), quantized=q) for key, q in quantized.items()}
+    if bases is None:
+        bases = read_bases(directory, manifest, plans, c)
     for p in plans:
         if p.grouped and facts is None and len(arrays[f"{p.name}/in/values"]) != manifest["num_groups"]:
             raise InputError(f"{directory}: the shards of checkpoint {c + 1} do not hold every "
                              "(head, relation) group; rebuild the index")  # fmt: skip
-    return FactorArrays(arrays, bases or {}, stored_groups, stop - start)
+    return FactorArrays(arrays, bases, stored_groups, stop - start)
+
+
+def read_bases(directory: Path, manifest: dict, plans: list[BlockPlan], c: int) -> dict[tuple[str, str], Basis]:
+    """Checkpoint c's principal directions of every sketched side (none where nothing is sketched), checked
+    against the manifest's digest."""
+    sketched = sketched_sides(plans)
+    if not sketched:
+        return {}
+    name = bases_path(c)
+    check_file(directory / name, manifest["files"].get(name), "principal directions file")
+    quantized = read_quantized_bases(read_arrays(directory / name), sketched)
+    return {key: Basis.from_matrix(dequantize(*q), quantized=q) for key, q in quantized.items()}
 
 
 def _widen(arrays: dict[str, torch.Tensor]) -> None:

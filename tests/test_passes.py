@@ -96,6 +96,51 @@ def test_ranges_loaded_apart_hold_the_rows_and_groups_of_the_whole(conve_index):
                 assert torch.equal(value, whole.arrays[key][rows]), key
 
 
+def test_parameters_stored_apart_load_side_by_side_as_the_files_hold_them(conve_index):
+    """The batch norm's two parameters, stored apart, are read into one array side by side (a batch's
+    products over them are one matrix product): each part a view of its columns, as the files hold it."""
+    import h5py
+
+    files = IndexFiles.open(conve_index.directory)
+    prefix = "interaction.hr1d.2/values"
+    shards = sorted((s for s in files.manifest["shards"] if s["checkpoint"] == 0), key=lambda s: s["row_start"])
+    with_files = {}
+    for shard in shards:
+        with h5py.File(files.directory / shard["file"], "r") as f:
+            for i in (0, 1):
+                with_files.setdefault(i, []).append(f[f"{prefix}/values{i}"][...])
+    for facts in (None, (3, files.num_triples // 2)):
+        arrays = files.factor_arrays(0, facts)
+        rows = slice(None) if facts is None else slice(2 * facts[0], 2 * facts[1])
+        whole = arrays.joined[f"{prefix}/values0+{prefix}/values1"]
+        width = whole.shape[1] // 2  # the batch norm's weight and bias, one number per feature each
+        for i in (0, 1):
+            expected = torch.from_numpy(np.concatenate(with_files[i])[rows])
+            assert torch.equal(arrays.arrays[f"{prefix}/values{i}"], expected)
+            assert torch.equal(whole[:, width * i : width * (i + 1)], expected)
+        moved = arrays.to("cpu")  # still one array: no second copy
+        assert moved.arrays[f"{prefix}/values1"].data_ptr() == whole.data_ptr() + width * whole.element_size()
+        queries = torch.randn(5, 2 * width)
+        queries /= queries.abs().amax(1, keepdim=True)
+        product = moved.products((f"{prefix}/values0", f"{prefix}/values1"), queries)
+        assert product.float() == pytest.approx((queries @ whole.float().T), abs=1e-2 * (2 * width) ** 0.5)
+
+
+def test_a_pass_holds_what_its_plan_makes_room_for(conve_index):
+    from tracin_index.search.passes import HELD_SHARE, pass_bytes, plan_passes
+
+    files = IndexFiles.open(conve_index.directory)
+    arrays = files.arrays_bytes()
+    for budget in (arrays, 2 * arrays, 3.9 * arrays, 50 * arrays, 1000 * arrays):
+        plan = plan_passes(files, int(budget))
+        assert plan.streamed == (arrays > HELD_SHARE * budget)
+        if not plan.streamed:
+            continue
+        assert all(b - a <= -(-files.num_triples // len(plan.ranges)) for a, b in plan.ranges)
+        fixed, per_test = pass_bytes(files, plan.ranges)
+        assert plan.tests == 1 or fixed + plan.tests * per_test <= budget < fixed + (plan.tests + 1) * per_test
+
+
 @pytest.mark.parametrize("name", ["DistMult"])
 def test_embedding_models_read_in_passes_are_exact(nations, tmp_path, name):
     run = embedding_run(nations, tmp_path, name)

@@ -247,15 +247,16 @@ class QueryEngine:
             candidates) and settled together."""
             if t not in settled:
                 batch = batch_from(t)
-                stores = None
+                stores = ids = None
                 if sharded is None:
                     bounds = {u: (v - e, v + e) for u, (v, e) in zip(batch, self.batch_estimates(test, batch, normalize))}
-                else:
+                else:  # bounds over each test triple's candidates only: the rows the shards' scans left
                     merged = {u: self._merge([per_test[u] for per_test in sharded]) for u in batch}
-                    bounds = {u: (low, high) for u, (low, high, _, _) in merged.items()}
-                    shard_parts.update({u: (base, store) for u, (_, _, base, store) in merged.items()})
-                    stores = {u: store for u, (_, _, _, store) in merged.items()}
-                settled.update(self._settle_together(test, bounds, top_k, normalize, refinable_plans, stores))
+                    bounds = {u: (low, high) for u, (_, low, high, _, _) in merged.items()}
+                    shard_parts.update({u: (base, store, rows) for u, (rows, _, _, base, store) in merged.items()})
+                    stores = {u: store for u, (_, _, _, _, store) in merged.items()}
+                    ids = {u: rows for u, (rows, _, _, _, _) in merged.items()}
+                settled.update(self._settle_together(test, bounds, top_k, normalize, refinable_plans, stores, ids))
             return settled.pop(t)
 
         for t in range(len(hrt)):
@@ -270,24 +271,26 @@ class QueryEngine:
                 continue
             if together:
                 low, high, done = settled_of(t)
-                base, store = shard_parts.pop(t, (None, None))
-                rows, exact, rounds, refined_of[-1] = done.rows, done.scores, done.rounds, done.refined
+                base, store, ids = shard_parts.pop(t, (None, None, None))
+                places, exact, rounds, refined_of[-1] = done.rows, done.scores, done.rounds, done.refined
+                rows = places if ids is None else ids[places]  # places in the bounds -> training triples
                 if store is not None:
                     fetched.append(store.fetched)
             else:
                 value, error = estimates_of(t)
                 low, high, base = value - error, value + error, None
+                places = None
                 if approximate:
                     results.append(counted_result(indices[t], triple, value.numpy(), np.arange(files.num_triples), top_k,
                                                   labels, low, high, exact_rows=None))  # fmt: skip
                     rescored.append(0)
                     rounds_of.append(0)
                     continue
-                rows = np.union1d(*best_estimates(value, candidates))
+                rows = places = np.union1d(*best_estimates(value, candidates))
                 exact = self.exact_scores([g.index(slice(t, t + 1)) for g in test], rows, normalize=normalize)[0].numpy()
                 rounds = 1
             rounds_of.append(rounds)
-            results.append(counted_result(indices[t], triple, exact, rows, top_k, labels, low, high, exact_rows=rows,
+            results.append(counted_result(indices[t], triple, exact, rows, top_k, labels, low, high, exact_rows=places,
                                           base=base))  # fmt: skip
             rescored.append(len(rows))
         self.last_query = QueryStats(rescored, rounds_of, refined_of, fetched)
@@ -306,25 +309,33 @@ class QueryEngine:
 
     def _settle_together(self, test: list[PerExampleGradients], bounds: dict[int, tuple[torch.Tensor, torch.Tensor]],
                          k: int, normalize: bool, refinable_plans: bool, stores: dict[int, CandidateStore] | None = None,
-                         ) -> dict[int, tuple[torch.Tensor, torch.Tensor, Settled]]:  # fmt: skip
+                         ids: dict[int, np.ndarray] | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor, Settled]]:  # fmt: skip
         """:func:`~tracin_index.search.settle.settling` for several test triples (positions in ``test``, with their
         scan's bounds) in lockstep: each round, the rows that the test triples ask to rescore are rescored
         once for all of them (their gradients computed once, dotted with every test gradient that asked);
-        refining stays per test triple (from its ``stores`` entry where a sharded scan holds its candidates' factors)."""
+        refining stays per test triple (from its ``stores`` entry where a sharded scan holds its candidates' factors).
+        ``ids``: where a test triple's bounds cover only its candidates, the training triple at each place (its
+        :class:`Settled` rows stay places in its bounds)."""
         steps = {u: settling(low, high, k, refinable_plans) for u, (low, high) in bounds.items()}
         requests = {u: next(step) for u, step in steps.items()}
         done: dict[int, tuple[torch.Tensor, torch.Tensor, Settled]] = {}
+
+        def triples(u: int, places: np.ndarray) -> np.ndarray:
+            return places if ids is None else ids[u][places]
+
         while requests:
             answers: dict[int, object] = {}
             rescoring = [u for u, (kind, _) in requests.items() if kind == "rescore"]
             if rescoring:
-                union = np.unique(np.concatenate([requests[u][1] for u in rescoring]))
+                asked = {u: triples(u, requests[u][1]) for u in rescoring}
+                union = np.unique(np.concatenate(list(asked.values())))
                 asking = torch.as_tensor(rescoring, dtype=torch.long)
                 scores = self.exact_scores([g.index(asking) for g in test], union, normalize=normalize)
                 for i, u in enumerate(rescoring):
-                    answers[u] = scores[i, torch.as_tensor(np.searchsorted(union, requests[u][1]))]
-            for u, (kind, rows) in requests.items():
+                    answers[u] = scores[i, torch.as_tensor(np.searchsorted(union, asked[u]))]
+            for u, (kind, places) in requests.items():
                 if kind == "refine":
+                    rows = triples(u, places)
                     store = None if stores is None else stores[u]
                     answers[u] = self.estimates([g.index(slice(u, u + 1)) for g in test], 0, normalize, rows=rows, store=store)
             following = {}
@@ -336,24 +347,25 @@ class QueryEngine:
             requests = following
         return done
 
-    def _merge(self, parts) -> tuple[torch.Tensor, torch.Tensor, dict, CandidateStore]:
-        """One test triple's candidates from every search shard: bounds over all training triples (0 and 0
-        where a shard ruled a row out: it can then enter neither list, and no k-th lower bound rises
-        above 0 through it), the candidates' stored factors for refining, and the shards' sign counts
-        (``base``, for :func:`~tracin_index.search.settle.counted_result`)."""
+    def _merge(self, parts) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, dict, CandidateStore]:
+        """One test triple's candidates from every search shard: the candidate training triples (sorted) and
+        their bounds, the candidates' stored factors for refining, and the shards' sign counts (``base``, for
+        :func:`~tracin_index.search.settle.counted_result`, over places in the candidates).
+
+        Settling over the candidates alone finds what it would over every training triple with 0 and 0 where
+        a shard ruled a row out (such a row can enter neither list, and k-th bounds are taken against 0 as
+        well): memory per test triple is set by its candidates, not by the index."""
         rows = np.concatenate([p.rows for p in parts])
-        low = torch.zeros(self.files.num_triples, dtype=torch.float64)
-        high = torch.zeros(self.files.num_triples, dtype=torch.float64)
         scan_low, scan_high = np.concatenate([p.low for p in parts]), np.concatenate([p.high for p in parts])
-        low[torch.as_tensor(rows, dtype=torch.long)] = torch.from_numpy(scan_low)
-        high[torch.as_tensor(rows, dtype=torch.long)] = torch.from_numpy(scan_high)
+        low, high = torch.from_numpy(scan_low.copy()), torch.from_numpy(scan_high.copy())  # settling tightens them in place
         stores = [{key: torch.from_numpy(np.concatenate([p.stored[c][key] for p in parts])) for key in parts[0].stored[c]}
                   for c in range(self.num_checkpoints)]  # fmt: skip
         shipped = np.concatenate([p.shipped for p in parts])
         store = CandidateStore(shipped, stores, self.files.per_triple, self.search.fetch, self.device)
         base = {"positive": sum(p.positive for p in parts), "negative": sum(p.negative for p in parts),
-                "open_signs": sum(p.open_signs for p in parts), "rows": rows, "low": scan_low, "high": scan_high}  # fmt: skip
-        return low, high, base, store
+                "open_signs": sum(p.open_signs for p in parts), "rows": np.arange(len(rows)), "low": scan_low,
+                "high": scan_high}  # fmt: skip
+        return rows, low, high, base, store
 
     def _check_ids(self, hrt: torch.Tensor) -> None:
         for column, (name, size) in enumerate((("head", len(self.files.entity_labels)),

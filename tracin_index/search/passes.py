@@ -27,13 +27,21 @@ from ..gradients.blocks import PerExampleGradients
 from ..machine import available_memory
 from ..storage.layout import search_ranges
 from ..storage.reader import IndexFiles
-from .shards import SHIPPED, SearchShard, ShardCandidates
+from .scan import SCAN_BATCH
+from .shards import SearchShard, ShardCandidates
 
 #: An index is held in memory while its stored arrays take at most this share of the budget; the rest
 #: is a batch's working memory (the estimates of every row for each test triple scanned together).
 HELD_SHARE = 0.25
 #: The memory budget of a query process, by default: this share of the memory available when it opens the index.
 DEFAULT_BUDGET_SHARE = 0.25
+#: Candidates per side whose stored factors a range keeps for refining (the most promising; refining reads
+#: any others from the files): the first refining round's share, where a cluster's shards send more to save
+#: round trips (:data:`~tracin_index.search.shards.SHIPPED`).
+STREAMED_SHIPPED = 32
+#: Candidates per test triple and range that a pass's plan makes room for (far more than a trained model's
+#: bounds leave; a pass with more takes more memory than planned, never a wrong answer).
+CANDIDATE_ALLOWANCE = 4096
 
 
 def memory_budget(max_memory: int | None = None) -> int:
@@ -69,24 +77,38 @@ class PassPlan:
 
 def plan_passes(files: IndexFiles, budget: int) -> PassPlan:
     """Held in memory where the stored arrays fit :data:`HELD_SHARE` of ``budget`` bytes; else ranges of
-    training triples whose arrays take that share each, and test triples per pass as many as half the
-    budget holds the candidates of (per test triple and range: the stored factors of up to 2 x SHIPPED
-    rows at every checkpoint, and its bounds over every row while it is merged)."""
+    training triples whose arrays take that share each, and as many test triples per pass as what the
+    budget leaves holds the candidates of, after one range's arrays and the scan's working memory
+    (:func:`pass_bytes`)."""
     arrays = files.arrays_bytes()
-    n = max(1, files.num_triples)
     if arrays <= HELD_SHARE * budget:
         return PassPlan(budget, arrays, None, 0)
     ranges = search_ranges(files.num_triples, math.ceil(arrays / (HELD_SHARE * budget)))
-    per_triple = arrays / n  # stored bytes per training triple, all checkpoints
-    per_test = len(ranges) * 2 * SHIPPED * per_triple + 16 * n
-    return PassPlan(budget, arrays, ranges, max(1, int(budget / 2 // per_test)))
+    fixed, per_test = pass_bytes(files, ranges)
+    return PassPlan(budget, arrays, ranges, max(1, int((budget - fixed) // per_test)))
+
+
+def pass_bytes(files: IndexFiles, ranges: list[tuple[int, int]], ship: int = STREAMED_SHIPPED) -> tuple[float, float]:
+    """What a pass holds, in bytes: (fixed, per test triple). Fixed: the largest range's stored arrays and
+    the estimates of a scan's batch over its rows (float64 value and bound per stored row and test triple,
+    summed over checkpoints, each checkpoint's part and its temporaries: 48 bytes). Per test triple: per
+    range, the stored factors of up to 2 x ``ship`` candidates at every checkpoint and the bounds of up
+    to :data:`CANDIDATE_ALLOWANCE` candidates (row, low, high: 24 bytes, copied once while merged), and its
+    gradients at every checkpoint."""
+    per_triple = files.arrays_bytes() / max(1, files.num_triples)  # stored bytes per training triple, all checkpoints
+    largest = max(b - a for a, b in ranges)
+    fixed = largest * per_triple + SCAN_BATCH * largest * files.per_triple * 48
+    # a test triple's gradient at each checkpoint (float32; both directions: twice): at most every block's sides
+    gradient = 2 * 4 * sum(sum(p.sizes) * p.examples for p in files.plans) * len(files.checkpoints)
+    per_test = len(ranges) * (2 * ship * per_triple + CANDIDATE_ALLOWANCE * 48) + gradient
+    return fixed, per_test
 
 
 class StreamedSearch:
     """:class:`~tracin_index.search.shards.ShardedSearch`'s interface (``scan``, ``fetch``) over ranges of one
     index read from its files in the querying process, one at a time."""
 
-    def __init__(self, files: IndexFiles, plan: PassPlan, device: str, ship: int = SHIPPED):
+    def __init__(self, files: IndexFiles, plan: PassPlan, device: str, ship: int = STREAMED_SHIPPED):
         self.files, self.plan, self.device, self.ship = files, plan, device, ship
         self.ranges = plan.ranges
         self.passes = 0

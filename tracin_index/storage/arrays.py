@@ -87,6 +87,8 @@ class FactorArrays:
     #: the sketches of queries (:meth:`sketch_query`) by side and query, where the same checkpoint's rows are
     #: scanned in several ranges for the same queries (an index scanned in passes): computed once for all ranges
     sketches: dict | None = None
+    #: arrays stored parameter by parameter, joined side by side for a batch's products (:meth:`_joined`)
+    joined: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def products(self, keys: str | tuple[str, ...], queries: torch.Tensor) -> torch.Tensor:
         """Products of the float16 rows (rows, [examples,] d) of array ``keys`` (several: side by side, the
@@ -102,7 +104,9 @@ class FactorArrays:
         few = len(queries) <= MV_QUERIES  # a batch's matrix product is faster unpacked: it neither packs nor uses a pack
         if (few and packed is None and len(flats[0]) >= PACK_MIN_ROWS and width >= PACK_MIN_WIDTH
                 and flats[0].dtype == torch.float16 and self._packing(flats[0], len(flats[0]), width)):  # fmt: skip
-            packed = self.packed["+".join(keys)] = _Packed(flats[0] if len(flats) == 1 else torch.cat(flats, 1))
+            packed = self.packed["+".join(keys)] = _Packed(flats[0] if len(flats) == 1 else self._joined(keys))
+        if not few and len(flats) > 1 and flats[0].dtype == torch.float16:  # a batch: one matrix product over the parts side by side
+            flats = [self._joined(keys)]
         if packed is not None and few:
             out = packed.products(queries.float().cpu())
         elif len(flats) == 1:
@@ -127,6 +131,23 @@ class FactorArrays:
                     if bool(piece[i].any()):
                         out[i].add_(torch.mv(flat, piece[i]))
         return out.view(len(queries), *parts[0].shape[:-1])
+
+    def _joined(self, keys: tuple[str, ...]) -> torch.Tensor:
+        """The arrays ``keys`` (the same rows, parameter by parameter) side by side in one array, made once:
+        each key's array becomes a view of its columns (no second copy is held). A batch's products over
+        them are then one float16 matrix product, where the parts' float16 products summed in float32 cost a
+        float32 (queries, rows) temporary and two conversions, more than the products themselves at 1M rows."""
+        name = "+".join(keys)
+        if name not in self.joined:
+            flats = [self.arrays[key].reshape(-1, self.arrays[key].shape[-1]) for key in keys]
+            whole = torch.cat(flats, 1)
+            start = 0
+            for key, flat in zip(keys, flats):
+                shape = self.arrays[key].shape
+                self.arrays[key] = whole[:, start : start + flat.shape[1]].view(*shape[:-1], flat.shape[1])
+                start += flat.shape[1]
+            self.joined[name] = whole
+        return self.joined[name]
 
     def first_row(self) -> "FactorArrays":
         """The same arrays cut to their first row (and group), never packed: a scan of it asks for the same
@@ -186,11 +207,22 @@ class FactorArrays:
         return basis.sketch_query(query, (s * basis.quantized[1].double() * q_scale).float())
 
     def to(self, device: torch.device | str) -> "FactorArrays":
-        """The same arrays on ``device`` (a GPU scans them much faster)."""
-        return FactorArrays({k: v.to(device) for k, v in self.arrays.items()},
+        """The same arrays on ``device`` (a GPU scans them much faster); joined arrays stay joined (each moved
+        once, its parts views of it)."""
+        joined = {name: whole.to(device) for name, whole in self.joined.items()}
+        arrays = {}
+        for name, whole in joined.items():
+            start = 0
+            for key in name.split("+"):
+                shape = self.arrays[key].shape
+                arrays[key] = whole[:, start : start + shape[-1]].view(shape)
+                start += shape[-1]
+        arrays.update({k: v.to(device) for k, v in self.arrays.items() if k not in arrays})
+        return FactorArrays(arrays,
                       {k: replace(b, matrix=b.matrix.to(device), gram_inverse=b.gram_inverse.to(device))
                        for k, b in self.bases.items()},
-                      {k: v.to(device) for k, v in self.groups.items()}, self.num_rows, pack_after=self.pack_after)  # fmt: skip
+                      {k: v.to(device) for k, v in self.groups.items()}, self.num_rows, pack_after=self.pack_after,
+                      joined=joined)  # fmt: skip
 
     def rows_postings(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(starts, rows, slots): the (row, slot) pairs that look up each table row, as CSR."""

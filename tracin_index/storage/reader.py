@@ -192,7 +192,9 @@ def load_factor_arrays(directory: Path, manifest: dict, plans: list[BlockPlan], 
     shards = sorted((s for s in manifest["shards"] if s["checkpoint"] == c), key=lambda s: s["row_start"])
     grouped_keys = {f"{p.name}/in/" for p in plans if p.grouped}
     per_group: dict[str, list[np.ndarray]] = {}
-    rows: dict[str, np.ndarray] = {}  # read straight into place: no second copy of the rows while they load
+    # read straight into place: no second copy of the rows while they load; key -> (buffer, its columns)
+    rows: dict[str, tuple[np.ndarray, slice | None]] = {}
+    joined: dict[str, np.ndarray] = {}  # arrays stored parameter by parameter, read side by side
     for shard in shards:
         if shard["row_start"] >= stop and shard["row_start"] > start:
             break  # the groups of rows before a file are held in it or in earlier ones
@@ -213,11 +215,15 @@ def load_factor_arrays(directory: Path, manifest: dict, plans: list[BlockPlan], 
                     elif overlaps and key != "squared_norms":
                         dataset = f[key]
                         if key not in rows:
-                            rows[key] = np.empty((stop - start, *dataset.shape[1:]), dtype=dataset.dtype)
-                        dataset.read_direct(rows[key], np.s_[lo:hi], np.s_[at : at + hi - lo])
+                            _allocate(rows, joined, f, key, stop - start)
+                        buffer, columns = rows[key]
+                        into = (slice(at, at + hi - lo),) if columns is None else \
+                            (slice(at, at + hi - lo), *[slice(None)] * (buffer.ndim - 2), columns)
+                        dataset.read_direct(buffer, np.s_[lo:hi], into)
         except (OSError, KeyError, TypeError, ValueError) as error:
             raise InputError(f"{path}: unreadable ({error}); run the same `tracin-index build` again to rebuild it") from None
-    arrays = {key: torch.from_numpy(value) for key, value in rows.items()}
+    arrays = {key: torch.from_numpy(buffer) if columns is None else torch.from_numpy(buffer)[..., columns]
+              for key, (buffer, columns) in rows.items()}  # fmt: skip
     stored_groups = {}
     if grouped_keys:
         mine = groups[start:stop]
@@ -233,7 +239,29 @@ def load_factor_arrays(directory: Path, manifest: dict, plans: list[BlockPlan], 
         if p.grouped and facts is None and len(arrays[f"{p.name}/in/values"]) != manifest["num_groups"]:
             raise InputError(f"{directory}: the shards of checkpoint {c + 1} do not hold every "
                              "(head, relation) group; rebuild the index")  # fmt: skip
-    return FactorArrays(arrays, bases, stored_groups, stop - start)
+    whole = {name: torch.from_numpy(buffer).reshape(-1, buffer.shape[-1]) for name, buffer in joined.items()}
+    return FactorArrays(arrays, bases, stored_groups, stop - start, joined=whole)
+
+
+def _allocate(rows: dict, joined: dict, f: h5py.File, key: str, count: int) -> None:
+    """Room for ``count`` rows of array ``key`` (as file ``f`` holds it): its own buffer, or for an array stored
+    parameter by parameter (``block/values/values0``, ``values1``, ...) one buffer for all its parameters side
+    by side, each reading into its columns (a batch's products over them are then one matrix product,
+    :meth:`FactorArrays._joined`, without joining them in memory later)."""
+    prefix, name = key.rsplit("/", 1)
+    if not (name.startswith("values") and name[6:].isdigit()):
+        dataset = f[key]
+        rows[key] = (np.empty((count, *dataset.shape[1:]), dtype=dataset.dtype), None)
+        return
+    parts = []
+    while f"{prefix}/values{len(parts)}" in f:
+        parts.append(f[f"{prefix}/values{len(parts)}"])
+    buffer = np.empty((count, *parts[0].shape[1:-1], sum(d.shape[-1] for d in parts)), dtype=parts[0].dtype)
+    start = 0
+    for i, dataset in enumerate(parts):
+        rows[f"{prefix}/values{i}"] = (buffer, slice(start, start + dataset.shape[-1]))
+        start += dataset.shape[-1]
+    joined["+".join(f"{prefix}/values{i}" for i in range(len(parts)))] = buffer
 
 
 def read_bases(directory: Path, manifest: dict, plans: list[BlockPlan], c: int) -> dict[tuple[str, str], Basis]:

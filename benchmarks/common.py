@@ -307,6 +307,25 @@ def run_measured(cmd: Sequence[str], *, env: dict | None = None, cwd: str | os.P
 # -- results files ------------------------------------------------------------------------------
 
 
+MEASURE_WORKER = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from common import run_measured
+print(json.dumps(run_measured(json.loads(sys.argv[2]), env=json.loads(sys.argv[3]), log_path=sys.argv[4] or None)))
+"""
+
+
+def run_measured_from_small_process(cmd: Sequence[str], *, env: dict | None = None,
+                                    log_path: str | os.PathLike | None = None) -> dict[str, Any]:  # fmt: skip
+    """:func:`run_measured` from a fresh small Python process: a child's ru_maxrss counts its parent's memory at
+    fork, so a command measured from a process that holds a model or an index reports at least that."""
+    here = str(Path(__file__).resolve().parent)
+    helper = subprocess.run([sys.executable, "-c", MEASURE_WORKER, here, json.dumps([str(c) for c in cmd]),
+                             json.dumps(dict(os.environ if env is None else env)), str(log_path or "")],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(helper.stdout.strip().splitlines()[-1])
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     """JSON with numpy and torch values turned into plain ones, written whole (tracin_index.files)."""
     from tracin_index.files import write_text_atomic

@@ -751,9 +751,11 @@ def section_scale(d: dict, results_dir: Path) -> list[str]:
         ["first query s (opens the index)", *col(lambda n, r: sig3(get(r, "queries", "first_query_s")))],
         ["cold CLI query s, mean ± SE", *col(lambda n, r: pm_sig3(mean_se(numbers(get(r, "queries", "cold_cli_s")))))],
         ["query process peak RSS MB", *col(lambda n, r: count(get(r, "queries", "process", "peak_rss_mb")))],
-        ["batched: test triples through the command line (default settings)", *col(lambda n, r: count(get(r, "batched_queries", "test_triples")))],
-        ["batched: ms per test triple (wall, whole command)", *col(lambda n, r: fixed(get(r, "batched_queries", "ms_per_test_triple"), 1))],
-        ["batched: query process peak RSS MB", *col(lambda n, r: count(get(r, "batched_queries", "peak_rss_mb")))],
+        *([  # sizes measured by scale.py --batched (the command line's batches at its default settings)
+            ["batched: test triples through the command line (default settings)", *col(lambda n, r: count(get(r, "batched_queries", "test_triples")))],
+            ["batched: ms per test triple (wall, whole command)", *col(lambda n, r: fixed(get(r, "batched_queries", "ms_per_test_triple"), 1))],
+            ["batched: query process peak RSS MB", *col(lambda n, r: count(get(r, "batched_queries", "peak_rss_mb")))],
+        ] if any(get(results[n], "batched_queries") for n in sizes) else []),
         ["exact TracIn s per test triple", *col(lambda n, r: sig3(get(r, "exact", "seconds_per_test_triple")))],
         ["query speedup vs exact (p50)", *col(lambda n, r: sig3(get(r, "speedup_vs_exact")))],
         ["recall@10 proponents / opponents", *col(lambda n, r: f"{fixed(get(r, 'indexes', 'default', 'default', 'recall_at_10_proponents'), 3)} / "

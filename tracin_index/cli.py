@@ -210,8 +210,11 @@ def exact(
     from .machine import available_memory
     from .results import render
 
+    _check_positive("--top-k", top_k)
+    _check_positive("--batch-size", batch_size)
     if test_batch_size is not None:
         _check_positive("--test-batch-size", test_batch_size)
+    _check_output(output)
     run = load_model(model_path, allow_pickle=allow_pickle)
     id_maps = run.resolve_id_maps(entity_to_id, relation_to_id)
     train_file = _required_path(train_path, run.training_path, "--train", "training triples")
@@ -410,6 +413,7 @@ def query(
     _check_positive("--top-k", top_k)
     if batch_size is not None:
         _check_positive("--batch-size", batch_size)
+    _check_output(output)
     budget = None if max_memory is None else parse_size(max_memory, "--max-memory")
     if candidates is not None:
         _check_positive("--candidates", candidates)
@@ -477,18 +481,26 @@ def self_influence(
     output: Optional[Path] = typer.Option(None, help="Write all rows as TSV (.tsv) or the top-k as JSON (.json)."),
 ):
     """Training triples ranked by self-influence (sum over checkpoints of lr x squared gradient norm)."""
-    from rich.table import Table
-
     from .index import GradientIndex
     from .results import write_self_influence
 
     _check_positive("--top-k", top_k)
+    _check_output(output, (".tsv", ".json"))
     index_ = GradientIndex.open(index_dir)
-    ranked = index_.self_influence(top_k=None if output and output.suffix == ".tsv" else top_k)
+    ranked = index_.self_influence(top_k=None if output and output.suffix.lower() == ".tsv" else top_k)
     if output:
-        write_self_influence(output, ranked)
+        try:
+            write_self_influence(output, ranked)
+        except OSError as error:
+            _write_failed(output, error, lambda: _print_self_influence(ranked[:top_k]))
         console.print(f"self-influence written to {output}")
         return
+    _print_self_influence(ranked)
+
+
+def _print_self_influence(ranked) -> None:
+    from rich.table import Table
+
     table = Table(title="Training triples by self-influence", title_justify="left")
     for column in ("#", "train row", "head", "relation", "tail", "self-influence"):
         table.add_column(column, justify="right" if column in {"#", "train row", "self-influence"} else "left")
@@ -626,9 +638,22 @@ def _answer_in_batches(keys: list[tuple], answer, batch_size: int, output: Path 
     if streamed is not None:
         console.print(f"results of {len(streamed.done):,} test triple(s) in {output}")
     elif output:
-        write_results(output, results, config)
+        try:
+            write_results(output, results, config)
+        except OSError as error:
+            from .results import render
+
+            _write_failed(output, error, lambda: render(results, out))
         console.print(f"results written to {output}")
     return results
+
+
+def _write_failed(output: Path, error: OSError, show) -> None:
+    """The work is done but ``output`` could not be written: the results to the terminal, one line, exit 1."""
+    show()
+    console.print(styled("error:", "red", f"{output}: could not be written ({error.strerror or error}); the results "
+                         "are printed above, nothing else was written"))  # fmt: skip
+    raise SystemExit(1)
 
 
 @contextlib.contextmanager
@@ -662,6 +687,33 @@ def parse_size(text: str, flag: str) -> int:
 def _check_positive(flag: str, value: int) -> None:
     if value < 1:
         raise InputError(f"{flag} must be at least 1, got {value}")
+
+
+RESULT_SUFFIXES = (".json", ".tsv", ".jsonl")
+
+
+def _check_output(output: Optional[Path], suffixes: Sequence[str] = RESULT_SUFFIXES) -> None:
+    """``--output`` checked before anything is loaded: a known extension, not a folder, not under a file, and
+    a folder that can be written (tried) or made: a run should not compute for an hour and then fail to write."""
+    if output is None:
+        return
+    if output.suffix.lower() not in suffixes:
+        raise InputError(f"--output {output}: unknown extension {output.suffix or '(none)'!r}; give a file ending in "
+                         f"{', '.join(suffixes)}")  # fmt: skip
+    if output.is_dir():
+        raise InputError(f"--output {output}: is a folder; give a file name ending in {', '.join(suffixes)}")
+    existing = output.absolute().parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"--output {output}: {existing} is a file, not a folder")
+    import tempfile
+
+    try:  # a probe file where the results will go (the folders below it are made when they are written)
+        with tempfile.TemporaryFile(dir=existing, prefix=".tracin-index-write-test-"):
+            pass
+    except OSError as error:
+        raise InputError(f"--output {output}: cannot write in {existing} ({error.strerror or error})") from None
 
 
 def _split(values: Optional[List[str]]) -> list[str] | None:

@@ -275,14 +275,16 @@ def filtered_mrr(run: Path, num: int) -> dict:
             "test_triples": len(test), "random_mrr": float(sum(1.0 / k for k in range(1, e + 1)) / e)}  # fmt: skip
 
 
-def run_build(run: Path, idx: Path, args) -> dict:
+def run_build(run: Path, idx: Path, args, measure=run_measured) -> dict:
+    """``tracin-index build`` at its defaults, timed and measured by ``measure`` (:func:`run_measured`, or
+    :func:`run_measured_from_small_process` where this process holds a model by then)."""
     import shutil
 
     if idx.exists():
         shutil.rmtree(idx)
     cmd = [sys.executable, "-m", "tracin_index.cli", "build", "--model-path", str(run), "--out", str(idx), "--device", "cpu"]
     QuietGuard(args.quiet_cores, args.max_wait, 0).wait()
-    result = run_measured(cmd, log_path=idx.parent / f"{idx.name}.build.log")
+    result = measure(cmd, log_path=idx.parent / f"{idx.name}.build.log")
     if result["returncode"] != 0:
         raise SystemExit(f"build failed:\n{result['output_tail']}")
     manifest = json.loads((idx / "manifest.json").read_text())
@@ -367,21 +369,9 @@ def exact_reference(run: Path, data: Path, num: int) -> tuple:
     return scores, time.perf_counter() - start, torch.Size(scores.shape)
 
 
-def run_build_measured(run: Path, idx: Path, args) -> dict:
-    """:func:`run_build`, the build measured from a fresh small process (this one may hold a model by then)."""
-    global run_measured
-    measure, run_measured = run_measured, run_measured_from_small_process
-    try:
-        return run_build(run, idx, args)
-    finally:
-        run_measured = measure
-
-
 def batched_queries(idx: Path, data: Path, count: int, args) -> dict:
     """The command line on the first ``count`` test triples at its default settings (memory budget, batches),
     JSONL output, measured from a fresh small process: wall time, peak RSS, the plan it printed, the lists."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as work:
         first = Path(work) / "test.tsv"
         first.write_text("".join((data / "test.tsv").read_text().splitlines(keepends=True)[:count]))
@@ -413,7 +403,7 @@ def batched_flow(n: int, name: str, data: Path, run: Path, training: dict, args)
     from agreement import recall
 
     idx = args.work / f"idx-{name}"
-    build = run_build_measured(run, idx, args)
+    build = run_build(run, idx, args, measure=run_measured_from_small_process)
     print(f"{name}: build {build['wall_s']:.0f} s, peak RSS {build['peak_rss_mb']:,.0f} MB, "
           f"{build['bytes_per_triple_checkpoint']:.0f} B/triple/ckpt, {build['bytes']['total'] / 2**30:.2f} GiB", flush=True)
     batched = batched_queries(idx, data, args.batch_test, args)

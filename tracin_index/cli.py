@@ -492,7 +492,7 @@ def self_influence(
         try:
             write_self_influence(output, ranked)
         except OSError as error:
-            _write_failed(output, error, lambda: _print_self_influence(ranked[:top_k]))
+            _write_failed(output, error, lambda: _print_self_influence(ranked[:top_k]), f"the top {top_k} are printed above")
         console.print(f"self-influence written to {output}")
         return
     _print_self_influence(ranked)
@@ -615,7 +615,7 @@ def _answer_in_batches(keys: list[tuple], answer, batch_size: int, output: Path 
     ``output`` a .jsonl file each batch's results are appended as it completes (those already there are
     skipped: a rerun resumes); else the results are written to ``output`` (.json, .tsv) at the end, or
     returned."""
-    from .results import JsonlResults, write_results
+    from .results import JsonlResults, render, write_results
 
     streamed = JsonlResults.open(output, config) if output and output.suffix.lower() == ".jsonl" else None
     todo = list(range(len(keys)))
@@ -641,18 +641,17 @@ def _answer_in_batches(keys: list[tuple], answer, batch_size: int, output: Path 
         try:
             write_results(output, results, config)
         except OSError as error:
-            from .results import render
-
-            _write_failed(output, error, lambda: render(results, out))
+            _write_failed(output, error, lambda: render(results, out), "the results are printed above")
         console.print(f"results written to {output}")
     return results
 
 
-def _write_failed(output: Path, error: OSError, show) -> None:
-    """The work is done but ``output`` could not be written: the results to the terminal, one line, exit 1."""
+def _write_failed(output: Path, error: OSError, show, shown: str) -> None:
+    """The work is done but ``output`` could not be written: ``show()`` the results on the terminal, then one
+    line (``shown``: what was printed), exit 1."""
     show()
-    console.print(styled("error:", "red", f"{output}: could not be written ({error.strerror or error}); the results "
-                         "are printed above, nothing else was written"))  # fmt: skip
+    console.print(styled("error:", "red", f"{output}: could not be written ({error.strerror or error}); {shown}, "
+                         "nothing else was written"))  # fmt: skip
     raise SystemExit(1)
 
 

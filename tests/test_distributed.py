@@ -12,7 +12,7 @@ import torch
 from conftest import run_cli
 from test_index import run_ids
 
-from tracin_index.errors import InputError
+from tracin_index.errors import InputError, MachineError
 from tracin_index.index import GradientIndex
 
 distributed = pytest.importorskip("distributed", reason="the [distributed] extra is not installed")
@@ -96,6 +96,33 @@ def test_a_worker_killed_mid_build_still_ends_in_the_same_index(tiny_run, tmp_pa
     assert done < 80  # the kill came mid-build
     assert victim not in runner.client.run(os.getpid).values()  # it did die (the nanny started another)
     assert_same_index(result["index"], reference, tiny_run)
+
+
+def test_a_task_that_fails_on_every_try_is_a_failure_of_the_cluster_not_bad_input(tiny_run, tmp_path, runner):
+    def sabotage():  # on each worker: writing a shard file runs out of memory
+        import tracin_index.build.task as task
+
+        def out_of_memory(*args, **kwargs):
+            raise MemoryError("no memory left on the worker (test)")
+
+        task.real_write_arrays, task.write_arrays = task.write_arrays, out_of_memory
+
+    def repair():
+        import tracin_index.build.task as task
+
+        task.write_arrays = getattr(task, "real_write_arrays", task.write_arrays)
+
+    runner.client.run(sabotage)
+    try:
+        with pytest.raises(MachineError) as failed:
+            GradientIndex.build(tmp_path / "index", model_path=tiny_run, sketch_dim=16, shard_size=SHARD, device="cpu",
+                                runner=runner)  # fmt: skip
+    finally:
+        runner.client.run(repair)
+    assert not isinstance(failed.value, InputError) and failed.value.exit_code == 1
+    message = str(failed.value)
+    assert "failed on the cluster" in message and "MemoryError: no memory left on the worker (test)" in message
+    assert "shard-" in message and "resumes" in message  # the task, and what to do
 
 
 def test_resuming_on_a_cluster_after_a_killed_driver_rebuilds_only_what_is_missing(tiny_run, tmp_path, reference, runner):

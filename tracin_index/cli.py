@@ -7,6 +7,8 @@ message on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import sys
 import warnings
 from enum import Enum
@@ -17,11 +19,13 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from .errors import InputError, TracInError
+from .errors import DiskFullError, InputError, MachineError, TracInError
+from .files import disk_full, mib
 
 app = typer.Typer(
     name="tracin-index",
-    help="TracIn proponents and opponents for PyKEEN knowledge-graph models.",
+    help="TracIn proponents and opponents for PyKEEN knowledge-graph models. Add --verbose to any command to see "
+         "PyKEEN's and torch's own warnings and log lines.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -94,18 +98,41 @@ def expand_multi_value_options(argv: Sequence[str]) -> list[str]:
     return result
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    console.print(styled("warning:", "yellow", str(message)))
+@contextlib.contextmanager
+def _warnings_shown(verbose: bool):
+    """Our warnings (:class:`~tracin_index.errors.TracInWarning`) on one line each, each text once per command;
+    other libraries' warnings, and their log lines ("Reconstructing all label-based triples ...", "The ConvE
+    model should be trained with inverse triples"), only with ``verbose``."""
+    from .errors import TracInWarning
+
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if (verbose or issubclass(category, TracInWarning)) and text not in seen:
+            seen.add(text)
+            console.print(styled("warning:", "yellow", text))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # repeats are dropped by show(), which sees every one
+        warnings.showwarning = show
+        if not verbose:  # PyKEEN sets its loggers' levels when imported: only a global switch holds
+            logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point."""
     args = expand_multi_value_options(list(sys.argv[1:] if argv is None else argv))
+    verbose = "--verbose" in args[: args.index("--")] if "--" in args else "--verbose" in args
+    args = [a for a in args if a != "--verbose"]
     # typer ships its own copy of click: take its exception classes from typer's public BadParameter
     usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _one_line_warning
+        with _warnings_shown(verbose):
             result = app(args=args, prog_name="tracin-index", standalone_mode=False)
         if isinstance(result, int) and result:  # --help and the like return their exit code
             raise SystemExit(result)
@@ -115,12 +142,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         hint = f" (see `{error.ctx.command_path} --help`)" if error.ctx else ""
         console.print(styled("error:", "red", f"{error.format_message()}{hint}"))
         raise SystemExit(2) from None
-    except TracInError as error:
+    except TracInError as error:  # bad input (2), or the machine or the cluster failed (1)
         console.print(styled("error:", "red", str(error)))
-        raise SystemExit(2) from None
+        raise SystemExit(error.exit_code) from None
     except KeyboardInterrupt:
         console.print(styled("interrupted", "red"))
         raise SystemExit(130) from None
+    except OSError as error:  # a write outside our atomic writers, e.g. a library's own file
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            _bug(error)
+        console.print(styled("error:", "red", f"{error.filename or 'a file'}: could not be written, the disk is full; "
+                             "free some space and run the same command again"))  # fmt: skip
+        raise SystemExit(1) from None
+    except Exception as error:  # noqa: BLE001 (a bug: its traceback, and where it goes)
+        _bug(error)
+
+
+def _bug(error: Exception) -> None:
+    """A failure that is neither the input nor the machine: the traceback, then what to do with it; exit 1."""
+    import traceback
+
+    from .version import __version__
+
+    traceback.print_exception(error, file=sys.stderr)
+    console.print(styled("error:", "red", f"this is a bug in tracin-index {__version__} ({type(error).__name__}); "
+                         "please report it with the command and the traceback above"))  # fmt: skip
+    raise SystemExit(1) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,23 +200,22 @@ def train(
     if train_path is not None and dataset is not None:
         raise InputError("give either --dataset or --train/--valid/--test, not both")
     model_kwargs = {"embedding_dim": embedding_dim} if embedding_dim else None
-    run = train_run(
-        out_dir,
-        dataset=dataset,
-        train_path=train_path,
-        valid_path=valid_path,
-        test_path=test_path,
-        model=model,
-        model_kwargs=model_kwargs,
-        epochs=epochs,
-        checkpoint_every=checkpoint_every,
-        learning_rate=learning_rate,
-        batch_size=batch_size,
-        training_loop=training_loop,
-        random_seed=seed,
-        device=device,
-    )
+    full = f"free some space, delete {out_dir} and run the same command again (training starts over)"
+    with _start_over_when_full(full):
+        run = train_run(out_dir, dataset=dataset, train_path=train_path, valid_path=valid_path, test_path=test_path, model=model,
+                        model_kwargs=model_kwargs, epochs=epochs, checkpoint_every=checkpoint_every,
+                        learning_rate=learning_rate, batch_size=batch_size, training_loop=training_loop, random_seed=seed,
+                        device=device)  # fmt: skip
     console.print(f"run directory written: {run}")
+
+
+@contextlib.contextmanager
+def _start_over_when_full(advice: str):
+    """A full disk where the same command does not resume: say what to do instead."""
+    try:
+        yield
+    except DiskFullError as error:
+        raise disk_full(error.path, error.free, advice) from None
 
 
 @app.command()
@@ -491,7 +537,7 @@ def self_influence(
     if output:
         try:
             write_self_influence(output, ranked)
-        except OSError as error:
+        except (OSError, MachineError) as error:
             _write_failed(output, error, lambda: _print_self_influence(ranked[:top_k]), f"the top {top_k} are printed above")
         console.print(f"self-influence written to {output}")
         return
@@ -640,18 +686,18 @@ def _answer_in_batches(keys: list[tuple], answer, batch_size: int, output: Path 
     elif output:
         try:
             write_results(output, results, config)
-        except OSError as error:
+        except (OSError, MachineError) as error:
             _write_failed(output, error, lambda: render(results, out), "the results are printed above")
         console.print(f"results written to {output}")
     return results
 
 
-def _write_failed(output: Path, error: OSError, show, shown: str) -> None:
+def _write_failed(output: Path, error: OSError | MachineError, show, shown: str) -> None:
     """The work is done but ``output`` could not be written: ``show()`` the results on the terminal, then one
     line (``shown``: what was printed), exit 1."""
     show()
-    console.print(styled("error:", "red", f"{output}: could not be written ({error.strerror or error}); {shown}, "
-                         "nothing else was written"))  # fmt: skip
+    why = f"the disk is full, {mib(error.free)} free" if isinstance(error, DiskFullError) else getattr(error, "strerror", None) or error
+    console.print(styled("error:", "red", f"{output}: could not be written ({why}); {shown}, nothing else was written"))
     raise SystemExit(1)
 
 

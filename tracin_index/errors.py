@@ -1,11 +1,16 @@
 """Errors of our own, each with a message that tells the user what to do next.
 
-The CLI prints ``str(error)`` on one line and exits with status 2; no traceback.
+The CLI prints ``str(error)`` on one line, no traceback, and exits with the error's :attr:`~TracInError.exit_code`:
+2 for bad input (the user changes the command or a file), 1 for a failure of the machine or the cluster
+(:class:`MachineError`: a full disk, a worker that died), where the same command may well work later.
+Anything else is a bug: the CLI shows its traceback and where to report it.
 """
 
 
 class TracInError(Exception):
-    """Base class: anything the user can fix by changing their input."""
+    """Base class: anything the user can fix by changing their input (exit status 2)."""
+
+    exit_code = 2
 
 
 class InputError(TracInError):
@@ -38,3 +43,22 @@ class VanishingGradientError(TracInError):
 
 class TracInWarning(UserWarning):
     """Something was assumed, or looks wrong, that the user may want to know about (e.g. a missing learning rate)."""
+
+
+class MachineError(TracInError):
+    """The machine or the cluster failed, not the input: a write that failed, a worker that died (exit status 1)."""
+
+    exit_code = 1
+
+
+class DiskFullError(MachineError):
+    """A file could not be written because its file system is full (or the user's quota is spent).
+
+    ``path``: the file; ``free``: the bytes free on its file system after the partial file was removed."""
+
+    def __init__(self, message: str, path: str, free: int):
+        super().__init__(message)
+        self.path, self.free = path, free
+
+    def __reduce__(self):  # raised on a Dask worker, it is pickled back to the client
+        return type(self), (str(self), self.path, self.free)

@@ -1,14 +1,46 @@
-"""Files written whole or not at all (through a hidden temporary name in the same folder, then a rename),
-and the first difference between two JSON records."""
+"""Files written whole or not at all (through a hidden temporary name in the same folder, then a rename;
+a full disk is a :class:`~tracin_index.errors.DiskFullError`), and the first difference between two JSON
+records."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from .errors import DiskFullError, TracInError
+
+#: Less free space than this after a failed write means it failed for want of space: torch.save then says
+#: only "unexpected pos", h5py "Can't synchronously write data", neither with an errno.
+NEARLY_FULL = 256 * 2**10
+
+
+def mib(n: float) -> str:
+    """``1.7 MiB``, ``2.25 GiB``: sizes as the command line prints them."""
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+def out_of_space(error: BaseException, folder: str | os.PathLike) -> int | None:
+    """The bytes free in ``folder``'s file system if ``error``, raised by a write there, means it is full; else None."""
+    if not isinstance(error, Exception) or isinstance(error, TracInError):
+        return None
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return free
+    return free if free < NEARLY_FULL else None
+
+
+def disk_full(path: str | os.PathLike, free: int, advice: str = "free some space and run the same command again") -> DiskFullError:
+    return DiskFullError(f"{os.fspath(path)}: could not be written, the disk is full ({mib(free)} free); {advice}",
+                         os.fspath(path), free)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -23,15 +55,24 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Pat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
+    full = None
     try:
         yield temporary
         if fsync:
             with open(temporary, "rb+") as written:
                 os.fsync(written.fileno())
         os.replace(temporary, path)
+    except Exception as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)  # first: the space it took counts as free below
+        full = out_of_space(error, path.parent)
+        if full is None:
+            raise
     finally:
         if temporary.exists():
             temporary.unlink()
+    if full is not None:
+        raise disk_full(path, full)
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], None], *, fsync: bool = False) -> None:

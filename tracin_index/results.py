@@ -13,8 +13,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .errors import InputError
-from .files import first_difference, write_json_atomic, write_text_atomic
+from .errors import InputError, MachineError
+from .files import disk_full, first_difference, out_of_space, write_json_atomic, write_text_atomic
 
 RESULT_FIELDS = ("test_index", "test_head", "test_relation", "test_tail", "kind", "rank", "train_index", "head",
                  "relation", "tail", "influence")
@@ -215,8 +215,11 @@ class JsonlResults:
             os.fsync(fd)
         except OSError as error:
             os.ftruncate(fd, size)
-            raise InputError(f"{self.path}: could not write ({error.strerror}); the {len(self.done):,} test triple(s) "
-                             "before are kept: free space and run the same command to resume") from None  # fmt: skip
+            kept = f"the {len(self.done):,} test triple(s) before are kept: free space and run the same command to resume"
+            free = out_of_space(error, self.path.parent)
+            if free is not None:
+                raise disk_full(self.path, free, kept) from None
+            raise MachineError(f"{self.path}: could not write ({error.strerror}); {kept}") from None
         finally:
             os.close(fd)
         self.done.update(self.key(r) for r in results)

@@ -16,6 +16,7 @@ whose bases changed has all its shard files rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from pathlib import Path
@@ -24,8 +25,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..errors import InputError
-from ..files import first_difference
+from ..errors import DiskFullError, InputError
+from ..files import disk_full, first_difference, mib
 from ..gradients.computer import CheckpointGradients, GradientComputer
 from ..kg.directions import examples_per_fact, uses_inverse_triples
 from ..kg.replicas import build_replica, replica_agrees, replica_spec
@@ -49,7 +50,7 @@ from ..storage.plans import BlockPlan
 from ..version import __version__
 from .bases import CheckpointBases
 from .inputs import BuildInputs, inputs_record, load_inputs
-from .plan import check_room, describe_plans, estimate_bytes, mib, plan_storage
+from .plan import check_room, describe_plans, estimate_bytes, plan_storage
 from .rows import BuildRows
 from .runners import LocalRunner, Runner
 from .settings import BuildSettings
@@ -109,7 +110,7 @@ class Builder:
         check_room(out, sizes, plans, rows, model, settings.batch_size, self.log)
 
         inputs_json = inputs_record(self.inputs, self.planning.checkpoints, out)
-        with exclusive_lock(out):
+        with exclusive_lock(out), self._disk_full_resumes(sizes["total"]):
             if (out / MANIFEST).is_file():  # our index: remove half-written files of a killed build
                 for leftover in out.rglob(".tmp-*"):
                     leftover.unlink()
@@ -130,6 +131,17 @@ class Builder:
             manifest["complete"] = True
             write_manifest(out, manifest)
         return manifest
+
+    @contextlib.contextmanager
+    def _disk_full_resumes(self, total: int):
+        """Something else took the space after :func:`check_room`: say how much more the index needs and that the
+        same command resumes (the files already recorded are intact: each is written whole, then recorded)."""
+        try:
+            yield
+        except DiskFullError as error:
+            written = sum(p.stat().st_size for p in self.out.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
+            raise disk_full(error.path, error.free, f"the index needs about {mib(max(0, total - written))} more; free "
+                            "that and run the same command: it resumes after the files already written") from None  # fmt: skip
 
     def _replica(self, groups: np.ndarray | None) -> tuple[dict | None, CheckpointGradients]:
         """The spec of a plain-torch replica of the model that gives its scores and gradients, if there is

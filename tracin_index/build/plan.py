@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..errors import InputError, VanishingGradientError
+from ..files import mib
 from ..gradients.computer import CheckpointGradients, not_finite_message, vanished, vanishing_message
 from ..kg.triples import IdMaps
 from ..machine import available_memory
@@ -130,10 +131,6 @@ def check_room(out: Path, sizes: dict[str, float], plans: list[BlockPlan], rows:
     if sizes["shards"] > available:
         log(f"warning: queries hold the stored factors in memory ({mib(sizes['shards'])}), more than the "
             f"{mib(available)} available now")  # fmt: skip
-
-
-def mib(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
 
 
 def describe_plans(plans: list[BlockPlan], num_rows: int, num_groups: int | None) -> str:

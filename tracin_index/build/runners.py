@@ -14,7 +14,7 @@ import os
 import uuid
 from typing import Iterable, Iterator, Protocol
 
-from ..errors import InputError
+from ..errors import InputError, MachineError, TracInError
 from .task import BuildTask, run_task
 
 #: Attempts of a failed task beyond the first, on any worker, before the build stops and names it.
@@ -109,11 +109,12 @@ class DaskRunner:
             task = futures[future]
             try:
                 return task, future.result()
-            except InputError:
+            except TracInError:  # bad input, or a full disk: as it would be here
                 raise
-            except Exception as error:  # the worker's exception, after the retries
-                raise InputError(f"{task.shard.relative_path}: failed on the cluster after {self.retries} retries "
-                                 f"({type(error).__name__}: {error})") from None  # fmt: skip
+            except Exception as error:  # the worker's exception (or its death), after the retries: not the input
+                raise MachineError(f"{task.shard.relative_path}: failed on the cluster after {self.retries} retries "
+                                   f"({type(error).__name__}: {error}); the same command resumes after the shard files "
+                                   "already written") from None  # fmt: skip
 
         try:
             for tasks in batches:  # the next batch is prepared while this one runs on the workers

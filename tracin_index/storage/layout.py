@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import h5py
 import numpy as np
@@ -159,14 +160,30 @@ def write_arrays(path: Path, arrays: Mapping[str, np.ndarray], attrs: Mapping[st
     Not fsynced: a file is trusted only through the checksum the manifest records, so one that a
     crash left incomplete is found and rebuilt by the next build (or named by `verify`).
     """
-    with files.atomic_path(path) as tmp:
-        with h5py.File(tmp, "w", track_order=True) as f:
-            for name, value in arrays.items():
-                f.create_dataset(name, data=np.asarray(value), track_times=False)
-            for key, value in (attrs or {}).items():
-                f.attrs[key] = value
-        digest = sha256_file(tmp)
-    return digest
+
+    def fill(f: h5py.File) -> None:
+        for name, value in arrays.items():
+            f.create_dataset(name, data=np.asarray(value), track_times=False)
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
+
+    return write_h5(path, fill, track_order=True)
+
+
+def write_h5(path: Path, fill: Callable[[h5py.File], None], **options) -> str:
+    """The HDF5 file that ``fill(f)`` makes, written atomically; returns its sha256.
+
+    HDF5 makes the file in memory and Python writes it out: HDF5 writing to a disk that fills up fails, and
+    closing the file after that crashes the process (a segmentation fault in ``File.close``); a plain write
+    ends in an ``OSError`` (a :class:`~tracin_index.errors.DiskFullError` from :func:`files.atomic_path`).
+    """
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w", **options) as f:
+        fill(f)
+    image = buffer.getbuffer()
+    with files.atomic_path(path) as tmp, open(tmp, "wb") as out:
+        out.write(image)
+    return hashlib.sha256(image).hexdigest()
 
 
 def read_arrays(path: Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -198,16 +215,16 @@ def write_triples(path: Path, hrt: np.ndarray, entity_labels: list[str], relatio
                   groups: np.ndarray | None = None) -> str:  # fmt: skip
     """Row -> ids, the labels, and (when a block is grouped) each row's (head, relation) group; returns the sha256."""
     strings = h5py.string_dtype("utf-8")
-    with files.atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+
+    def fill(f: h5py.File) -> None:
         f.create_dataset("hrt", data=np.asarray(hrt, dtype=np.int64), track_times=False)
         f.create_dataset("entity_labels", data=np.asarray(entity_labels, dtype=object), dtype=strings, track_times=False)
-        f.create_dataset(
-            "relation_labels", data=np.asarray(relation_labels, dtype=object), dtype=strings, track_times=False
-        )
+        f.create_dataset("relation_labels", data=np.asarray(relation_labels, dtype=object), dtype=strings, track_times=False)
         if groups is not None:
             f.create_dataset("groups", data=np.asarray(groups, dtype=np.int64), track_times=False)
         f.attrs["source"] = source
-    return sha256_file(path)
+
+    return write_h5(path, fill)
 
 
 def read_triples(path: Path) -> tuple[np.ndarray, list[str], list[str], np.ndarray | None]:

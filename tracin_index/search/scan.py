@@ -84,17 +84,33 @@ class ProductBatch:
     layout, never on the products' values: so the batch records them by scanning a one-row copy of the
     arrays (:meth:`FactorArrays.first_row`), computes each array's products for all of them in one matrix
     product (:meth:`compute`), and serves them, in the order asked, to the real scans that follow. The
-    sketches of the queries (:meth:`FactorArrays.sketch_query`) are recorded and served alike."""
+    queries' sketches (:meth:`FactorArrays.sketch_query`), which the products' queries are made of, are
+    recorded first in the same way (a recording with placeholder sketches, whose products are not kept) and
+    computed together too (:meth:`compute_sketches`)."""
 
     def __init__(self, source: FactorArrays):
         self.source = source
         self.recording = True
+        self.sketching = True  # recording the sketches asked for: placeholders given, products not kept
         self.asked: dict[str | tuple[str, ...], list[torch.Tensor]] = {}
         self.ready: dict[str | tuple[str, ...], deque] = {}
+        self.sketches_asked: list[tuple[tuple[str, str], torch.Tensor]] = []
         self.sketches: deque = deque()
+        self.served: deque = deque()
 
     def ask(self, key: str | tuple[str, ...], query: torch.Tensor) -> None:
-        self.asked.setdefault(key, []).append(query)
+        if not self.sketching:
+            self.asked.setdefault(key, []).append(query)
+
+    def compute_sketches(self) -> None:
+        by_side: dict[tuple[str, str], list[int]] = {}
+        for i, (side, _) in enumerate(self.sketches_asked):
+            by_side.setdefault(side, []).append(i)
+        found: dict[int, tuple[torch.Tensor, float]] = {}
+        for side, positions in by_side.items():
+            found.update(zip(positions, self.source.sketch_queries(side, [self.sketches_asked[i][1] for i in positions])))
+        self.sketches = deque(found[i] for i in range(len(self.sketches_asked)))
+        self.sketches_asked, self.sketching = [], False
 
     def compute(self) -> None:
         for key, queries in self.asked.items():
@@ -109,9 +125,13 @@ class ProductBatch:
         return product
 
     def sketch(self, side: tuple[str, str], query: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if self.sketching:
+            self.sketches_asked.append((side, query))
+            return torch.zeros(self.source.bases[side].dim, device=query.device), 0.0
         if self.recording:
-            self.sketches.append(self.source.sketch_query(side, query))
-        return self.sketches[-1] if self.recording else self.sketches.popleft()
+            self.served.append(self.sketches.popleft())
+            return self.served[-1]
+        return self.served.popleft()
 
 
 #: The batch the scans of this thread take their products from (None: each computes its own).
@@ -353,7 +373,10 @@ def checkpoint_estimates(plans: list[BlockPlan], stored: FactorArrays, queries: 
     token = _BATCH.set(batch)
     try:
         first = stored.first_row()
-        for query in queries:
+        for query in queries:  # the sketches the scans ask for
+            checkpoint_estimate(plans, first, query, modules)
+        batch.compute_sketches()
+        for query in queries:  # the products, of queries made with those sketches
             checkpoint_estimate(plans, first, query, modules)
         batch.compute()
         return [checkpoint_estimate(plans, stored, q, modules, o, w) for q, o, w in zip(queries, outs, weights)]

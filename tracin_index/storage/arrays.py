@@ -33,6 +33,24 @@ PACK_SPARE = 0.25
 #: Queries of one product call answered by mat-vec products (one test triple asks for at most two at once:
 #: its own and a derived side's); more, a batch of test triples', by one matrix product.
 MV_QUERIES = 2
+#: A batch's matrix product on the CPU converts this many float16 rows at a time to float32 (exactly) and
+#: multiplies in float32: as fast as float16's where the CPU computes in float16, several times faster where
+#: it does not (``benchmarks/scan_kernels.py``); the float32 copy is one block at a time.
+PRODUCT_ROWS = 4096
+
+
+def batch_products(rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """(M, N) float16 products of float16 ``rows`` (N, d) with ``queries`` (M, d) rounded to float16, as one
+    float16 matrix product gives them (and a test triple's mat-vec products: the same answers and counts,
+    asked alone or in a batch); on the CPU computed in float32, :data:`PRODUCT_ROWS` rows at a time."""
+    q = queries.to(device=rows.device, dtype=rows.dtype)
+    if rows.device.type != "cpu":
+        return q @ rows.T
+    q = q.float()
+    out = torch.empty(len(q), len(rows), dtype=rows.dtype)
+    for start in range(0, len(rows), PRODUCT_ROWS):
+        out[:, start : start + PRODUCT_ROWS] = q @ rows[start : start + PRODUCT_ROWS].float().T
+    return out
 
 
 def _fbgemm_available() -> bool:
@@ -116,7 +134,7 @@ class FactorArrays:
             if len(q) <= MV_QUERIES:
                 out = torch.stack([torch.mv(flats[0], q[i]) for i in range(len(q))])
             else:
-                out = q @ flats[0].T  # (queries, rows): each query's products contiguous, as the scan reads them
+                out = batch_products(flats[0], queries)  # (queries, rows): each query's products contiguous
         else:  # the parts' float16 products summed in float32 (exactly: a sum in float16 would round)
             q = queries.to(device=flats[0].device, dtype=flats[0].dtype)
             out = torch.zeros(len(q), len(flats[0]), dtype=torch.float32, device=flats[0].device)
@@ -191,6 +209,19 @@ class FactorArrays:
         if memo not in self.sketches:
             self.sketches[memo] = self._sketch_query(side, query)
         return self.sketches[memo]
+
+    def sketch_queries(self, side: tuple[str, str], queries: list[torch.Tensor]) -> list[tuple[torch.Tensor, float]]:
+        """:meth:`sketch_query` of several queries: in one matrix product with the basis, but where its basis is
+        packed for fbgemm (each query then as alone)."""
+        if f"{side[0]}/{side[1]}/basis" in self.packed or len(queries) <= 1:
+            return [self.sketch_query(side, q) for q in queries]
+        memos = [(side, q.detach().cpu().numpy().tobytes()) for q in queries] if self.sketches is not None else None
+        missing = [i for i in range(len(queries)) if memos is None or memos[i] not in self.sketches]
+        found = dict(zip(missing, self.bases[side].sketch_queries(torch.stack([queries[i].reshape(-1) for i in missing])))) if missing else {}
+        if memos is None:
+            return [found[i] for i in range(len(queries))]
+        self.sketches.update({memos[i]: found[i] for i in missing})
+        return [self.sketches[m] for m in memos]
 
     def _sketch_query(self, side: tuple[str, str], query: torch.Tensor) -> tuple[torch.Tensor, float]:
         basis = self.bases[side]

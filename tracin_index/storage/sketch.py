@@ -134,6 +134,11 @@ class Basis:
         weighted, rho = self._residual(x.reshape(1, -1), s.double())
         return weighted[0].float(), float(rho[0])
 
+    def sketch_queries(self, x: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
+        """:meth:`sketch_query` of each row of ``x`` (M, d), in one matrix product with the basis."""
+        weighted, rho = self._residual(x, (x.float() @ self.matrix.T).double())
+        return [(weighted[i].float(), float(rho[i])) for i in range(len(x))]
+
     def _residual(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """G^{-1} s (float64) and rho of rows ``x`` with coordinates ``s`` (float64), as :meth:`sketch` says."""
         weighted = s @ self.gram_inverse

@@ -128,3 +128,13 @@ def conve_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("conve-run") / "run"
     return train_run(out, dataset="nations", model="ConvE", epochs=4, checkpoint_every=2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tiny_run, tmp_path_factory):
+    """The directory of an index of tiny_run (sketch_dim 16, CPU), built once per test session; a test that changes
+    one of its files puts it back."""
+    from tracin_index.index import GradientIndex
+
+    directory = tmp_path_factory.mktemp("tiny-index") / "index"
+    return GradientIndex.build(directory, model_path=tiny_run, sketch_dim=16, device="cpu").directory

@@ -270,4 +270,4 @@ def test_duplicate_training_lines_are_counted_and_named(capsys, tiny_run, tmp_pa
                            "--top-k", "2")  # fmt: skip
     assert code == 0, err
     warning = [line for line in err.splitlines() if "repeat an earlier line" in line]
-    assert warning and "2 training triple(s)" in warning[0] and f"{len(lines) + 1}, {len(lines) + 2}" in warning[0]
+    assert warning and "2 training triples repeat" in warning[0] and f"{len(lines) + 1}, {len(lines) + 2}" in warning[0]

@@ -142,11 +142,12 @@ def test_scans_of_arrays_packed_for_fbgemm_stay_within_their_bounds(tiny_run, tm
     unpacked = GradientIndex.open(tmp_path / "index", pack=False)
     unpacked.query(test[:NUM_TEST], top_k=10)
     assert not unpacked.factor_arrays(0).packed
-    # without the memory for the packed copies: scanned unpacked, said once, still exact
+    # without the memory for the packed copies: scanned unpacked, said once, still exact (single test triples:
+    # packing serves them; a batch's products and sketches are matrix products, unpacked)
     monkeypatch.setattr(arrays, "available_memory", lambda: 2**10)
     short = GradientIndex.open(tmp_path / "index", pack=True)
     with pytest.warns(TracInWarning, match="not packing"):
-        assert_matches(short.query(test[:NUM_TEST], top_k=10), conve_reference["bce"])
+        assert_matches([short.query(test[t : t + 1], top_k=10)[0] for t in range(NUM_TEST)], conve_reference["bce"])
     assert not short.factor_arrays(0).packed
 
 
@@ -353,7 +354,7 @@ def test_replaced_principal_directions_are_refused_then_refitted_with_their_shar
 
     messages = []
     rebuilt = GradientIndex.build(out, model_path=tiny_run, shard_size=512, sketch_dim=16, log=messages.append)
-    assert any("bases/ckpt-001.h5" in m and "rebuilding the 4 shard(s) of checkpoint 2" in m for m in messages)
+    assert any("bases/ckpt-001.h5" in m and "rebuilding the 4 shards of checkpoint 2" in m for m in messages)
     assert rebuilt.verify() == [] and rebuilt.query(test[:3]) == expected
 
 
@@ -530,3 +531,20 @@ def test_the_default_sketch_widens_where_128_directions_leave_too_much_out(conve
         monkeypatch.setattr(plan, "WIDEST_BYTES", 10**9)
     index = GradientIndex.build(tmp_path / "index", model_path=conve_run)
     assert index.plans[0].sketch == (0, expected) and index.manifest["settings"]["sketch_dim"] is None
+
+
+def test_the_build_says_what_it_needs_of_memory_and_how_queries_will_hold_the_index(tiny_run, tmp_path, monkeypatch):
+    import tracin_index.build.plan as plan
+
+    messages = []
+    monkeypatch.setattr(plan, "available_memory", lambda: 2**40)
+    GradientIndex.build(tmp_path / "roomy", model_path=tiny_run, log=messages.append)
+    assert any(m.startswith("memory: the build needs about ") and "(1,024.00 GiB available now)" in m for m in messages)
+    assert not any(m.startswith("queries:") for m in messages)  # held at the default budget: nothing to say
+
+    messages.clear()
+    shards = sum(p.stat().st_size for p in (tmp_path / "roomy").rglob("*.h5") if p.parent != tmp_path / "roomy")
+    monkeypatch.setattr(plan, "available_memory", lambda: 8 * shards)  # a default budget of 2x the arrays: < 4x
+    GradientIndex.build(tmp_path / "tight", model_path=tiny_run, log=messages.append)
+    said = [m for m in messages if m.startswith("queries:")]
+    assert len(said) == 1 and "read from the files in passes, with the same answers" in said[0], messages

@@ -68,7 +68,7 @@ def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(capsys, tin
     monkeypatch.setattr(GradientIndex, "query", query_then_stop)
     out = tmp_path / "run.jsonl"
     code, _, err = run_cli(capsys, *_args(tiny_run, stream_index, out, "--batch-size", "4"))
-    assert code == 130 and "4 test triple(s) written; the same command resumes" in err
+    assert code == 130 and "4 test triples written; the same command resumes" in err
     assert len(out.read_text().splitlines()) == 1 + 4  # the config and the first batch, whole
     monkeypatch.setattr(GradientIndex, "query", original)
     # a run killed in the middle of a write leaves a line without its end: cut off when resuming
@@ -76,7 +76,7 @@ def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(capsys, tin
         f.write('{"test_index": 4, "test_tri')
     code, _, err = run_cli(capsys, *_args(tiny_run, stream_index, out, "--batch-size", "4"))
     assert code == 0, err
-    assert "4 of 12 test triple(s) already answered; resuming" in err
+    assert "4 of 12 test triples already answered; resuming" in err
     assert out.read_bytes() == reference.read_bytes()
 
     def must_not_run(self, *args, **kwargs):
@@ -139,4 +139,4 @@ def test_exact_in_test_batches_streams_the_answers_of_one_pass(capsys, tiny_run,
     assert lines[0] == {"config": whole["config"]}
     assert_same_results(lines[1:], whole["results"])
     code, _, err = run_cli(capsys, *args, "--test-batch-size", "3", "--output", tmp_path / "batched.jsonl")
-    assert code == 0 and "7 of 7 test triple(s) already answered; nothing left to do" in err
+    assert code == 0 and "7 of 7 test triples already answered; nothing left to do" in err

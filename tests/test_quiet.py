@@ -56,6 +56,6 @@ def test_our_warnings_stay_and_each_is_shown_once(conve_without_inverse, tmp_pat
     done = cli("build", "--model-path", tmp_path / "run", "--train", repeated, "--out", tmp_path / "idx")
     assert done.returncode == 0, done.stderr
     warned = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
-    assert len([line for line in warned if "repeat an earlier line" in line]) == 1, done.stderr
+    assert len([line for line in warned if "repeats an earlier line" in line]) == 1, done.stderr
     assert len(warned) == len(set(warned)), done.stderr
     assert PYKEEN_CHATTER not in done.stderr, done.stderr

@@ -90,3 +90,12 @@ def test_concurrent_http_requests_are_batched_and_answered_as_alone(index, tiny_
         for kind in ("proponents", "opponents"):
             assert [i["train_index"] for i in got[kind]] == [i["train_index"] for i in alone[kind]]
             assert [i["influence"] for i in got[kind]] == pytest.approx([i["influence"] for i in alone[kind]], rel=1e-5)
+
+
+def test_a_query_that_raises_stop_iteration_fails_its_request_instead_of_hanging_it():
+    def answer(ids, top_k, direction):
+        raise StopIteration  # what a generator's bug raises through: a Future cannot hold it
+
+    batcher = QueryBatcher(ThreadPoolExecutor(max_workers=1), answer)
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        batcher.submit([[0, 0, 0]], 5, "tail").result(timeout=30)

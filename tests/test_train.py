@@ -111,3 +111,16 @@ def test_train_run_refuses_a_non_empty_output_directory(tmp_path):
 def test_train_run_refuses_an_unknown_model_suggesting_close_names(tmp_path):
     with pytest.raises(InputError, match="did you mean.*DistMult"):
         train_run(tmp_path / "run", model="DistMul", progress=False)
+
+
+def test_train_warns_of_repeated_training_lines_naming_them(tmp_path):
+    from tracin_index.errors import TracInWarning
+
+    rows = [("b", "likes", "a"), ("a", "likes", "c"), ("b", "likes", "a"), ("c", "hates", "b")]
+    train = _write_tsv(tmp_path / "train.tsv", rows)
+    with pytest.warns(TracInWarning) as caught:
+        train_run(tmp_path / "run", train_path=train, model="DistMult", model_kwargs={"embedding_dim": 8}, epochs=1,
+                  checkpoint_every=1, batch_size=2, progress=False)  # fmt: skip
+    (said,) = [str(w.message) for w in caught if "repeat" in str(w.message)]
+    assert said.startswith(f"{train}: 1 training triple repeats an earlier line (lines 3)")
+    assert "is trained on" in said

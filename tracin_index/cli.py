@@ -21,6 +21,7 @@ from rich.text import Text
 
 from .errors import DiskFullError, InputError, MachineError, TracInError
 from .files import disk_full, mib
+from .words import counted
 
 app = typer.Typer(
     name="tracin-index",
@@ -29,6 +30,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: "[run dir's train.tsv]" as written (rich ate it), flags without "<bool>"
 )
 # markup off: labels, paths and messages are data, printed as written (styles come only through styled())
 console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)  # messages stay one line, whatever the width
@@ -210,6 +212,16 @@ def train(
 
 
 @contextlib.contextmanager
+def _when_interrupted(advice: str):
+    """Ctrl-C: one line saying what the same command does next (``advice``), exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print(styled("interrupted;", "red", advice))
+        raise SystemExit(130) from None
+
+
+@contextlib.contextmanager
 def _start_over_when_full(advice: str):
     """A full disk where the same command does not resume: say what to do instead."""
     try:
@@ -232,10 +244,10 @@ def exact(
         False, "--use-last-layers-only", help="Differentiate the last layers only (default: all parameters)."
     ),
     num_last_layers: int = typer.Option(2),
-    last_layer_names: Optional[List[str]] = typer.Option(None, help="Layer or parameter names (several allowed)."),
+    last_layer_names: Optional[List[str]] = typer.Option(None, metavar="<name>...", help="Layer or parameter names (several allowed)."),
     mode: Mode = typer.Option(Mode.single, help="single: the --test-indices triples; all: every test triple."),
-    test_indices: Optional[List[int]] = typer.Option(None, help="0-based rows of the test file [0]."),
-    checkpoints: Optional[List[Path]] = typer.Option(None, help="Checkpoint files or folders [run dir's]."),
+    test_indices: Optional[List[int]] = typer.Option(None, metavar="<int>...", help="0-based rows of the test file [0]."),
+    checkpoints: Optional[List[Path]] = typer.Option(None, metavar="<path>...", help="Checkpoint files or folders [run dir's]."),
     top_k: int = typer.Option(10),
     loss: Loss = typer.Option(Loss.bce),
     direction: Direction = typer.Option(Direction.tail, help=_DIRECTION_HELP),
@@ -263,9 +275,8 @@ def exact(
     _check_output(output)
     run = load_model(model_path, allow_pickle=allow_pickle)
     id_maps = run.resolve_id_maps(entity_to_id, relation_to_id)
-    train_file = _required_path(train_path, run.training_path, "--train", "training triples")
+    training = run.read_training(train_path, id_maps)  # labels, or PyKEEN's numeric triples
     test_file = _required_path(test_path, run.test_path, "--test", "test triples")
-    training = read_labeled_triples(train_file)
     test = read_labeled_triples(test_file)
     if mode is Mode.all:
         indices = list(range(len(test)))
@@ -290,17 +301,17 @@ def exact(
     )
     console.print(f"parameters: {analyzer.selection.describe()}", highlight=False)
     console.print(
-        f"checkpoints: {len(ckpts) or 'the model itself'}; training triples: {len(training):,}; "
+        f"checkpoints: {len(ckpts) or 'the model itself'}; training triples: {len(training.ids):,}; "
         f"test triples: {len(indices)}",
         highlight=False,
     )
-    train_ids = id_maps.to_ids(training)
-    warn_duplicates(train_ids, str(train_file), training.line_numbers)
+    train_ids = training.ids
+    warn_duplicates(train_ids, str(training.path), training.line_numbers)
     test_ids = id_maps.to_ids(test)[indices]
     config = {
         "command": "exact",
         "model_path": str(model_path),
-        "train": str(train_file),
+        "train": str(training.path),
         "test": str(test_file),
         "checkpoints": [{"path": str(c.path), "epoch": c.epoch, "learning_rate": c.learning_rate} for c in ckpts],
         "parameters": analyzer.selection.to_json(),
@@ -356,12 +367,12 @@ def build(
     out_dir: Path = typer.Option(..., "--out", help="Index directory to write (or to resume)."),
     model_path: Path = typer.Option(..., help="Run directory, or a pickled PyKEEN model with --allow-pickle."),
     train_path: Optional[Path] = typer.Option(None, "--train", help="Training triples TSV [run dir's train.tsv]."),
-    checkpoints: Optional[List[Path]] = typer.Option(None, help="Checkpoint files or folders [run dir's]."),
+    checkpoints: Optional[List[Path]] = typer.Option(None, metavar="<path>...", help="Checkpoint files or folders [run dir's]."),
     entity_to_id: Optional[Path] = typer.Option(None, help="entity_to_id.tsv(.gz) [run dir's]."),
     relation_to_id: Optional[Path] = typer.Option(None, help="relation_to_id.tsv(.gz) [run dir's]."),
     parameters: Selection = typer.Option(Selection.last, help="last: the last N layers; all: every parameter."),
     num_last_layers: int = typer.Option(2),
-    last_layer_names: Optional[List[str]] = typer.Option(None, help="Layer or parameter names (overrides --parameters)."),
+    last_layer_names: Optional[List[str]] = typer.Option(None, metavar="<name>...", help="Layer or parameter names (overrides --parameters)."),
     loss: Loss = typer.Option(Loss.bce),
     sketch_dim: int = typer.Option(
         None, help="Principal directions kept of a wide side (e.g. ConvE's Linear input) [128, or 256 where 128 "
@@ -399,7 +410,8 @@ def build(
     )
     bar, report = _progress_bar()
     runner = runner_for(dask_workers=dask_workers, dask_scheduler=dask_scheduler)
-    with bar, (runner or contextlib.nullcontext()):
+    resumes = "run the same command to resume: it continues after the shard files already written"
+    with _when_interrupted(resumes), bar, (runner or contextlib.nullcontext()):
         index_ = GradientIndex.build(
             out_dir,
             model_path=model_path,
@@ -422,10 +434,10 @@ def build(
 @app.command()
 def query(
     index_dir: Path = typer.Argument(..., help="Index directory written by `tracin-index build`."),
-    triple: Optional[List[str]] = typer.Option(None, help="HEAD RELATION TAIL (labels, or ids with --ids).", show_default=False),
+    triple: Optional[List[str]] = typer.Option(None, metavar="<head> <relation> <tail>", help="HEAD RELATION TAIL (labels, or ids with --ids).", show_default=False),
     by_id: bool = typer.Option(False, "--ids", help="--triple gives ids, not labels."),
     test_path: Optional[Path] = typer.Option(None, "--test", help="TSV of test triples (labels)."),
-    test_indices: Optional[List[int]] = typer.Option(None, help="0-based rows of --test [all]."),
+    test_indices: Optional[List[int]] = typer.Option(None, metavar="<int>...", help="0-based rows of --test [all]."),
     top_k: int = typer.Option(10),
     candidates: Optional[int] = typer.Option(
         None, help="Rescore the K best estimates each way instead of every candidate the bounds leave (faster, "
@@ -484,7 +496,7 @@ def query(
     maps = index_.id_maps()
     if triple is not None:
         if len(triple) != 3:
-            raise InputError(f"--triple takes HEAD RELATION TAIL, got {len(triple)} value(s): {' '.join(triple)}")
+            raise InputError(f"--triple takes HEAD RELATION TAIL, got {counted(len(triple), 'value')}: {' '.join(triple)}")
         hrt = torch.tensor([maps.resolve_triple(*triple, by_id=by_id)])
         indices: list = [None]
     else:
@@ -574,18 +586,20 @@ def serve(
     if not 0 < port < 65536:
         raise InputError(f"--port {port}: not a port number (1..65535)")
     budget = None if max_memory is None else parse_size(max_memory, "--max-memory")
-    console.print(f"serving {index_dir} at http://{host}:{port}/ (API docs at /docs); Ctrl-C stops it", highlight=False)
+    banner = f"serving {index_dir} at http://{host}:{port}/ (API docs at /docs); Ctrl-C stops it"
     run_server(index_dir, host=host, port=port, token=token, allow_pickle=allow_pickle, device=device, batching=batching,
-               max_memory=budget, warn=lambda m: console.print(Text(m, style="yellow")))  # fmt: skip
+               max_memory=budget, warn=lambda m: console.print(Text(m, style="yellow")),
+               ready=lambda: console.print(banner, highlight=False))  # fmt: skip
 
 
 @app.command()
 def verify(index_dir: Path = typer.Argument(..., help="Index directory.")):
     """Check every file of an index against the checksums in its manifest, and that the model, checkpoints and
     training triples it was built from are unchanged (loads no model)."""
-    from .storage.layout import read_manifest
+    from .storage.layout import read_manifest, refuse_while_building
     from .storage.reader import verify_directory, verify_inputs
 
+    refuse_while_building(index_dir)  # its files are not yet those the finished manifest will record
     manifest = read_manifest(index_dir)
     damaged, changed = verify_directory(index_dir, manifest), verify_inputs(index_dir, manifest)
     for problem in damaged:
@@ -593,8 +607,8 @@ def verify(index_dir: Path = typer.Argument(..., help="Index directory.")):
     for problem in changed:
         console.print(styled("changed:", "red", problem))
     if damaged or changed:
-        what = [f"{len(damaged)} file(s) damaged (run the same `tracin-index build` again to rebuild them)"] if damaged else []
-        what += [f"{len(changed)} input(s) missing or changed (queries refuse the index until they are restored or it is "
+        what = [f"{counted(len(damaged), 'file')} damaged (run the same `tracin-index build` again to rebuild them)"] if damaged else []
+        what += [f"{counted(len(changed), 'input')} missing or changed (queries refuse the index until they are restored or it is "
                  "rebuilt)"] if changed else []  # fmt: skip
         raise InputError(f"{index_dir}: " + "; ".join(what))
     console.print("all files match their checksums, and the model, checkpoints and training triples are those it was built from")
@@ -668,7 +682,7 @@ def _answer_in_batches(keys: list[tuple], answer, batch_size: int, output: Path 
     if streamed is not None:
         todo = [i for i in todo if keys[i] not in streamed.done]
         if len(todo) < len(keys):
-            console.print(f"{output}: {len(keys) - len(todo):,} of {len(keys):,} test triple(s) already answered; "
+            console.print(f"{output}: {len(keys) - len(todo):,} of {counted(len(keys), 'test triple')} already answered; "
                           f"{'resuming' if todo else 'nothing left to do'}")  # fmt: skip
     results = []
     bar, report = _progress_bar(transient=output is None)
@@ -682,7 +696,7 @@ def _answer_in_batches(keys: list[tuple], answer, batch_size: int, output: Path 
                 results.extend(found)
             report("test triples", start + len(batch), len(todo))
     if streamed is not None:
-        console.print(f"results of {len(streamed.done):,} test triple(s) in {output}")
+        console.print(f"results of {counted(len(streamed.done), 'test triple')} in {output}")
     elif output:
         try:
             write_results(output, results, config)
@@ -708,7 +722,7 @@ def _resumable(streamed):
         yield
     except KeyboardInterrupt:
         if streamed is not None:
-            console.print(f"{streamed.path}: {len(streamed.done):,} test triple(s) written; the same command resumes "
+            console.print(f"{streamed.path}: {counted(len(streamed.done), 'test triple')} written; the same command resumes "
                           "after them")  # fmt: skip
         raise
 

@@ -7,6 +7,18 @@ Anything else is a bug: the CLI shows its traceback and where to report it.
 """
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for a one-line message, cut at ``limit`` characters: a label or a value read from a file
+    may be a megabyte long (or nested too deep to print at all)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deep to print"
+    if "\n" in text:  # a tensor's or an array's repr (a string's escapes its line breaks)
+        text = " ".join(line.strip() for line in text.splitlines())
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 class TracInError(Exception):
     """Base class: anything the user can fix by changing their input (exit status 2)."""
 

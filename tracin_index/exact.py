@@ -101,7 +101,9 @@ class TracInAnalyzer:
                                  "alone has none")  # fmt: skip
             names = self.selection.parameter_names
             # read (and refuse) before any work: one preconditioner per checkpoint
-            self._preconditioners = [Preconditioner.at(c, names) for c in self.checkpoints]
+            parameters = dict(self.model.named_parameters())
+            shapes = {n: tuple(parameters[n].shape) for n in names}
+            self._preconditioners = [Preconditioner.at(c, names, shapes) for c in self.checkpoints]
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
         self.batch_size = batch_size

@@ -30,7 +30,8 @@ from .storage.reader import IndexFiles
 
 
 class GradientIndex:
-    """An index directory opened for queries. Make one with :meth:`build`, open one with :meth:`open`."""
+    """An index directory opened for queries. Make one with :meth:`build`, open one with :meth:`open`. Threads
+    may share one: it answers their calls one at a time (:class:`~tracin_index.search.engine.QueryEngine`)."""
 
     def __init__(self, files: IndexFiles, *, device: str, allow_pickle: bool = False,
                  pack_after: int | None = PACK_AFTER_SCANS, search=None, max_memory: int | None = None):  # fmt: skip

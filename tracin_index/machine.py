@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+#: The memory budget of a query process, by default: this share of the memory available when it opens the index.
+DEFAULT_BUDGET_SHARE = 0.25
+#: An index is held in memory while its stored arrays take at most this share of the budget; the rest
+#: is a batch's working memory (the estimates of every row for each test triple scanned together).
+HELD_SHARE = 0.25
+
 
 def available_memory() -> int | None:
     """Bytes of memory available to new allocations (Linux /proc/meminfo), or None where unknown."""

@@ -15,6 +15,7 @@ import torch
 
 from .errors import InputError, MachineError
 from .files import disk_full, first_difference, out_of_space, write_json_atomic, write_text_atomic
+from .words import counted
 
 RESULT_FIELDS = ("test_index", "test_head", "test_relation", "test_tail", "kind", "rank", "train_index", "head",
                  "relation", "tail", "influence")
@@ -215,7 +216,7 @@ class JsonlResults:
             os.fsync(fd)
         except OSError as error:
             os.ftruncate(fd, size)
-            kept = f"the {len(self.done):,} test triple(s) before are kept: free space and run the same command to resume"
+            kept = f"the {counted(len(self.done), 'test triple')} before are kept: free space and run the same command to resume"
             free = out_of_space(error, self.path.parent)
             if free is not None:
                 raise disk_full(self.path, free, kept) from None

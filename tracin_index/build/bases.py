@@ -16,6 +16,7 @@ from ..storage.encoding import sketch_sample as encoded_sample
 from ..storage.layout import bases_path, read_arrays, sha256_file, write_arrays, write_manifest
 from ..storage.plans import BlockPlan, sketched_sides
 from ..storage.sketch import Basis, dequantize, fit_basis, quantize, read_bases, stable_seed
+from ..words import counted
 from .rows import BuildRows
 
 Side = tuple[str, str]  # (module name, "out" or "in")
@@ -79,7 +80,7 @@ class CheckpointBases:
             return self._on_device(c)
         stale = [s for s in manifest["shards"] if s["checkpoint"] == c]
         if digest is not None or stale:
-            self.log(f"{name}: missing or changed; fitting it again and rebuilding the {len(stale)} shard(s) of checkpoint {c + 1}")
+            self.log(f"{name}: missing or changed; fitting it again and rebuilding the {counted(len(stale), 'shard')} of checkpoint {c + 1}")
             manifest["shards"] = [s for s in manifest["shards"] if s["checkpoint"] != c]
         # (a build killed from here on finds the recorded digest wrong, or missing, and drops these shards again)
         manifest["files"].pop(name, None)

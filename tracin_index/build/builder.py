@@ -37,7 +37,9 @@ from ..storage.layout import (
     MANIFEST,
     TRIPLES,
     ShardFile,
+    another_build,
     bases_path,
+    build_running,
     exclusive_lock,
     plan_shard_files,
     read_manifest,
@@ -48,6 +50,7 @@ from ..storage.layout import (
 )
 from ..storage.plans import BlockPlan
 from ..version import __version__
+from ..words import counted
 from .bases import CheckpointBases
 from .inputs import BuildInputs, inputs_record, load_inputs
 from .plan import check_room, describe_plans, estimate_bytes, plan_storage
@@ -105,7 +108,7 @@ class Builder:
         if self.per_fact == 2:
             self.log(f"the model was trained with inverse triples: each training triple is 2 examples, (h, r, t) "
                      f"and (t, r_inv, h); {rows.num_rows:,} stored rows")  # fmt: skip
-        self.log(f"{rows.num_triples:,} training triples x {checkpoints} checkpoint(s): about {mib(sizes['total'])} "
+        self.log(f"{rows.num_triples:,} training triples x {counted(checkpoints, 'checkpoint')}: about {mib(sizes['total'])} "
                  f"({sizes['total'] / (rows.num_triples * checkpoints):,.0f} bytes per triple and checkpoint)")  # fmt: skip
         check_room(out, sizes, plans, rows, model, settings.batch_size, self.log)
 
@@ -268,6 +271,8 @@ def build_index(out: str | os.PathLike, *, model_path, allow_pickle: bool = Fals
     log = log or (lambda message: None)
     settings = settings or BuildSettings()
     device = device or default_device()
+    if build_running(Path(out)):  # refused before loading anything (the lock is taken once the plan is made)
+        raise another_build(Path(out))
     inputs = load_inputs(model_path=model_path, allow_pickle=allow_pickle, training_path=training_path,
                          checkpoint_paths=checkpoint_paths, entity_to_id=entity_to_id, relation_to_id=relation_to_id,
                          log=log)  # fmt: skip

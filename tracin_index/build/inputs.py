@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from ..errors import InputError
 from ..kg.checkpoints import Checkpoint, find_checkpoints
 from ..kg.triples import IdMaps, warn_duplicates
 from ..storage.layout import fingerprint_ids, relative_path, sha256_file
@@ -46,15 +45,13 @@ def load_inputs(*, model_path, allow_pickle: bool, training_path, checkpoint_pat
 
     run = load_model(model_path, allow_pickle=allow_pickle)
     id_maps = run.resolve_id_maps(entity_to_id, relation_to_id)
-    training_file = training_path or run.training_path
-    if training_file is None:
-        raise InputError(f"{model_path}: no training triples found; pass --train")
-    hrt = id_maps.read_ids(training_file)
-    warn_duplicates(hrt, str(training_file))
+    training = run.read_training(training_path, id_maps)  # labels, or PyKEEN's numeric triples
+    hrt = training.ids
+    warn_duplicates(hrt, str(training.path), training.line_numbers)
     checkpoints = find_checkpoints(checkpoint_paths) if checkpoint_paths else run.checkpoints
     if not checkpoints:
         log("no checkpoints: the model itself is the only checkpoint (learning rate 1.0)")
-    return BuildInputs(run, Path(model_path), Path(training_file), list(checkpoints), hrt, id_maps)
+    return BuildInputs(run, Path(model_path), training.path, list(checkpoints), hrt, id_maps)
 
 
 def inputs_record(inputs: BuildInputs, checkpoints: Sequence[Checkpoint], out: Path) -> dict[str, Any]:

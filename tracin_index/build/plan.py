@@ -20,9 +20,10 @@ from ..errors import InputError, VanishingGradientError
 from ..files import mib
 from ..gradients.computer import CheckpointGradients, not_finite_message, vanished, vanishing_message
 from ..kg.triples import IdMaps
-from ..machine import available_memory
+from ..machine import DEFAULT_BUDGET_SHARE, HELD_SHARE, available_memory
 from ..storage.plans import DEFAULT_SKETCH_DIM, BlockPlan, plan_blocks, sketched_sides
 from ..storage.sketch import Basis, dequantize, fit_basis, quantize, stable_seed
+from ..words import counted
 from .bases import sketch_sample
 from .rows import BuildRows
 from .settings import BuildSettings
@@ -128,9 +129,12 @@ def check_room(out: Path, sizes: dict[str, float], plans: list[BlockPlan], rows:
         raise InputError(f"the build needs about {mib(need)} of memory (models, the sketch sample, a batch of "
                          f"gradients, the training ids) but {mib(available)} is available; "
                          "lower --batch-size or --sketch-dim, or free memory")  # fmt: skip
-    if sizes["shards"] > available:
-        log(f"warning: queries hold the stored factors in memory ({mib(sizes['shards'])}), more than the "
-            f"{mib(available)} available now")  # fmt: skip
+    log(f"memory: the build needs about {mib(need)} ({mib(available)} available now)")
+    held = sizes["shards"] / HELD_SHARE  # the budget under which a query holds the stored arrays
+    if held > DEFAULT_BUDGET_SHARE * available:
+        log(f"queries: the stored arrays ({mib(sizes['shards'])}) are held in memory under a budget of "
+            f"{mib(held)} or more (--max-memory); at the default ({mib(DEFAULT_BUDGET_SHARE * available)} now) they "
+            "are read from the files in passes, with the same answers")  # fmt: skip
 
 
 def describe_plans(plans: list[BlockPlan], num_rows: int, num_groups: int | None) -> str:
@@ -145,7 +149,7 @@ def describe_plans(plans: list[BlockPlan], num_rows: int, num_groups: int | None
         elif p.kind == "dense":
             parts.append(f"{p.name}: {sum(p.sizes):,} values " + (f"sketched to {p.sketch[0]}" if p.sketch[0] else "whole"))
         elif p.kind == "rows":
-            parts.append(f"{p.name}: {p.sizes[2]} embedding rows of {p.sizes[1]} per triple, whole")
+            parts.append(f"{p.name}: {counted(p.sizes[2], 'embedding row')} of {p.sizes[1]} per triple, whole")
         else:
             parts.append(f"{p.name}: norms only (rescored exactly)")
     return "stored: " + "; ".join(parts)

@@ -23,12 +23,13 @@ name, its step count, beta2 and epsilon, and ``exp_avg_sq`` per parameter. Scori
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, shown
 from ..kg.checkpoints import Checkpoint
 from .blocks import Block, DenseBlock, FactoredBlock, PerExampleGradients, RowsBlock
 
@@ -51,38 +52,55 @@ class Preconditioner:
     factors: dict[str, torch.Tensor]
 
     @classmethod
-    def at(cls, checkpoint: Checkpoint, names: list[str]) -> "Preconditioner":
-        """Adam's preconditioner at ``checkpoint`` for the parameters ``names``; refused where the file records
-        no optimizer state (or there is no file: the model alone)."""
+    def at(cls, checkpoint: Checkpoint, names: list[str], shapes: Mapping[str, Sequence[int]] | None = None) -> "Preconditioner":
+        """Adam's preconditioner at ``checkpoint`` for the parameters ``names`` (of ``shapes``, where given); refused
+        where the file records no optimizer state (or there is no file: the model alone)."""
         if checkpoint.path is None:
             raise InputError("--optimizer adam needs checkpoint files that record the optimizer's state; the model "
                              "alone has none")  # fmt: skip
-        return cls.from_record(checkpoint.optimizer_state(), list(names), str(checkpoint.path))
+        return cls.from_record(checkpoint.optimizer_state(), list(names), str(checkpoint.path), shapes)
 
     @classmethod
-    def from_record(cls, record: Any, names: list[str], where: str) -> "Preconditioner":
-        """From a checkpoint's optimizer record, for the parameters ``names``; refuses, naming ``where``
-        (the checkpoint), a record without Adam's second moments for all of them."""
-        if not isinstance(record, dict) or "exp_avg_sq" not in record:
-            trained = f" (it was trained with {record['name']})" if isinstance(record, dict) and "name" in record else ""
+    def from_record(cls, record: Any, names: list[str], where: str,
+                    shapes: Mapping[str, Sequence[int]] | None = None) -> "Preconditioner":  # fmt: skip
+        """From a checkpoint's optimizer record, for the parameters ``names`` (of ``shapes``, where given); refuses,
+        naming ``where`` (the checkpoint), a record without Adam's second moments for all of them, or one that
+        is not what :func:`~tracin_index.kg.checkpoints.optimizer_record` writes."""
+        if not isinstance(record, Mapping) or "exp_avg_sq" not in record:
+            trained = f" (it was trained with {shown(record['name'])})" if isinstance(record, Mapping) and "name" in record else ""
             raise InputError(
                 f"{where}: no optimizer state (Adam's second moments) recorded{trained}; --optimizer adam needs "
                 "checkpoints written by `tracin-index train` or TracInCheckpointCallback from a model trained with "
                 "Adam; use --optimizer sgd (plain TracIn)"
             )
-        missing = [n for n in names if n not in record["exp_avg_sq"]]
+        second, steps = record["exp_avg_sq"], record.get("step")
+        if not isinstance(second, Mapping) or not isinstance(steps, Mapping):
+            raise InputError(f"{where}: the optimizer record's 'exp_avg_sq' and 'step' must map parameter names to "
+                             f"tensors and step counts; found {shown(second, 40)} and {shown(steps, 40)}")  # fmt: skip
+        missing = [n for n in names if n not in second]
         if missing:
             raise InputError(f"{where}: no second moment recorded for parameter {missing[0]!r}; --optimizer adam needs "
                              "one for every selected parameter")  # fmt: skip
-        beta2, eps = float(record["beta2"]), float(record["eps"])
+        beta2, eps = _rate(record, "beta2", where), _rate(record, "eps", where)
+        if not beta2 < 1:
+            raise InputError(f"{where}: the optimizer's beta2 is {beta2!r}; Adam's is in [0, 1)")
         factors = {}
         for name in names:
-            v = record["exp_avg_sq"][name].double()
-            step = int(record["step"][name])
+            v, step = second[name], steps.get(name)
+            if not isinstance(v, torch.Tensor) or v.is_meta or not v.is_floating_point():
+                raise InputError(f"{where}: the second moment of {name!r} must be a real tensor, found {shown(v)}")
+            if shapes is not None and tuple(v.shape) != tuple(shapes[name]):
+                raise InputError(f"{where}: the second moment of {name!r} has shape {tuple(v.shape)}, the parameter "
+                                 f"{tuple(shapes[name])}; was the checkpoint written for another model?")  # fmt: skip
+            if isinstance(step, bool) or not isinstance(step, int) or step >= 2**63:
+                raise InputError(f"{where}: the optimizer's step count of {name!r} must be an integer, found {shown(step)}")
             if step < 1:
                 raise InputError(f"{where}: parameter {name!r} has not been stepped by the optimizer yet")
-            v_hat = v / (1.0 - beta2**step)
+            v_hat = v.double() / (1.0 - beta2**step)
             factors[name] = 1.0 / (v_hat.sqrt() + eps)
+            if not torch.isfinite(factors[name]).all():
+                raise InputError(f"{where}: the second moments of {name!r} give steps that are not finite (negative or "
+                                 "NaN moments, or zero ones with eps 0)")  # fmt: skip
         return cls(factors)
 
     def to(self, device, dtype=None) -> "Preconditioner":
@@ -106,6 +124,18 @@ class Preconditioner:
                 by_kind = {n.rsplit(".", 1)[-1]: f for n, f in zip(names, factors)}
                 blocks[module] = MatrixBlock.of(block, by_kind.get("weight"), by_kind.get("bias"))
         return PerExampleGradients(blocks, grads.parameter_names)
+
+
+def _rate(record: Mapping, key: str, where: str) -> float:
+    """The optimizer record's ``key`` (beta2, eps): a finite number, not negative."""
+    value = record.get(key)
+    try:
+        number = None if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
+    except OverflowError:  # an int beyond any float
+        number = None
+    if number is None or not math.isfinite(number) or number < 0:
+        raise InputError(f"{where}: the optimizer's {key} must be a finite number, not negative; found {shown(value)}")
+    return number
 
 
 def _dtype_of(block: Block) -> torch.dtype:

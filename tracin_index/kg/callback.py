@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from pykeen.datasets import Dataset
 from pykeen.models import Model
 from pykeen.training.callbacks import TrainingCallback
 from pykeen.triples import CoreTriplesFactory, TriplesFactory
@@ -21,7 +22,9 @@ from .runs import (
     ENTITY_MAP_FILE,
     MODEL_FILE,
     RELATION_MAP_FILE,
+    TEST_FILE,
     TRAIN_FILE,
+    VALID_FILE,
     ModelConfig,
     build_model,
     cpu_state_dict,
@@ -36,14 +39,19 @@ class TracInCheckpointCallback(TrainingCallback):
 
     Usage::
 
-        pipeline(..., training_kwargs=dict(callbacks=TracInCheckpointCallback("run/", frequency=5)))
+        dataset = Nations()
+        pipeline(dataset=dataset, ..., training_kwargs=dict(callbacks=TracInCheckpointCallback(
+            "run/", frequency=5, dataset=dataset)))
 
     Every ``frequency`` epochs (1-based) it writes ``checkpoints/epoch-0005.pt`` with the learning
     rate the optimizer used during that epoch (read before each optimizer step, so a scheduler
     stepping after the epoch does not shift it), and the final epoch always gets one. Each checkpoint
     also records the optimizer's second moments (Adam's ``exp_avg_sq``, for ``--optimizer adam``;
     about the size of the weights again). Pass the ``model_kwargs`` the model was built with so that
-    ``config.json`` rebuilds it (it is checked).
+    ``config.json`` rebuilds it (it is checked). Pass the ``dataset`` too (a PyKEEN ``Dataset``, or a name
+    ``pykeen.datasets.get_dataset`` resolves) and its validation and test splits are written as ``valid.tsv``
+    and ``test.tsv``, as ``tracin-index train`` writes them; the training triples (``train.tsv``) come from
+    the training loop either way.
     """
 
     def __init__(
@@ -54,6 +62,7 @@ class TracInCheckpointCallback(TrainingCallback):
         random_seed: int | None = None,
         *,
         triples_factory: CoreTriplesFactory | None = None,
+        dataset: Dataset | str | None = None,
         final_checkpoint: bool = True,
     ):
         super().__init__()
@@ -77,6 +86,7 @@ class TracInCheckpointCallback(TrainingCallback):
         self.random_seed = random_seed
         self.final_checkpoint = final_checkpoint
         self.triples_factory = triples_factory
+        self.dataset = None if dataset is None else _dataset(dataset)
         self._epoch_learning_rate: float | None = None  # of the last optimizer step in this epoch
         self._last_learning_rate = 1.0
         self._config_written = False
@@ -87,6 +97,8 @@ class TracInCheckpointCallback(TrainingCallback):
         super().register_training_loop(training_loop)
         if self.triples_factory is None:
             self.triples_factory = _training_factory_of(training_loop)
+        if self.triples_factory is None and self.dataset is not None:
+            self.triples_factory = self.dataset.training
 
     def pre_step(self, **kwargs: Any) -> None:  # noqa: D102
         self._epoch_learning_rate = float(self.optimizer.param_groups[0]["lr"])
@@ -146,7 +158,8 @@ class TracInCheckpointCallback(TrainingCallback):
             model=type(model).__name__,
             model_kwargs=self.model_kwargs,
             random_seed=seed if isinstance(seed, int) else None,
-            extra={"pykeen_version": pykeen_version(), "dataset": None, "training": training},
+            extra={"pykeen_version": pykeen_version(), "training": training,
+                   "dataset": None if self.dataset is None else self.dataset.get_normalized_name()},
             **sizes,
         )
 
@@ -161,6 +174,7 @@ class TracInCheckpointCallback(TrainingCallback):
             write_atomic(self.directory / ENTITY_MAP_FILE, lambda p: write_id_map(id_maps.entity_to_id, p))
             write_atomic(self.directory / RELATION_MAP_FILE, lambda p: write_id_map(id_maps.relation_to_id, p))
             write_atomic(self.directory / TRAIN_FILE, lambda p: write_labeled_triples(labels, p))
+            self._write_splits(factory)
         else:
             warnings.warn(
                 f"{self.directory}: the training triples have no labels (or PyKEEN did not pass them); no id maps "
@@ -171,6 +185,32 @@ class TracInCheckpointCallback(TrainingCallback):
         # config.json last: its presence marks a directory that load_model can read
         write_json_atomic(self.directory / CONFIG_FILE, config.to_json())
         self._config_written = True
+
+    def _write_splits(self, training: TriplesFactory) -> None:
+        """valid.tsv and test.tsv from the dataset, if given, as labels (its splits share the training's maps)."""
+        if self.dataset is None:
+            return
+        given = self.dataset.training
+        if not isinstance(given, TriplesFactory) or (given.entity_to_id, given.relation_to_id) != (
+            training.entity_to_id, training.relation_to_id
+        ):
+            warnings.warn(f"{self.directory}: the dataset given is not the one trained on (other id maps); no {VALID_FILE} "
+                          f"or {TEST_FILE} written", TracInWarning, stacklevel=4)  # fmt: skip
+            return
+        for split, name in ((self.dataset.validation, VALID_FILE), (self.dataset.testing, TEST_FILE)):
+            if isinstance(split, TriplesFactory):
+                labels = split.label_triples(split.mapped_triples)
+                write_atomic(self.directory / name, lambda p, rows=labels: write_labeled_triples(rows, p))
+
+
+def _dataset(dataset: Dataset | str) -> Dataset:
+    """The dataset whose splits the run directory records: a PyKEEN ``Dataset`` as it is, or one by name."""
+    from pykeen.datasets import get_dataset
+
+    try:
+        return get_dataset(dataset=dataset)
+    except (KeyError, ValueError, TypeError) as error:
+        raise InputError(f"dataset {dataset!r}: not a PyKEEN dataset ({error})") from error
 
 
 def _training_factory_of(training_loop) -> CoreTriplesFactory | None:

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError, TracInWarning
+from ..errors import ModelLoadError, TracInWarning, shown
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
@@ -48,6 +48,13 @@ def optimizer_record(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict
 
 def load_state_dict_into(model: torch.nn.Module, state_dict: Mapping[str, Any], source: str) -> None:
     """Load ``state_dict`` strictly, with an error that names the first parameter that does not fit."""
+    check_state_dict(model, state_dict, source)
+    model.load_state_dict(dict(state_dict), strict=True)
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, Any], source: str) -> None:
+    """Refuse (:class:`ModelLoadError`, naming the first parameter) a state dict that does not fit ``model``: other
+    names, shapes, a complex tensor for a real parameter, one without data. ``model`` may be on the meta device."""
     expected = model.state_dict()
     for name, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
@@ -65,13 +72,17 @@ def load_state_dict_into(model: torch.nn.Module, state_dict: Mapping[str, Any], 
             f"({'; '.join(parts)}); was the file written for another model class?"
         )
     for name, value in state_dict.items():
+        if value.is_meta:
+            raise ModelLoadError(f"{source}: parameter {name!r} is a tensor without data (on the meta device)")
+        if value.is_complex() and not expected[name].is_complex():  # copying it in would drop the imaginary part
+            raise ModelLoadError(f"{source}: parameter {name!r} is complex ({value.dtype}) in the file but "
+                                 f"{expected[name].dtype} in the model {type(model).__name__}")  # fmt: skip
         if tuple(value.shape) != tuple(expected[name].shape):
             raise ModelLoadError(
                 f"{source}: parameter {name!r} has shape {tuple(value.shape)} in the file but "
                 f"{tuple(expected[name].shape)} in the model {type(model).__name__}; the model_kwargs or the "
                 f"number of entities/relations differ from those the file was written with"
             )
-    model.load_state_dict(dict(state_dict), strict=True)
 
 
 def _first_few(names: Sequence[str], n: int = 3) -> str:
@@ -101,9 +112,15 @@ def load_weights_only(path: Path) -> Any:
         raise NeedsPickle(str(error)) from error
     except Exception as error:  # torch raises KeyError, EOFError, RuntimeError ... for non-torch files
         raise ModelLoadError(
-            f"{path}: is not a PyTorch file that can be read with weights_only=True ({type(error).__name__}: "
-            f"{error}); only torch.save files of plain tensors and numbers are accepted"
+            f"{path}: is not a PyTorch file that can be read with weights_only=True ({_said(error)}); only "
+            f"torch.save files of plain tensors and numbers are accepted"
         ) from error
+
+
+def _said(error: Exception, limit: int = 120) -> str:
+    """What torch's error says, on one line: its first line, cut (some run to a paragraph)."""
+    first = next(iter(str(error).strip().splitlines()), "")
+    return f"{type(error).__name__}: {first if len(first) <= limit else first[:limit] + '...'}"
 
 
 _NOT_TORCH = ("{path}: is not a PyTorch file (neither a torch.save archive nor a pickle); expected a checkpoint "
@@ -240,23 +257,36 @@ def find_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
 def _read_checkpoint(path: Path) -> Checkpoint:
     obj = _load_checked(path)
     _state_dict_of(obj, path)  # fail here, not in the middle of a build, when there are no weights
-    epoch = obj.get("epoch")
-    if isinstance(epoch, torch.Tensor) and epoch.numel() == 1:
-        epoch = epoch.item()
-    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
-        raise ModelLoadError(f"{path}: 'epoch' must be an integer, found {epoch!r}")
+    epoch = _number(obj.get("epoch"), "epoch", path)
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or abs(epoch) >= 2**63):
+        raise ModelLoadError(f"{path}: 'epoch' must be an integer (of 64 bits, as an index records it), found {shown(epoch)}")
     learning_rate = obj.get("learning_rate")
     if learning_rate is None:
         warnings.warn(f"{path}: no learning_rate recorded; using 1.0", TracInWarning, stacklevel=3)
         learning_rate = 1.0
-    if isinstance(learning_rate, torch.Tensor) and learning_rate.numel() == 1:
-        learning_rate = learning_rate.item()
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not math.isfinite(learning_rate):
-        raise ModelLoadError(f"{path}: 'learning_rate' must be a finite number, found {learning_rate!r}")
+    learning_rate = _number(learning_rate, "learning_rate", path)
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not _finite(learning_rate):
+        raise ModelLoadError(f"{path}: 'learning_rate' must be a finite number, found {shown(learning_rate)}")
     if learning_rate < 0:
         raise ModelLoadError(f"{path}: 'learning_rate' is negative ({learning_rate!r}); TracIn weighs each checkpoint by "
                              "the (non-negative) step size it was trained with")
     return Checkpoint(path=path, epoch=epoch, learning_rate=float(learning_rate))
+
+
+def _number(value: Any, key: str, path: Path) -> Any:
+    """A one-element tensor as the number it holds (a checkpoint may store its epoch and learning rate so)."""
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        return value
+    if value.is_meta:
+        raise ModelLoadError(f"{path}: {key!r} is a tensor without data (on the meta device); expected a number")
+    return value.item()
+
+
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 class CheckpointModels:

@@ -11,6 +11,14 @@ rate used during that epoch (TracIn weighs each checkpoint by it)::
       checkpoints/epoch-0005.pt   {"model_state_dict": ..., "learning_rate": float, "epoch": int}
       entity_to_id.tsv.gz, relation_to_id.tsv.gz
       train.tsv, valid.tsv, test.tsv
+
+PyKEEN's own folder, ``PipelineResult.save_to_directory``, is one too (its model a pickle, loaded only when
+allowed); its training factory, written by ``TriplesFactory.to_path_binary``, is read back by PyKEEN::
+
+    pkl/
+      trained_model.pkl           the model, pickled
+      training_triples/           base.pth (sizes, inverse triples; pickled), numeric_triples.tsv.gz
+                                  (ids, row i is training index i), entity_to_id.tsv.gz, relation_to_id.tsv.gz
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ __all__ = [
     "RUN_FORMAT_VERSION",
     "Checkpoint",
     "LoadedRun",
+    "TrainingTriples",
     "ModelConfig",
     "TracInWarning",
     "build_model",
@@ -215,9 +224,22 @@ def build_model(config: ModelConfig) -> Model:
 # Loading a model for the CLI
 
 
+@dataclass(frozen=True)
+class TrainingTriples:
+    """Training triples as ids, row i being training index i, and the file they are (or were read) from."""
+
+    path: Path
+    ids: torch.LongTensor  # (n, 3)
+    line_numbers: np.ndarray | None = None  # 1-based, of each row in ``path``; None where not read from it
+
+
 @dataclass
 class LoadedRun:
-    """What ``--model-path`` gives: the model (CPU, eval mode) and whatever its directory holds."""
+    """What ``--model-path`` gives: the model (CPU, eval mode) and whatever its directory holds.
+
+    ``training_ids`` are the training triples of a ``save_to_directory`` folder as PyKEEN read them
+    (``training_path`` is their ``numeric_triples.tsv.gz``); a run directory's are ``training_path``'s labels.
+    """
 
     model: Model
     config: ModelConfig | None
@@ -226,6 +248,22 @@ class LoadedRun:
     training_path: Path | None = None
     test_path: Path | None = None
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    training_ids: torch.LongTensor | None = None
+
+    def read_training(self, given: str | Path | None = None, id_maps: IdMaps | None = None) -> TrainingTriples:
+        """The training triples numbered by ``id_maps`` (default: the directory's): the file given (labels, or
+        PyKEEN's numeric triples), else the directory's own."""
+        id_maps = self.resolve_id_maps() if id_maps is None else id_maps
+        if given is None and self.training_ids is not None:
+            if self.id_maps is not None and id_maps != self.id_maps:
+                raise InputError(f"{self.training_path}: its ids are numbered by the maps beside it, not by the "
+                                 "--entity-to-id/--relation-to-id given; pass --train with the triples as labels")  # fmt: skip
+            return TrainingTriples(self.training_path, self.training_ids)
+        path = given or self.training_path
+        if path is None:
+            raise InputError(f"no training triples: pass --train ({self.source} has none)")
+        ids, line_numbers = id_maps.read_ids_and_lines(path)
+        return TrainingTriples(Path(path), ids, line_numbers)
 
     def resolve_id_maps(self, entity_to_id: str | Path | None = None, relation_to_id: str | Path | None = None) -> IdMaps:
         """The id maps given on the command line, else the run directory's; they must fit the model."""
@@ -350,14 +388,33 @@ def _load_pickled(path: Path, *, allow_pickle: bool, maps_dir: Path | None) -> L
     check_supported(obj)
     model = obj.cpu().eval()
 
-    id_maps = None
-    if maps_dir is not None:
+    id_maps = training_path = training_ids = None
+    if maps_dir is not None and (maps_dir / TriplesFactory.base_file_name).is_file():
+        factory = _read_training_factory(maps_dir, model)  # unpickles base.pth: allowed with the model
+        id_maps, training_ids = IdMaps.from_triples_factory(factory), factory.mapped_triples
+        training_path = maps_dir / TriplesFactory.triples_file_name
+    elif maps_dir is not None:
         entity_path = maps_dir / f"{TriplesFactory.file_name_entity_to_id}.tsv.gz"
         relation_path = maps_dir / f"{TriplesFactory.file_name_relation_to_id}.tsv.gz"
         if entity_path.is_file() and relation_path.is_file():
             id_maps = IdMaps.from_files(entity_path, relation_path)
             _check_map_sizes(id_maps, model.num_entities, model.num_real_relations, str(maps_dir))
-    return LoadedRun(model=model, config=None, source=path, id_maps=id_maps)
+    return LoadedRun(model=model, config=None, source=path, id_maps=id_maps, training_path=training_path,
+                     training_ids=training_ids)  # fmt: skip
+
+
+def _read_training_factory(folder: Path, model: Model) -> TriplesFactory:
+    """The training factory ``save_to_directory`` wrote to ``folder``, read by PyKEEN; it must be the model's."""
+    try:
+        factory = TriplesFactory.from_path_binary(folder)
+    except Exception as error:  # PyKEEN raises whatever pandas or torch.load raise
+        raise ModelLoadError(f"{folder}: PyKEEN cannot read its training triples ({type(error).__name__}: {error})") from error
+    _check_map_sizes(IdMaps.from_triples_factory(factory), model.num_entities, model.num_real_relations, str(folder))
+    if factory.create_inverse_triples != model.use_inverse_triples:
+        trained = "with" if model.use_inverse_triples else "without"
+        raise ModelLoadError(f"{folder}: its training triples say create_inverse_triples={factory.create_inverse_triples}, "
+                             f"but the model was trained {trained} inverse triples; the folder mixes two runs")  # fmt: skip
+    return factory
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from ..errors import InputError, ModelLoadError
 from .callback import TracInCheckpointCallback
 from .runs import ModelConfig, model_class, pykeen_version, save_run_directory
 from .support import check_supported
-from .triples import IdMaps, make_id_maps, read_labeled_triples
+from .triples import REPEATS_IN_TRAINING, IdMaps, make_id_maps, read_labeled_triples, warn_duplicates
 
 __all__ = ["BUNDLED_DATASETS", "train_run"]
 
@@ -184,6 +184,7 @@ def _load_splits(dataset, train_path, valid_path, test_path, create_inverse_trip
     # number labels over all splits, as PyKEEN does for its datasets, so valid/test labels are known
     id_maps = make_id_maps(np.concatenate([t.labels for t in present]))
     training_labels = given[0]
+    warn_duplicates(id_maps.to_ids(training_labels), str(train_path), training_labels.line_numbers, REPEATS_IN_TRAINING)
     training = TriplesFactory(
         # to_ids keeps row order (row i = training index i); from_labeled_triples may drop rows
         mapped_triples=id_maps.to_ids(training_labels),

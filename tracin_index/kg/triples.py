@@ -19,14 +19,15 @@ import re
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 import torch
 
-from ..errors import InputError, LabelError, TracInWarning
+from ..errors import InputError, LabelError, TracInWarning, shown
+from ..words import counted
 
 __all__ = [
     "IdMaps",
@@ -46,6 +47,7 @@ ID_MAP_FORMAT = "an id map: PyKEEN's id<TAB>label with header, or label<TAB>id"
 _GZIP_MAGIC = b"\x1f\x8b"
 _UTF8_BOM = b"\xef\xbb\xbf"
 _INTEGER = re.compile(r"[+-]?[0-9]+")
+_BLANK_FIELD = re.compile(r"(?:^|[\t\n])[^\S\t\n]*[\t\n]")  # nothing but white space between two separators
 # pykeen.triples.triples_factory.INVERSE_SUFFIX: PyKEEN sorts "r_inverse" right after "r".
 _INVERSE_SUFFIX = "_inverse"
 _COLUMNS = ("head", "relation", "tail")
@@ -113,7 +115,8 @@ def iter_labeled_triples(path: PathLike, chunk_rows: int = 100_000) -> Iterator[
     opener = gzip.open if gzipped else open
     number = 0
     try:
-        with opener(path, "rt", encoding="utf-8-sig", newline="") as file:
+        # newline="\n": lines end where read_labeled_triples ends them (a lone \r is not a line end there)
+        with opener(path, "rt", encoding="utf-8-sig", newline="\n") as file:
             while True:
                 lines = [(number + i, line.rstrip("\n")) for i, line in enumerate(itertools.islice(file, chunk_rows), 1)]
                 if not lines:
@@ -136,7 +139,7 @@ def _parse_triples(numbered_lines: Iterable[tuple[int, str]], source: str) -> La
             if line.endswith("\r"):
                 line = line[:-1]
             fields = line.split("\t")
-            if len(fields) == 3 and fields[0].strip() and fields[1].strip() and fields[2].strip():
+            if len(fields) == 3 and fields[0].strip() and fields[1].strip() and fields[2].strip() and "\r" not in line:
                 rows.append(fields)
                 numbers.append(number)
             elif line.strip():
@@ -155,9 +158,15 @@ def write_labeled_triples(triples: LabeledTriples | np.ndarray, path: PathLike) 
     if text.count("\t") != 2 * len(lines) or text.count("\n") != len(lines) or "\r" in text:
         row = next(i for i, line in enumerate(lines) if _breaks_tsv(line))
         raise InputError(
-            f"{os.fspath(path)}: row {row} {labels[row].tolist()!r} has a label with a tab or line break, "
+            f"{os.fspath(path)}: row {row} {shown(labels[row].tolist())} has a label with a tab or line break, "
             "which TSV cannot hold"
         )
+    blank = _BLANK_FIELD.search(text)  # a reader skips a blank label's line or refuses it
+    if blank:
+        row = text.count("\n", 0, blank.start() + 1)  # a match that starts with a line break is on the next row
+        raise InputError(f"{os.fspath(path)}: row {row} {shown(labels[row].tolist())} has an empty or blank label")
+    if text.startswith("\ufeff"):  # else it reads as a byte order mark, and the first label loses it
+        text = "\ufeff" + text
     _write_text(path, text)
 
 
@@ -271,19 +280,66 @@ class IdMaps:
             if row == 0 and not known and _looks_like_header(triples.labels[row]):
                 raise InputError(f"{where}: {' '.join(triples.labels[row])!r} looks like a header line; expected "
                                  f"{TRIPLES_FORMAT} from the first line on: remove the header")  # fmt: skip
-            if not known and all(_INTEGER.fullmatch(str(x).strip()) for x in triples.labels[row]):
-                raise InputError(f"{where}: holds integer ids ({' '.join(triples.labels[row])}) where labels are "
-                                 f"expected ({TRIPLES_FORMAT}); PyKEEN's numeric_triples files hold ids: give the "
-                                 "labelled triples (e.g. the run directory's train.tsv)")  # fmt: skip
+            if not known and all(_ID.fullmatch(str(x).strip()) for x in triples.labels[row]):
+                raise InputError(f"{where}: holds integer ids ({shown(' '.join(triples.labels[row]))}) where labels are "
+                                 f"expected ({TRIPLES_FORMAT}): give the labelled triples (e.g. the run directory's "
+                                 "train.tsv), or ids under PyKEEN's header line head<TAB>relation<TAB>tail, as in its "
+                                 "numeric_triples.tsv.gz")  # fmt: skip
             raise self._unknown_label(where, column, triples.labels[row, column])
         return torch.from_numpy(ids)
 
     def read_ids(self, path: PathLike, chunk_rows: int = 100_000) -> torch.LongTensor:
-        """Ids of a triples file, shape (n, 3), read in chunks: memory of the ids, not of the labels."""
-        chunks = [self.to_ids(chunk) for chunk in iter_labeled_triples(path, chunk_rows)]
-        if not chunks:
+        """Ids of a triples file, shape (n, 3), read in chunks: memory of the ids, not of the labels. The file
+        holds labels, or is PyKEEN's ``numeric_triples.tsv.gz`` (see :meth:`read_ids_and_lines`)."""
+        return self.read_ids_and_lines(path, chunk_rows)[0]
+
+    def read_ids_and_lines(self, path: PathLike, chunk_rows: int = 100_000) -> tuple[torch.LongTensor, np.ndarray]:
+        """The ids of :meth:`read_ids`, and the line (1-based) each triple is on.
+
+        A file whose first line is PyKEEN's header ``head<TAB>relation<TAB>tail`` is the numeric triples file
+        of ``TriplesFactory.to_path_binary`` (``training_triples/numeric_triples.tsv.gz`` of a
+        ``save_to_directory`` folder): ids, row i being training index i, numbered by the id maps PyKEEN
+        writes beside it, which must then be these.
+        """
+        head, relation, tail = NUMERIC_TRIPLES_HEADER
+        known = head in self.entity_to_id and relation in self.relation_to_id and tail in self.entity_to_id
+        numeric = not known and is_numeric_triples(path)  # known: a triple of these labels, not a header
+        if numeric:
+            self._check_numbered_alike(path)
+        ids, lines = [], []
+        for number, chunk in enumerate(iter_labeled_triples(path, chunk_rows)):
+            if numeric and number == 0:  # without its header
+                chunk = LabeledTriples(chunk.labels[1:], chunk.source, chunk.line_numbers[1:])
+            ids.append(self._numeric_ids(chunk) if numeric else self.to_ids(chunk))
+            lines.append(chunk.line_numbers)
+        if not sum(len(chunk) for chunk in ids):
             raise InputError(f"{os.fspath(path)}: no triples (the file is empty or blank; expected {TRIPLES_FORMAT})")
-        return torch.cat(chunks)
+        return torch.cat(ids), np.concatenate(lines)
+
+    def _numeric_ids(self, triples: LabeledTriples) -> torch.LongTensor:
+        """The ids of PyKEEN's numeric triples as written; each must be an id of these maps."""
+        fields = triples.labels.ravel().tolist()
+        if fields and not _IDS.fullmatch("\n".join(fields)):
+            row = next(i for i, row in enumerate(triples.labels.tolist()) if not _IDS.fullmatch("\n".join(row)))
+            raise InputError(f"{triples.source}:{int(triples.line_numbers[row])}: {shown(' '.join(triples.labels[row]))} "
+                             f"is not a triple of ids, but line 1 ({triples.source}:1) is the header of PyKEEN's numeric "
+                             "triples (head relation tail); a TSV of labels starts without a header: remove it")  # fmt: skip
+        ids = np.asarray(fields, dtype=np.int64).reshape(-1, 3)
+        bounds = np.array([self.num_entities, self.num_relations, self.num_entities])
+        out_of_range = np.argwhere((ids < 0) | (ids >= bounds))
+        if len(out_of_range):
+            row, column = (int(x) for x in out_of_range[0])
+            raise self._out_of_range(f"{triples.source}:{int(triples.line_numbers[row])}", column, int(ids[row, column]))
+        return torch.from_numpy(ids)
+
+    def _check_numbered_alike(self, path: PathLike) -> None:
+        """Ids name the labels of the maps they were numbered by: PyKEEN writes those beside its numeric triples."""
+        folder = os.path.dirname(os.fspath(path))
+        for name, mapping in (("entity_to_id", self.entity_to_id), ("relation_to_id", self.relation_to_id)):
+            beside = os.path.join(folder, f"{name}.tsv.gz")
+            if os.path.isfile(beside) and read_id_map(beside) != dict(mapping):
+                raise InputError(f"{os.fspath(path)}: its ids are numbered by {beside}, which is not the model's {name} "
+                                 "map; give the model these triples were written with, or the triples as labels")  # fmt: skip
 
     def to_labels(self, ids: torch.Tensor | np.ndarray) -> np.ndarray:
         """Map ids of shape (n, 3) to labels, an object array of str; ids out of range are a LabelError."""
@@ -315,9 +371,17 @@ class IdMaps:
                 continue
             index = self._mapping(column).get(value)  # type: ignore[arg-type]
             if index is None:
-                raise self._unknown_label(where, column, value)
+                error = self._unknown_label(where, column, value)
+                if self._are_ids((head, relation, tail)):
+                    error = LabelError(f"{error}; {head} {relation} {tail} are valid ids: add --ids to give ids")
+                raise error
             resolved.append(index)
         return resolved[0], resolved[1], resolved[2]
+
+    def _are_ids(self, values: tuple) -> bool:
+        """Whether each of (head, relation, tail) is an integer within its map's ids."""
+        bounds = (self.num_entities, self.num_relations, self.num_entities)
+        return all(isinstance(v, str) and _ID.fullmatch(v.strip()) and 0 <= int(v) < b for v, b in zip(values, bounds))
 
     def _mapping(self, column: int) -> Mapping[str, int]:
         return self.relation_to_id if column == 1 else self.entity_to_id
@@ -325,10 +389,10 @@ class IdMaps:
     def _resolve_id(self, where: str, column: int, value: str | int) -> int:
         if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
             index = int(value)
-        elif isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+        elif isinstance(value, str) and _ID.fullmatch(value.strip()):
             index = int(value)
         else:
-            raise LabelError(f"{where}: {_KINDS[column]} {value!r} is not an integer id (ids were asked for)")
+            raise LabelError(f"{where}: {_KINDS[column]} {shown(value)} is not an integer id (ids were asked for)")
         bound = self.num_relations if column == 1 else self.num_entities
         if not 0 <= index < bound:
             raise self._out_of_range(where, column, index)
@@ -347,7 +411,7 @@ class IdMaps:
             hint = f"closest known {plural}: " + ", ".join(repr(match) for match in matches)
         else:
             hint = "no similar labels; see the id map"
-        return LabelError(f"{where}: unknown {_KINDS[column]} {label!r}; {hint}")
+        return LabelError(f"{where}: unknown {_KINDS[column]} {shown(label)}; {hint}")
 
 
 _HEADER_WORDS = {"head", "relation", "tail", "h", "r", "t", "subject", "predicate", "object", "source", "target",
@@ -356,6 +420,22 @@ _HEADER_WORDS = {"head", "relation", "tail", "h", "r", "t", "subject", "predicat
 
 def _looks_like_header(row) -> bool:
     return all(str(x).strip().lower() in _HEADER_WORDS for x in row)
+
+
+#: The first line of PyKEEN's numeric triples file (``pykeen.constants.COLUMN_LABELS``, as ``to_path_binary`` writes it).
+NUMERIC_TRIPLES_HEADER = ("head", "relation", "tail")
+_ID = re.compile(r"[+-]?0*[0-9]{1,18}")  # an integer that can be an id (int() refuses over 4,300 digits)
+_IDS = re.compile(r"(?:[^\S\n]*[+-]?[0-9]{1,18}[^\S\n]*(?:\n|$))+")  # fields of integer ids, one a line
+
+
+def is_numeric_triples(path: PathLike) -> bool:
+    """Whether the file's first line is PyKEEN's numeric triples header: ids follow, not labels."""
+    try:
+        with closing(iter_labeled_triples(path, chunk_rows=1)) as chunks:
+            first = next(chunks, None)
+    except InputError:  # the reader of the labels names what is wrong
+        return False
+    return first is not None and int(first.line_numbers[0]) == 1 and tuple(first.labels[0].tolist()) == NUMERIC_TRIPLES_HEADER
 
 
 def duplicate_rows(hrt: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -369,16 +449,25 @@ def duplicate_rows(hrt: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.flatnonzero(~seen)
 
 
-def warn_duplicates(hrt: torch.Tensor | np.ndarray, source: str, line_numbers: np.ndarray | None = None) -> int:
-    """Warn (TracInWarning) when training triples repeat; returns how many rows repeat an earlier one."""
+#: What a repeated training line means for an index or for exact TracIn (each line a row of its own).
+REPEATS_IN_ROWS = ("PyKEEN trains on each distinct triple once per epoch, while every line here stays a row of its "
+                   "own: a repeated triple is listed (and scores) once per line")
+#: ... and for training (every line is a training instance).
+REPEATS_IN_TRAINING = ("every line is trained on, so a repeated triple counts once per line in each epoch (and is a "
+                       "row of its own in the run's train.tsv); remove the repeats if that is not meant")
+
+
+def warn_duplicates(hrt: torch.Tensor | np.ndarray, source: str, line_numbers: np.ndarray | None = None,
+                    meaning: str = REPEATS_IN_ROWS) -> int:  # fmt: skip
+    """Warn (TracInWarning) when training triples repeat, saying what that means (``meaning``); returns how many
+    rows repeat an earlier one."""
     repeats = duplicate_rows(hrt)
     if len(repeats):
         first = ", ".join(str(int(line_numbers[r]) if line_numbers is not None else int(r)) for r in repeats[:5])
         where = "lines" if line_numbers is not None else "rows (0-based train rows)"
         warnings.warn(
-            f"{source}: {len(repeats):,} training triple(s) repeat an earlier line ({where} {first}"
-            f"{', ...' if len(repeats) > 5 else ''}); PyKEEN trains on each distinct triple once per epoch, while "
-            "every line here stays a row of its own: a repeated triple is listed (and scores) once per line",
+            f"{source}: {counted(len(repeats), 'training triple')} {'repeats' if len(repeats) == 1 else 'repeat'} an earlier line ({where} {first}"
+            f"{', ...' if len(repeats) > 5 else ''}); {meaning}",
             TracInWarning, stacklevel=2,
         )
     return len(repeats)
@@ -471,6 +560,9 @@ def _label_array(rows: list[list[str]]) -> np.ndarray:
 
 
 def _malformed_triple(source: str, number: int, line: str, fields: list[str]) -> InputError:
+    if "\r" in line:  # PyKEEN (pandas) ends a line there, so it would not train on the triples read here
+        return InputError(f"{source}:{number}: a carriage return inside the line ({line[:80]!r}): old Mac line ends? "
+                          "Save the file with LF or CRLF line ends")  # fmt: skip
     prefix = f"{source}:{number}: expected 3 tab-separated fields (head, relation, tail)"
     if len(fields) != 3:
         return InputError(f"{prefix}, found {len(fields)}: {line[:80]!r}")
@@ -528,19 +620,22 @@ def _parse_id_map(
         if not _INTEGER.fullmatch(raw_id.strip()):
             first_line = header_hint and number == records[0][0]
             hint = " (a header line must be id<TAB>label or label<TAB>id)" if first_line else ""
-            raise InputError(f"{source}:{number}: id {raw_id!r} is not an integer{hint}")
+            raise InputError(f"{source}:{number}: id {shown(raw_id)} is not an integer{hint}")
         if not label.strip():
-            raise InputError(f"{source}:{number}: empty label for id {raw_id.strip()}")
+            raise InputError(f"{source}:{number}: empty label for id {shown(raw_id.strip())}")
+        if len(raw_id.strip().lstrip("+-").lstrip("0")) > 18:  # no map holds 10**18 labels; int() refuses 4,300 digits
+            raise InputError(f"{source}:{number}: id {shown(raw_id.strip(), 20)} is too large; ids must be 0..n-1, "
+                             "as PyKEEN numbers them")  # fmt: skip
         index = int(raw_id)
         if label in mapping:
             raise InputError(
-                f"{source}:{number}: duplicate label {label!r} "
+                f"{source}:{number}: duplicate label {shown(label)} "
                 f"(already id {mapping[label]} at line {line_of_label[label]})"
             )
         if index in label_of_id:
             other, line = label_of_id[index]
             raise InputError(
-                f"{source}:{number}: duplicate id {index} (already used by {other!r} at line {line})"
+                f"{source}:{number}: duplicate id {index} (already used by {shown(other)} at line {line})"
             )
         mapping[label] = index
         line_of_label[label] = number

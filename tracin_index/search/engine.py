@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -53,11 +55,23 @@ class QueryStats:
     fetched: list[int] = field(default_factory=list)
 
 
+def one_at_a_time(method):
+    """A method of :class:`QueryEngine` that runs in one thread at a time: calls share one model (a gradient
+    computation hooks its modules and sets which parameters require gradients) and the engine's caches."""
+
+    @functools.wraps(method)
+    def serialized(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return serialized
+
+
 class QueryEngine:
     """Answers queries on one opened index (``files``). ``load_gradients``: loads the model at every
     checkpoint when a query first needs it. ``pack_after``: checkpoint scans after which the stored arrays
     are packed for fbgemm (None: never). ``search``: search shards on a Dask cluster, where the index is
-    held there."""
+    held there. Calls from several threads are answered one at a time (:func:`one_at_a_time`)."""
 
     def __init__(self, files: IndexFiles, load_gradients: Callable[[], CheckpointGradients], device: str, *,
                  pack_after: int | None = PACK_AFTER_SCANS, search: ShardedSearch | None = None,
@@ -75,8 +89,10 @@ class QueryEngine:
         self._arrays: dict[int, FactorArrays] = {}
         self._inverse_norms: dict[int, torch.Tensor] = {}  # per checkpoint, for normalized queries
         self.last_query: QueryStats | None = None
+        self._lock = threading.RLock()  # re-entrant: a query calls the other methods
 
     @property
+    @one_at_a_time
     def gradients(self) -> CheckpointGradients:
         if self._gradients is None:
             self._gradients = self._load_gradients()
@@ -86,6 +102,7 @@ class QueryEngine:
     def num_checkpoints(self) -> int:
         return len(self.files.checkpoints)
 
+    @one_at_a_time
     def factor_arrays(self, c: int) -> FactorArrays:
         """Checkpoint c's stored arrays of every training triple, read once (shards concatenated in row order)."""
         if c not in self._arrays:
@@ -93,6 +110,7 @@ class QueryEngine:
             self._arrays[c].pack_after = self.pack_after
         return self._arrays[c]
 
+    @one_at_a_time
     def test_gradients(self, hrt: torch.Tensor, direction: str = DEFAULT_DIRECTION) -> list[PerExampleGradients]:
         """The test triples' gradients at every checkpoint, of the prediction ``direction`` ("tail",
         "head" or "both"; see :mod:`tracin_index.kg.directions`)."""
@@ -104,6 +122,7 @@ class QueryEngine:
             self._inverse_norms[c] = inverse_norms(torch.from_numpy(self.files.squared_norms()[c])).to(self.device)
         return self._inverse_norms[c]
 
+    @one_at_a_time
     def estimates(self, test: list[PerExampleGradients], t: int = 0, normalize: bool = False, rows: np.ndarray | None = None,
                   store: CandidateStore | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Estimated influence of every training triple on test triple ``t`` and the bound on its error,
@@ -132,6 +151,7 @@ class QueryEngine:
             add_weighted(value, error, part, weight, files.per_triple)
         return value.cpu(), error.cpu()
 
+    @one_at_a_time
     def batch_estimates(self, test: list[PerExampleGradients], ts: Sequence[int], normalize: bool = False
                         ) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
         """:meth:`estimates` of every training triple on each test triple of ``ts`` (positions in ``test``), each
@@ -170,6 +190,7 @@ class QueryEngine:
         wanted = {p.name: modules[p.name] for p in self.files.plans if p.kind == "factored"}
         return self.gradients.computer(c).linear_inputs(wanted, examples)
 
+    @one_at_a_time
     def exact_scores(self, test: list[PerExampleGradients], rows: np.ndarray, batch_size: int = 256,
                      normalize: bool = False) -> torch.Tensor:  # fmt: skip
         """Exact TracIn of the given training rows on the test triples, (T, len(rows)) float64: their
@@ -187,6 +208,7 @@ class QueryEngine:
                 scores[:, start : start + batch_size] += lr * dots
         return scores
 
+    @one_at_a_time
     def query(self, hrt: torch.Tensor, top_k: int = 10, *, candidates: int | None = None, approximate: bool = False,
               test_indices: Sequence[int | None] | None = None, direction: str = DEFAULT_DIRECTION,
               normalize: bool = False) -> list[InfluenceResult]:  # fmt: skip

@@ -24,17 +24,13 @@ import torch
 
 from ..errors import InputError
 from ..gradients.blocks import PerExampleGradients
-from ..machine import available_memory
+from ..machine import DEFAULT_BUDGET_SHARE, HELD_SHARE, available_memory
 from ..storage.layout import search_ranges
 from ..storage.reader import IndexFiles
+from ..words import counted
 from .scan import SCAN_BATCH
 from .shards import SearchShard, ShardCandidates
 
-#: An index is held in memory while its stored arrays take at most this share of the budget; the rest
-#: is a batch's working memory (the estimates of every row for each test triple scanned together).
-HELD_SHARE = 0.25
-#: The memory budget of a query process, by default: this share of the memory available when it opens the index.
-DEFAULT_BUDGET_SHARE = 0.25
 #: Candidates per side whose stored factors a range keeps for refining (the most promising; refining reads
 #: any others from the files): the first refining round's share, where a cluster's shards send more to save
 #: round trips (:data:`~tracin_index.search.shards.SHIPPED`).
@@ -71,8 +67,8 @@ class PassPlan:
 
     def describe(self) -> str:
         return (f"the index's stored arrays ({self.arrays / 2**30:,.2f} GiB) take more than {HELD_SHARE:.0%} of the "
-                f"memory budget ({self.budget / 2**30:,.2f} GiB): scanned from its files in {len(self.ranges)} "
-                f"range(s) per pass, up to {self.tests:,} test triple(s) per pass")  # fmt: skip
+                f"memory budget ({self.budget / 2**30:,.2f} GiB): scanned from its files in {counted(len(self.ranges), 'range')} "
+                f"per pass, up to {counted(self.tests, 'test triple')} per pass")  # fmt: skip
 
 
 def plan_passes(files: IndexFiles, budget: int) -> PassPlan:

@@ -15,7 +15,7 @@ Bad requests get a 4xx and ``{"error": "one line"}`` (an unknown label with its 
 server. It binds to 127.0.0.1 unless told otherwise; ``token`` makes every request need
 ``Authorization: Bearer <token>`` (the explorer page takes it as ``/?token=...`` and sends the header).
 No request names a file: the server reads only the index it was started with and its run directory.
-Queries run one at a time (the index's model and caches are not thread-safe); requests queue.
+Queries run one at a time (an opened index answers one call at a time); requests queue.
 """
 
 from __future__ import annotations
@@ -36,19 +36,20 @@ from ..storage.layout import resolve_path
 from ..version import __version__
 from .batcher import QueryBatcher
 
-#: Largest top_k a request may ask for, test triples per POST, request body bytes.
+#: Largest top_k a request may ask for, test triples per POST, request body bytes, characters of a label.
 MAX_TOP_K = 1000
 MAX_BATCH = 64
 MAX_BODY = 64 * 1024
+MAX_LABEL = 1000
 STATIC = Path(__file__).parent / "static"
 
 
 # -- the JSON schema (the same as ``query --output``) -----------------------------------------------
 
 class TripleIn(BaseModel):
-    head: str = Field(min_length=1, max_length=1000)
-    relation: str = Field(min_length=1, max_length=1000)
-    tail: str = Field(min_length=1, max_length=1000)
+    head: str = Field(min_length=1, max_length=MAX_LABEL)
+    relation: str = Field(min_length=1, max_length=MAX_LABEL)
+    tail: str = Field(min_length=1, max_length=MAX_LABEL)
 
 class QueryRequest(BaseModel):
     triples: list[TripleIn] = Field(min_length=1)
@@ -101,8 +102,8 @@ def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int
 
     app = FastAPI(title="tracin-index", version=__version__,
                   description="Exact TracIn proponents and opponents of knowledge-graph predictions, from an index.")  # fmt: skip
-    # every index call on one thread: queries run one at a time (the index's model and caches are not
-    # thread-safe), and their memory comes from one malloc arena (spread over the request threads, the
+    # every index call on one thread: queries run one at a time (as an opened index answers them anyway),
+    # and their memory comes from one malloc arena (spread over the request threads, the
     # server's resident memory grows with every arena: benchmarks/serve_load.py records it)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracin-index")
 
@@ -121,7 +122,7 @@ def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int
     test_triples = _test_triples(index)
 
     def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+        return JSONResponse({"error": " ".join(line.strip() for line in message.splitlines())}, status_code=status)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -133,7 +134,9 @@ def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int
         length = request.headers.get("content-length")
         if length is None and "chunked" in request.headers.get("transfer-encoding", "").lower():
             return error(411, "send the request body with a Content-Length (bodies are size-limited)")
-        if length is not None and (not length.isdigit() or int(length) > max_body):
+        if length is not None and not (length.isascii() and length.isdigit()):  # "²" is a digit int() cannot read
+            return error(400, "the Content-Length header must be a whole number of bytes")
+        if length is not None and (len(length) > 18 or int(length) > max_body):  # int() refuses over 4,300 digits
             return error(413, f"request body over {max_body:,} bytes; send at most {max_batch} test triples per request")
         return await call_next(request)
 
@@ -149,7 +152,7 @@ def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int
 
     @app.exception_handler(TracInError)
     async def input_error(request: Request, exc: TracInError):
-        return error(422, str(exc).splitlines()[0])
+        return error(422, next(iter(str(exc).splitlines()), type(exc).__name__))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):  # the server stays up and says what happened
@@ -171,8 +174,9 @@ def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int
         return {"config": config, "results": [r.to_json() for r in results]}
 
     @app.get("/api/query", response_model=QueryResponse, summary="Exact proponents and opponents of one triple")
-    async def query_one(head: str = Query(..., min_length=1), relation: str = Query(..., min_length=1),
-                        tail: str = Query(..., min_length=1), top_k: int = Query(10, ge=1, le=MAX_TOP_K),
+    async def query_one(head: str = Query(..., min_length=1, max_length=MAX_LABEL),
+                        relation: str = Query(..., min_length=1, max_length=MAX_LABEL),
+                        tail: str = Query(..., min_length=1, max_length=MAX_LABEL), top_k: int = Query(10, ge=1, le=MAX_TOP_K),
                         direction: Literal["tail", "head", "both"] = "tail"):  # fmt: skip
         return await run_query([TripleIn(head=head, relation=relation, tail=tail)], top_k, direction)
 
@@ -185,7 +189,7 @@ def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int
         return [vars(r) for r in await on_worker(index.self_influence, top_k)]
 
     @app.get("/api/entities", response_model=list[str], summary="Entity labels starting with a prefix (completion)")
-    def entity_labels(prefix: str = "", limit: int = Query(20, ge=1, le=MAX_TOP_K)):
+    def entity_labels(prefix: str = Query("", max_length=MAX_LABEL), limit: int = Query(20, ge=1, le=MAX_TOP_K)):
         p = prefix.lower()
         found = [e for e, low in zip(entities, lowered) if low.startswith(p)][:limit]
         if len(found) < limit and p:  # then labels containing it
@@ -197,7 +201,7 @@ def create_app(index: GradientIndex, *, token: str | None = None, max_batch: int
         return relations
 
     @app.get("/api/facts", summary="Training facts with an entity as head or tail")
-    def facts(entity: str = Query(..., min_length=1), limit: int = Query(50, ge=1, le=MAX_TOP_K)):
+    def facts(entity: str = Query(..., min_length=1, max_length=MAX_LABEL), limit: int = Query(50, ge=1, le=MAX_TOP_K)):
         eid = maps.entity_to_id.get(entity)
         if eid is None:
             close = closest_labels(entity, maps.entity_to_id)  # as the command line suggests labels
@@ -248,8 +252,8 @@ def _test_triples(index: GradientIndex) -> list[Triple]:
 
 def serve(index_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           allow_pickle: bool = False, device: str | None = None, warn=print, batching: bool = True,
-          max_memory: int | None = None) -> None:  # fmt: skip
-    """Open the index and serve it until interrupted."""
+          max_memory: int | None = None, ready=None) -> None:  # fmt: skip
+    """Open the index and serve it until interrupted; ``ready()`` is called once it is open, before serving."""
     import importlib.util
 
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
@@ -264,4 +268,6 @@ def serve(index_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, token: 
     if index.passes is not None:
         warn(f"note: {index.passes.describe()}; each request reads the index (give a larger --max-memory to hold it)")
     index.run  # load the model now, not at the first request (and refuse changed files before serving)
+    if ready is not None:
+        ready()
     uvicorn.run(create_app(index, token=token, batching=batching), host=host, port=port, log_level="warning")

@@ -1,7 +1,7 @@
 """Micro-batching: queries that arrive while one runs are answered together in the next.
 
-The server answers on one thread (the index is not thread-safe). Each request is queued with its test
-triples and settings; the first request to find no batch scheduled schedules one on that thread, and
+The server answers on one thread (the index answers one call at a time). Each request is queued with its
+test triples and settings; the first request to find no batch scheduled schedules one on that thread, and
 the batch takes every request queued by the time it starts: those with the same ``top_k`` and
 ``direction`` go to the index in one query call (the batched scan reads the stored arrays once for
 all of them), and each request gets its own results back. A request whose merged call fails is
@@ -66,5 +66,7 @@ class QueryBatcher:
         for ids, top_k, direction, future in group:
             try:
                 future.set_result(self.answer(ids, top_k, direction))
+            except StopIteration as error:  # a future cannot hold one (its waiter would hang): a bug, named
+                future.set_exception(RuntimeError(f"the query raised StopIteration: {error!r}"))
             except Exception as error:  # noqa: BLE001 (handed to the request that caused it)
                 future.set_exception(error)

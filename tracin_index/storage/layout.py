@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -30,7 +31,8 @@ import h5py
 import numpy as np
 
 from .. import files
-from ..errors import InputError
+from ..errors import InputError, shown
+from .manifest import check_manifest
 
 FORMAT = "tracin-index"
 FORMAT_VERSION = 3
@@ -86,14 +88,17 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise InputError(f"{path}: unreadable manifest ({error})") from None
+        raise InputError(f"{path}: unreadable manifest ({str(error)[:120]})") from None
+    except RecursionError:  # lists in lists, thousands deep
+        raise InputError(f"{path}: unreadable manifest (nested too deep)") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise InputError(f"{path}: not a tracin-index manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise InputError(
-            f"{path}: index format version {manifest.get('format_version')} but this tracin-index reads version "
+            f"{path}: index format version {shown(manifest.get('format_version'), 20)} but this tracin-index reads version "
             f"{FORMAT_VERSION}; rebuild the index (same `tracin-index build` command, another --out)"
         )
+    check_manifest(manifest, path)
     return manifest
 
 
@@ -110,21 +115,57 @@ def prepare_directory(directory: Path) -> None:
         raise InputError(f"{directory}: cannot create the index directory ({error.strerror or error})") from None
 
 
+#: Seconds a build waits for the lock before it refuses: a probe (:func:`build_running`, a query's or a build's) holds it for an instant.
+LOCK_PATIENCE = 0.5
+
+
+def another_build(directory: Path) -> InputError:
+    return InputError(f"{directory}: another build is writing this index right now; wait for it or use another --out")
+
+
 @contextlib.contextmanager
 def exclusive_lock(directory: Path) -> Iterator[None]:
     """Refuse a second build into the same directory while one runs (released even on kill -9)."""
     prepare_directory(directory)
     handle = open(directory / LOCK, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise InputError(f"{directory}: another build is writing this index right now; wait for it or use another --out") from None
+    deadline = time.monotonic() + LOCK_PATIENCE
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                handle.close()
+                raise another_build(directory) from None
+            time.sleep(0.01)
     try:
         yield
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def build_running(directory: Path) -> bool:
+    """Whether a build holds ``directory``'s lock right now (creates nothing: an index on a read-only disk, or
+    copied without its lock file, has no build running)."""
+    try:
+        handle = open(directory / LOCK, "rb")
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+def refuse_while_building(directory: Path) -> None:
+    """Refuse (one line) to read ``directory`` while a build writes it: its manifest and files are not yet those
+    of a complete index."""
+    if build_running(directory):
+        raise InputError(f"{directory}: a build is writing this index right now; run this again once it has finished")
 
 
 # -- shards ---------------------------------------------------------------------------------------

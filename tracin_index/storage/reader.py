@@ -21,11 +21,22 @@ import torch
 
 from ..errors import InputError, TracInError
 from ..gradients.selection import ParameterSelection, recorded_selection
-from ..kg.checkpoints import Checkpoint, load_state_dict_into, read_state_dict
+from ..kg.checkpoints import Checkpoint, check_state_dict, load_state_dict_into, read_state_dict
 from ..kg.replicas import build_replica
 from ..kg.triples import IdMaps
 from .arrays import FactorArrays
-from .layout import TRIPLES, bases_path, fingerprint_ids, read_arrays, read_manifest, read_triples, resolve_path, sha256_file
+from .layout import (
+    MANIFEST,
+    TRIPLES,
+    bases_path,
+    fingerprint_ids,
+    read_arrays,
+    read_manifest,
+    read_triples,
+    refuse_while_building,
+    resolve_path,
+    sha256_file,
+)
 from .plans import BlockPlan, is_input_side, sketched_sides
 from .sketch import Basis, dequantize, read_quantized_bases
 
@@ -45,19 +56,28 @@ class IndexFiles:
         #: stored rows (examples) per training triple: 2 (adjacent) for a model trained with inverse triples
         self.per_triple = int(manifest.get("examples_per_triple", 1))
         self.plans = [BlockPlan.from_json(p) for p in manifest["plans"]]
+        broken = next((p for p, f in zip(self.plans, self.plans[1:] + [None]) if not _plan_is_whole(p, f)), None)
+        if broken is not None:
+            raise InputError(f"{directory / MANIFEST}: the plan of {broken.name!r} is not one a build makes (its sketch "
+                             "or derived side); the manifest is damaged or was edited: rebuild the index")  # fmt: skip
         self.checkpoints = recorded_checkpoints(manifest, directory)
 
     @classmethod
     def open(cls, path) -> "IndexFiles":
-        """Open the index directory ``path``; refuses one whose build did not finish, or whose triples file
-        does not match its digest."""
+        """Open the index directory ``path``; refuses one that a build is writing right now, one whose build
+        did not finish, or whose triples file does not match its digest."""
         directory = Path(path)
+        if not (directory / MANIFEST).is_file():
+            refuse_while_building(directory)  # a build that has not written its manifest yet
         manifest = read_manifest(directory)
         if not manifest.get("complete"):
+            refuse_while_building(directory)
             raise InputError(f"{directory}: the build did not finish; run the same `tracin-index build` again to resume it")
         triples = directory / TRIPLES
         check_file(triples, manifest["files"].get(TRIPLES), "triples file")
-        return cls(directory, manifest, *read_triples(triples))
+        hrt, entity_labels, relation_labels, groups = read_triples(triples)
+        check_agreement(directory, manifest, hrt, entity_labels, relation_labels, groups)
+        return cls(directory, manifest, hrt, entity_labels, relation_labels, groups)
 
     @property
     def num_triples(self) -> int:
@@ -94,6 +114,13 @@ class IndexFiles:
         selection = recorded_selection(model, self.manifest["settings"])
         if selection.parameter_names != self.manifest["selection"]["parameters"]:
             raise InputError(f"{self.directory}: the model's selected parameters differ from the index's; rebuild the index")
+        misfit = next((p for p, m in zip(self.plans, selection.modules)
+                       if p.name != m.name or not _plan_holds(p, m.num_parameters)), None)  # fmt: skip
+        if misfit is not None or len(self.plans) != len(selection.modules):
+            what = f"the plan of {misfit.name!r}" if misfit else f"{len(self.plans)} block plans"
+            raise InputError(f"{self.directory / MANIFEST}: {what} does not fit the model's selected layers "
+                             f"({', '.join(m.name for m in selection.modules)}); the manifest is damaged or was edited: "
+                             "rebuild the index")  # fmt: skip
         return selection
 
     def factor_arrays(self, c: int, triples: tuple[int, int] | None = None, bases: dict | None = None) -> FactorArrays:
@@ -150,21 +177,35 @@ def recorded_run(manifest: dict, directory: Path, allow_pickle: bool):
     source = resolve_path(inputs["model"]["source"], directory)
     spec = manifest.get("replica")
     if spec is not None and not inputs["model"]["pickled"] and source.is_dir():
-        return _replica_run(spec, source, has_checkpoints=any(r["path"] for r in inputs["checkpoints"]))
+        checkpoints = [resolve_path(r["path"], directory) for r in inputs["checkpoints"] if r["path"]]
+        return _replica_run(spec, source, checkpoints, str(directory / MANIFEST))
     from ..kg.runs import load_model  # PyKEEN: seconds to import
 
     return load_model(source, allow_pickle=allow_pickle)
 
 
-def _replica_run(spec: dict, source: Path, has_checkpoints: bool) -> ReplicaRun:
-    """The run directory's model as a plain-torch replica (no PyKEEN import): the build checked that it agrees."""
-    model = build_replica(spec)
+def _replica_run(spec: dict, source: Path, checkpoints: list[Path], manifest: str) -> ReplicaRun:
+    """The run directory's model as a plain-torch replica (no PyKEEN import): the build checked that it agrees.
+    Its sizes come from the manifest: checked against the weights before anything of that size is allocated."""
     weights = source / "model.pt"
-    if weights.is_file():
-        load_state_dict_into(model, read_state_dict(weights), str(weights))
-    elif not has_checkpoints:
+    if not weights.is_file() and not checkpoints:
         raise InputError(f"{weights}: missing, and the index has no checkpoints to load weights from")
+    reference = weights if weights.is_file() else checkpoints[0]
+    state = read_state_dict(reference)
+    with torch.device("meta"):
+        check_state_dict(_built_replica(spec, manifest), state, str(reference))
+    model = _built_replica(spec, manifest)
+    if weights.is_file():
+        load_state_dict_into(model, state, str(weights))
     return ReplicaRun(model.eval())
+
+
+def _built_replica(spec: dict, manifest: str) -> torch.nn.Module:
+    try:
+        return build_replica(spec)
+    except (RuntimeError, ValueError) as error:  # sizes that make no layer (a kernel wider than the image, ...)
+        raise InputError(f"{manifest}: the recorded model {spec['model']} cannot be built ({str(error)[:120]}); the "
+                         "manifest is damaged or was edited: rebuild the index")  # fmt: skip
 
 
 def read_squared_norms(directory: Path, manifest: dict, facts: tuple[int, int] | None = None) -> np.ndarray:
@@ -236,6 +277,13 @@ def load_factor_arrays(directory: Path, manifest: dict, plans: list[BlockPlan], 
     if bases is None:
         bases = read_bases(directory, manifest, plans, c)
     for p in plans:
+        out, inp = (arrays.get(f"{p.name}/{side}/values") for side in ("out", "in"))
+        sides = [v for v in (out, inp) if v is not None]
+        if p.kind == "factored" and inp is not None and (
+                (out is not None) != (p.derived is None) or any(v.ndim != 3 or v.shape[1] != p.examples for v in sides)):
+            raise InputError(f"{directory / MANIFEST}: the plan of {p.name!r} (examples per row, a stored or derived "
+                             "output side) disagrees with its stored arrays; the manifest is damaged or was edited: "
+                             "rebuild the index")  # fmt: skip
         if p.grouped and facts is None and len(arrays[f"{p.name}/in/values"]) != manifest["num_groups"]:
             raise InputError(f"{directory}: the shards of checkpoint {c + 1} do not hold every "
                              "(head, relation) group; rebuild the index")  # fmt: skip
@@ -272,7 +320,11 @@ def read_bases(directory: Path, manifest: dict, plans: list[BlockPlan], c: int) 
         return {}
     name = bases_path(c)
     check_file(directory / name, manifest["files"].get(name), "principal directions file")
-    quantized = read_quantized_bases(read_arrays(directory / name), sketched)
+    try:
+        quantized = read_quantized_bases(read_arrays(directory / name), sketched)
+    except KeyError as error:  # the plans name a sketched side the file does not hold
+        raise InputError(f"{directory / name}: holds no principal directions of {error}; the manifest's plans and the "
+                         "index's files disagree: rebuild the index") from None  # fmt: skip
     return {key: Basis.from_matrix(dequantize(*q), quantized=q) for key, q in quantized.items()}
 
 
@@ -355,6 +407,70 @@ def _file_problem(path: Path, digest: str | None, what: str) -> str | None:
     if digest is not None and sha256_file(path) != digest:
         return f"{path}: {what} changed since the index was built (sha256 differs); rebuild the index (or restore the file)"
     return None
+
+
+def check_agreement(directory: Path, manifest: dict, hrt: np.ndarray, entity_labels: list[str], relation_labels: list[str],
+                    groups: np.ndarray | None) -> None:  # fmt: skip
+    """Refuse a manifest whose numbers disagree with the triples file: a count of rows, shards that do not cover
+    every row of every checkpoint once, a model of other sizes (layout.read_manifest checked each value alone)."""
+    def damaged(what: str) -> InputError:
+        return InputError(f"{directory / MANIFEST}: {what}; the manifest is damaged or was edited: rebuild the index "
+                          "(the same `tracin-index build`, another --out)")  # fmt: skip
+
+    per = manifest["examples_per_triple"]
+    rows, checkpoints = manifest["num_rows"], len(manifest["inputs"]["checkpoints"])
+    records = manifest["inputs"]["checkpoints"]
+    if any((r["path"] is None) != (r["sha256"] is None) for r in records) or (len(records) > 1 and not all(r["path"] for r in records)):
+        raise damaged("a checkpoint is recorded without its file or its checksum (only an index of the model alone, one "
+                      "checkpoint, has neither)")  # fmt: skip
+    if rows != per * len(hrt):
+        raise damaged(f"num_rows is {rows:,} but the triples file holds {len(hrt):,} triples of {per} rows each")
+    for c in range(checkpoints):
+        covered = 0
+        for shard in sorted((s for s in manifest["shards"] if s["checkpoint"] == c), key=lambda s: s["row_start"]):
+            start, stop = shard["row_start"], shard["row_stop"]
+            if start != covered or not start < stop <= rows or start % per or stop % per:
+                raise damaged(f"shard {shard['file']!r} holds rows {start:,}..{stop:,}, where checkpoint {c + 1}'s next "
+                              f"shard starts at row {covered:,} (of {rows:,}, {per} per triple)")  # fmt: skip
+            covered = stop
+        if covered != rows:
+            raise damaged(f"the shards of checkpoint {c + 1} hold rows 0..{covered:,} of {rows:,}")
+    strays = [s["file"] for s in manifest["shards"] if s["checkpoint"] >= checkpoints]
+    if strays:
+        raise damaged(f"shard {strays[0]!r} belongs to a checkpoint beyond the {checkpoints} recorded")
+    if any(p["grouped"] for p in manifest["plans"]) and (groups is None or manifest["num_groups"] is None):
+        raise damaged("a block is stored per (head, relation) group, but no groups are recorded")
+    replica = manifest.get("replica")
+    if replica and (replica["num_entities"], replica["num_relations"]) != (len(entity_labels), per * len(relation_labels)):
+        raise damaged(f"the model has {replica['num_entities']:,} entities and {replica['num_relations']:,} relations, the "
+                      f"triples file {len(entity_labels):,} and {per * len(relation_labels):,}")  # fmt: skip
+
+
+def _plan_holds(plan: BlockPlan, parameters: int) -> bool:
+    """Whether ``plan``'s sizes (storage.plans.plan_blocks) hold a module's ``parameters``: factored: out x in (a bias
+    one more input); dense: each parameter's size; rows: table rows x row dim (and ids per example)."""
+    sizes = plan.sizes
+    if plan.kind == "factored":
+        return len(sizes) == 2 and sizes[0] * sizes[1] == parameters
+    if plan.kind == "dense":
+        return sum(sizes) == parameters
+    if plan.kind == "rows":
+        return len(sizes) == 3 and sizes[0] * sizes[1] == parameters
+    return True  # opaque: its norm only
+
+
+def _plan_is_whole(plan: BlockPlan, following: BlockPlan | None) -> bool:
+    """Whether ``plan`` is one storage.plans.plan_blocks can make: a sketch per side, no wider than the side; an output
+    side derived from a part of the ``following`` block, a dense one."""
+    sizes, sketch, derived = plan.sizes, plan.sketch, plan.derived
+    if plan.kind == "factored":
+        from_following = derived is None or (
+            following is not None and following.kind == "dense" and len(derived) == 2 and derived[0] == following.name
+            and isinstance(derived[1], int) and 0 <= derived[1] < len(following.sizes))  # fmt: skip
+        return from_following and len(sizes) == 2 == len(sketch) and all(d <= n for d, n in zip(sketch, sizes))
+    if plan.kind == "dense":  # below: examples count the (delta, a) pairs of a factored block's row only
+        return derived is None and plan.examples == 1 and len(sketch) == 1 and sketch[0] <= sum(sizes)
+    return derived is None and plan.examples == 1 and not any(sketch)
 
 
 def check_file(path: Path, digest: str | None, what: str) -> None:

@@ -409,3 +409,22 @@ def test_read_ids_names_the_line_of_an_unknown_label_in_a_later_chunk(tmp_path):
     maps = IdMaps({"a": 0, "b": 1}, {"r": 0})
     with pytest.raises(LabelError, match=rf"{path}:6: unknown tail entity 'zz'"):
         maps.read_ids(path, chunk_rows=2)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_byte_that_is_not_utf8_is_named_by_line_and_place_in_both_readers(tmp_path, compress):
+    import gzip
+
+    from tracin_index.kg.triples import iter_labeled_triples
+
+    lines = [f"e{i}\tr{i % 3}\te{i + 1}".encode() for i in range(150)]
+    lines[100] = lines[100][:4] + b"\xff" + lines[100][4:]
+    data = b"\n".join(lines) + b"\n"
+    path = tmp_path / ("bad.tsv.gz" if compress else "bad.tsv")
+    path.write_bytes(gzip.compress(data) if compress else data)
+    expected = f"{path}:101: not valid UTF-8 (byte 0xff at byte 5 of the line); save it as UTF-8"
+    with pytest.raises(InputError) as whole:
+        read_labeled_triples(path)
+    with pytest.raises(InputError) as streamed:
+        list(iter_labeled_triples(path, chunk_rows=40))
+    assert str(whole.value) == str(streamed.value) == expected

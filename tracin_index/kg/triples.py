@@ -115,20 +115,30 @@ def iter_labeled_triples(path: PathLike, chunk_rows: int = 100_000) -> Iterator[
     opener = gzip.open if gzipped else open
     number = 0
     try:
-        # newline="\n": lines end where read_labeled_triples ends them (a lone \r is not a line end there)
-        with opener(path, "rt", encoding="utf-8-sig", newline="\n") as file:
+        # binary lines end at b"\n" only, where read_labeled_triples ends them (a lone \r is not a line end);
+        # each is decoded alone, so that a bad byte is named by its line and place, as there
+        with opener(path, "rb") as file:
             while True:
-                lines = [(number + i, line.rstrip("\n")) for i, line in enumerate(itertools.islice(file, chunk_rows), 1)]
-                if not lines:
+                raw = list(itertools.islice(file, chunk_rows))
+                if not raw:
                     return
-                number = lines[-1][0]
+                if number == 0 and raw[0].startswith(_UTF8_BOM):  # Windows editors prepend it
+                    raw[0] = raw[0][len(_UTF8_BOM) :]
+                lines = [(number + i, _decoded(line.rstrip(b"\n"), source, number + i)) for i, line in enumerate(raw, 1)]
+                number += len(raw)
                 chunk = _parse_triples(lines, source)
                 if len(chunk):
                     yield chunk
-    except UnicodeDecodeError:
-        raise InputError(f"{source}:{number + 1}: not valid UTF-8; save it as UTF-8") from None
     except (OSError, EOFError, zlib.error) as error:
         raise InputError(f"{source}: not readable ({error}); is it truncated?") from None
+
+
+def _decoded(line: bytes, source: str, number: int) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{source}:{number}: not valid UTF-8 (byte 0x{line[error.start]:02x} at byte {error.start + 1} "
+                         "of the line); save it as UTF-8") from None  # fmt: skip
 
 
 def _parse_triples(numbered_lines: Iterable[tuple[int, str]], source: str) -> LabeledTriples:

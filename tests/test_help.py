@@ -85,3 +85,19 @@ def test_a_label_of_thousands_of_digits_is_an_unknown_label_not_a_crash(capsys, 
         code, _, err = run_cli(capsys, "query", built_index_for_help, *extra, "--triple", huge, "embassy", "uk")
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command,flag", [
+    ("build", "--batch-size"), ("build", "--shard-size"), ("build", "--sketch-dim"), ("build", "--num-last-layers"),
+    ("exact", "--num-last-layers"), ("exact", "--top-k"), ("exact", "--batch-size"),
+])  # fmt: skip
+def test_a_count_below_one_is_refused_naming_its_flag_before_anything_is_loaded(capsys, tmp_path, command, flag):
+    missing = tmp_path / "no-such-run"  # loading it would be the first error otherwise
+    args = [command, "--model-path", missing, flag, "0"] + (["--out", tmp_path / "i"] if command == "build" else [])
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and err.strip() == f"error: {flag} must be at least 1, got 0"
+
+
+def test_a_triple_of_two_values_is_refused_before_the_index_is_opened(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "query", tmp_path / "no-such-index", "--triple", "brazil", "embassy")
+    assert code == 2 and err.strip() == "error: --triple takes HEAD RELATION TAIL, got 2 values: brazil embassy"

@@ -270,6 +270,7 @@ def exact(
 
     _check_positive("--top-k", top_k)
     _check_positive("--batch-size", batch_size)
+    _check_positive("--num-last-layers", num_last_layers)
     if test_batch_size is not None:
         _check_positive("--test-batch-size", test_batch_size)
     _check_output(output)
@@ -397,6 +398,10 @@ def build(
     from .build.settings import DEFAULT_SHARD_SIZE, BuildSettings
     from .index import GradientIndex
 
+    for flag, value in (("--num-last-layers", num_last_layers), ("--sketch-dim", sketch_dim), ("--batch-size", batch_size),
+                        ("--shard-size", shard_size)):  # fmt: skip
+        if value is not None:
+            _check_positive(flag, value)
     names = _split(last_layer_names)
     settings = BuildSettings(
         selection="names" if names else parameters.value,
@@ -469,6 +474,8 @@ def query(
     from .results import render
 
     _check_positive("--top-k", top_k)
+    if triple is not None and len(triple) != 3:
+        raise InputError(f"--triple takes HEAD RELATION TAIL, got {counted(len(triple), 'value')}: {' '.join(triple)}")
     if batch_size is not None:
         _check_positive("--batch-size", batch_size)
     _check_output(output)
@@ -495,8 +502,6 @@ def query(
     batch_size = batch_size or 64
     maps = index_.id_maps()
     if triple is not None:
-        if len(triple) != 3:
-            raise InputError(f"--triple takes HEAD RELATION TAIL, got {counted(len(triple), 'value')}: {' '.join(triple)}")
         hrt = torch.tensor([maps.resolve_triple(*triple, by_id=by_id)])
         indices: list = [None]
     else:

@@ -122,6 +122,10 @@ def steps() -> list[Step]:
                              "layers_all", "proponents", "random_neighbours", "--name", "faithfulness_layers",
                              "--work", str(w / "faithfulness_layers")],
              results=("faithfulness_layers.json",), needs=("faithfulness_defaults", "layers_sweep")),
+        Step("faithfulness_baselines", lambda w: ["--datasets", "nations", "--targets", "4", "--groups", "2", "--ks", "1",
+                                                  "--seeds", "0", "--epochs", "3", "--workers", "2",
+                                                  "--work", str(w / "faithfulness_baselines")],
+             results=("faithfulness_baselines.json",)),
     ]  # fmt: skip
 
 

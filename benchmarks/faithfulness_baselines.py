@@ -42,8 +42,9 @@ Protocol (Kelpie's grouped remove-and-retrain; training and evaluation are
 
 Summary keys (k = the largest of ``--ks``; not with ``--no-summary``): ``faith3_delta_mrr_proponents_{graph}``,
 ``faith3_delta_mrr_proponents_{graph}_ci95``, ``faith3_delta_mrr_best_baseline_{graph}`` (with
-``faith3_best_baseline_{graph}``, its name, and ``..._ci95``), and ``faith3_proponents_beat_best_baseline``
-(pooled: proponents' mean delta MRR lower than the best baseline's with a Holm-adjusted p below 0.05).
+``faith3_best_baseline_{graph}``, its name, and ``..._ci95``), ``faith3_proponents_beat_best_baseline`` (the
+graphs where proponents' mean delta MRR is lower than the best baseline's with a Holm-adjusted p below 0.05)
+and ``faith3_proponents_beat_best_baseline_pooled`` (the same over the pooled targets).
 Writes ``<results-dir>/faithfulness_baselines.json``.
 """
 
@@ -421,10 +422,14 @@ def summary_keys(graphs: dict, pooled: dict, k: int) -> dict:
             keys[f"faith3_delta_mrr_best_baseline_{name}"] = round(b["delta_mrr"], 4)
             keys[f"faith3_delta_mrr_best_baseline_{name}_ci95"] = [round(v, 4) for v in b["delta_mrr_ci95"]]
             keys[f"faith3_best_baseline_{name}"] = best
-    best = pooled["best_baseline"].get(str(k))
-    row = next((r for r in pooled["comparisons"] if r["method"] == "proponents" and r["against"] == best and r["k"] == k), None)
-    if row is not None:
-        keys["faith3_proponents_beat_best_baseline"] = bool(row["mean_difference_mrr"] < 0 and row["p_mrr_holm"] < 0.05)
+    def beats(stats: dict) -> bool | None:  # proponents lower MRR more than the best baseline, Holm p < 0.05
+        best = stats["best_baseline"].get(str(k))
+        row = next((r for r in stats["comparisons"] if r["method"] == "proponents" and r["against"] == best and r["k"] == k), None)
+        return None if row is None else bool(row["mean_difference_mrr"] < 0 and row["p_mrr_holm"] < 0.05)
+
+    keys["faith3_proponents_beat_best_baseline"] = [name for name, g in graphs.items() if beats(g)]  # the graphs where
+    if beats(pooled) is not None:
+        keys["faith3_proponents_beat_best_baseline_pooled"] = beats(pooled)
     return keys
 
 

@@ -520,6 +520,38 @@ def _faith_defaults_rows(d: dict, methods: list[str], k: int, label: Callable[[s
     return rows
 
 
+def section_faithfulness_baselines(d: dict, results_dir: Path) -> list[str]:
+    p = d.get("protocol") or {}
+    out = [f"{count(get(p, 'targets'))} targets per graph in {count(get(p, 'groups'))} groups, one retrain per method, "
+           f"k, group and seed ({', '.join(str(s) for s in get(p, 'seeds') or [])}), {count(get(p, 'epochs'))} epochs; "
+           f"noise: {get(p, 'noise') or NA}. Delta = after minus before (negative: the prediction fell), mean over "
+           "targets with its 95% paired bootstrap interval; p: Wilcoxon signed-rank, Holm-adjusted over each graph's "
+           "comparisons.", ""]  # fmt: skip
+
+    def interval(t: Any, key: str) -> str:
+        ci = get(t, f"{key}_ci95")
+        low, high = (num(ci[0]), num(ci[1])) if isinstance(ci, list) and len(ci) == 2 else (None, None)
+        return f"{signed(get(t, key))} [{signed(low)}, {signed(high)}]"
+
+    for name, g in (d.get("graphs") or {}).items():
+        tables = get(g, "tables") or {}
+        seconds = get(g, "seconds_per_explained_prediction") or {}
+        out.append(f"**{name}** ({count(get(g, 'retrains'))} distinct retrains of {sig3(get(g, 'retrain_seconds_mean'))} s "
+                   f"on average; a retrain with nothing removed differs from the full model by at most "
+                   f"{small(get(g, 'retrain_nothing_removed_max_abs_score_diff'))} in score):")
+        out.append("")
+        rows = [[key, interval(t, "delta_mrr"), interval(t, "delta_hits1"), count(get(t, "n")),
+                 "(reference)" if key.startswith("noise@") else sig3(seconds.get(key.split("@")[0])) if isinstance(seconds, dict) else NA]
+                for key, t in sorted(tables.items(), key=lambda kv: (int(kv[0].split("@")[1]), num(get(kv[1], "delta_mrr")) or 0.0))]
+        out += table(["method@k", "delta MRR [95% CI]", "delta Hits@1 [95% CI]", "targets", "s per prediction"], rows)
+        best = get(g, "best_baseline") or {}
+        tests = [r for r in get(g, "comparisons") or [] if get(r, "method") == "proponents"]
+        out += table(["k", "proponents against", "mean difference in delta MRR", "p (Holm)"],
+                     [[count(get(r, "k")), f"{get(r, 'against')}" + (" (best baseline)" if best.get(str(get(r, 'k'))) == get(r, "against") else ""),
+                       signed(get(r, "mean_difference_mrr")), pvalue(get(r, "p_mrr_holm"))] for r in tests])  # fmt: skip
+    return out
+
+
 def section_faithfulness_defaults(d: dict, results_dir: Path) -> list[str]:
     p = d.get("protocol") or {}
     k = _main_k(d)
@@ -911,6 +943,10 @@ SECTIONS: dict[str, tuple[str, str, Callable[[dict, Path], list[str]]]] = {
                               "Remove and retrain on Nations ConvE trained as `tracin-index train` trains, with the index's "
                               "default proponents against variants of the score (forward only, Adam, normalized) and random removals.",
                               section_faithfulness_defaults),
+    "faithfulness_baselines": ("Faithfulness against gradient-free baselines",
+                               "Kelpie's grouped remove-and-retrain on ConvE trained as `tracin-index train` trains: the "
+                               "default proponents, TracIn's variants and the explanations a user would pick by rule, "
+                               "with paired statistics.", section_faithfulness_baselines),
     "faithfulness_layers": ("Faithfulness by number of last layers",
                             "Remove and retrain on Nations ConvE with the proponents of exact TracIn over the last N layers, "
                             "to choose N.", section_faithfulness_layers),

@@ -156,3 +156,18 @@ def test_compare_tests_proponents_against_the_noise_reference():
     assert len(noise) == 1 and noise[0]["p_mrr"] == pytest.approx(2 / 32)
     # two comparisons, both p = 1/16: Holm multiplies the smaller by 2 and keeps the running max
     assert [r["p_mrr_holm"] for r in out["comparisons"]] == pytest.approx([0.125, 0.125])
+
+
+def test_summary_names_the_graphs_where_proponents_beat_the_best_baseline_significantly():
+    def stats(difference, p):
+        table = {"delta_mrr": -0.5, "delta_mrr_ci95": [-0.7, -0.3]}
+        return {"tables": {"proponents@10": table, "path_2hop@10": {**table, "delta_mrr": -0.5 - difference}},
+                "best_baseline": {"10": "path_2hop"},
+                "comparisons": [{"method": "proponents", "against": "path_2hop", "k": 10, "mean_difference_mrr": difference,
+                                 "p_mrr_holm": p}]}  # fmt: skip
+
+    graphs = {"nations": stats(-0.2, 0.01), "umls": stats(-0.2, 0.2), "kinships": stats(0.1, 0.01)}
+    keys = fb.summary_keys(graphs, stats(-0.1, 0.04), 10)
+    assert keys["faith3_proponents_beat_best_baseline"] == ["nations"]  # umls: not significant; kinships: the other way
+    assert keys["faith3_proponents_beat_best_baseline_pooled"] is True
+    assert keys["faith3_best_baseline_umls"] == "path_2hop" and keys["faith3_delta_mrr_best_baseline_umls"] == -0.3

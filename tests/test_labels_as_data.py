@@ -77,3 +77,32 @@ def test_an_unknown_markup_like_label_is_named_as_written(trained, tmp_path, cap
     assert code == 2
     assert "'foo[/y]'" in err and "'foo[/x]'" in err  # the label given and its closest match, brackets and all
     assert err.count("\n") == 1
+
+
+def test_the_api_returns_markup_like_labels_as_written(trained, tmp_path):
+    pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
+    from fastapi.testclient import TestClient
+
+    from tracin_index.index import GradientIndex
+    from tracin_index.serve.app import create_app
+
+    _, run = trained
+    index = GradientIndex.build(tmp_path / "idx", model_path=run)
+    client = TestClient(create_app(index), raise_server_exceptions=False)
+    assert sorted(client.get("/api/entities", params={"limit": 100}).json()) == sorted(ENTITIES)
+    answer = client.get("/api/query", params={"head": ENTITIES[0], "relation": RELATIONS[1], "tail": ENTITIES[7], "top_k": 1000})
+    assert answer.status_code == 200, answer.text
+    (result,) = answer.json()["results"]
+    assert result["test_triple"] == {"head": ENTITIES[0], "relation": RELATIONS[1], "tail": ENTITIES[7]}
+    listed = {label for item in result["proponents"] + result["opponents"] for label in (item["head"], item["relation"], item["tail"])}
+    assert listed <= set(ENTITIES + RELATIONS) and len(listed) >= len(ENTITIES + RELATIONS) - 2
+    unknown = client.get("/api/query", params={"head": "foo[/y]", "relation": RELATIONS[0], "tail": ENTITIES[2]})
+    assert unknown.status_code == 422 and "'foo[/y]'" in unknown.json()["error"] and "\n" not in unknown.json()["error"]
+
+
+def test_a_tab_inside_quotes_is_a_field_separator_named_with_its_line(tmp_path, capsys):
+    train = tmp_path / "train.tsv"
+    train.write_text('a\tr\tb\n"x\ty"\tr\tb\nb\tr\ta\n', encoding="utf-8")  # TSV has no quoting, as in PyKEEN
+    code, _, err = run_cli(capsys, "train", "--train", train, "--out", tmp_path / "run", "--model", "DistMult")
+    assert code == 2 and err.strip() == (f"error: {train}:2: expected 3 tab-separated fields (head, relation, tail), "
+                                         "found 4: '\"x\\ty\"\\tr\\tb'")  # fmt: skip

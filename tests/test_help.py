@@ -36,15 +36,15 @@ def test_the_build_log_counts_checkpoints_in_words(capsys, tiny_run, tmp_path):
     assert "x 2 checkpoints: about" in err and "(s)" not in err
 
 
-def test_ids_given_as_labels_suggest_ids(capsys, built_index_for_help):
+def test_ids_given_as_labels_suggest_ids(capsys, tiny_index):
     from tracin_index.index import GradientIndex
 
-    ids = GradientIndex.open(built_index_for_help).id_maps().resolve_triple("brazil", "embassy", "uk")
-    code, _, err = run_cli(capsys, "query", built_index_for_help, "--triple", *map(str, ids))
+    ids = GradientIndex.open(tiny_index).id_maps().resolve_triple("brazil", "embassy", "uk")
+    code, _, err = run_cli(capsys, "query", tiny_index, "--triple", *map(str, ids))
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err
     assert "unknown head entity" in errors[0] and "are valid ids: add --ids" in errors[0]
-    code, _, err = run_cli(capsys, "query", built_index_for_help, "--triple", "brazil", "embasy", "uk")
+    code, _, err = run_cli(capsys, "query", tiny_index, "--triple", "brazil", "embasy", "uk")
     assert code == 2 and "--ids" not in err  # labels that are not ids: no such hint
 
 
@@ -70,19 +70,10 @@ def test_ctrl_c_during_a_build_says_the_same_command_resumes(capsys, tiny_run, t
     assert code == 0 and "already complete" in err, err
 
 
-@pytest.fixture(scope="module")
-def built_index_for_help(tiny_run, tmp_path_factory):
-    from tracin_index.cli import main
-
-    out = tmp_path_factory.mktemp("help-index") / "index"
-    main(["build", "--model-path", str(tiny_run), "--out", str(out), "--sketch-dim", "16", "--shard-size", "500"])
-    return out
-
-
-def test_a_label_of_thousands_of_digits_is_an_unknown_label_not_a_crash(capsys, built_index_for_help):
+def test_a_label_of_thousands_of_digits_is_an_unknown_label_not_a_crash(capsys, tiny_index):
     huge = "9" * 5000
     for extra in ((), ("--ids",)):
-        code, _, err = run_cli(capsys, "query", built_index_for_help, *extra, "--triple", huge, "embassy", "uk")
+        code, _, err = run_cli(capsys, "query", tiny_index, *extra, "--triple", huge, "embassy", "uk")
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
 

@@ -9,6 +9,11 @@ DEFAULT_BUDGET_SHARE = 0.25
 HELD_SHARE = 0.25
 
 
+def budget_to_hold(arrays_bytes: float) -> float:
+    """The smallest memory budget under which an index whose stored arrays take ``arrays_bytes`` is held."""
+    return arrays_bytes / HELD_SHARE
+
+
 def available_memory() -> int | None:
     """Bytes of memory available to new allocations (Linux /proc/meminfo), or None where unknown."""
     try:

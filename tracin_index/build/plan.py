@@ -20,7 +20,7 @@ from ..errors import InputError, VanishingGradientError
 from ..files import mib
 from ..gradients.computer import CheckpointGradients, not_finite_message, vanished, vanishing_message
 from ..kg.triples import IdMaps
-from ..machine import DEFAULT_BUDGET_SHARE, HELD_SHARE, available_memory
+from ..machine import DEFAULT_BUDGET_SHARE, available_memory, budget_to_hold
 from ..storage.plans import DEFAULT_SKETCH_DIM, BlockPlan, plan_blocks, sketched_sides
 from ..storage.sketch import Basis, dequantize, fit_basis, quantize, stable_seed
 from ..words import counted
@@ -130,7 +130,7 @@ def check_room(out: Path, sizes: dict[str, float], plans: list[BlockPlan], rows:
                          f"gradients, the training ids) but {mib(available)} is available; "
                          "lower --batch-size or --sketch-dim, or free memory")  # fmt: skip
     log(f"memory: the build needs about {mib(need)} ({mib(available)} available now)")
-    held = sizes["shards"] / HELD_SHARE  # the budget under which a query holds the stored arrays
+    held = budget_to_hold(sizes["shards"])
     if held > DEFAULT_BUDGET_SHARE * available:
         log(f"queries: the stored arrays ({mib(sizes['shards'])}) are held in memory under a budget of "
             f"{mib(held)} or more (--max-memory); at the default ({mib(DEFAULT_BUDGET_SHARE * available)} now) they "

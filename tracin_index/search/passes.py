@@ -24,7 +24,7 @@ import torch
 
 from ..errors import InputError
 from ..gradients.blocks import PerExampleGradients
-from ..machine import DEFAULT_BUDGET_SHARE, HELD_SHARE, available_memory
+from ..machine import DEFAULT_BUDGET_SHARE, HELD_SHARE, available_memory, budget_to_hold
 from ..storage.layout import search_ranges
 from ..storage.reader import IndexFiles
 from ..words import counted
@@ -77,7 +77,7 @@ def plan_passes(files: IndexFiles, budget: int) -> PassPlan:
     budget leaves holds the candidates of, after one range's arrays and the scan's working memory
     (:func:`pass_bytes`)."""
     arrays = files.arrays_bytes()
-    if arrays <= HELD_SHARE * budget:
+    if budget_to_hold(arrays) <= budget:
         return PassPlan(budget, arrays, None, 0)
     ranges = search_ranges(files.num_triples, math.ceil(arrays / (HELD_SHARE * budget)))
     fixed, per_test = pass_bytes(files, ranges)
